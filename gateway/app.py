@@ -1,0 +1,40 @@
+"""The FastAPI application."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from gateway import errors
+from gateway.routes import futures, rest, sampling, service, training
+from server.config import settings_from_env
+from server.logs import setup_logging
+from server.runtime import Runtime
+
+API_PREFIX = "/api/v1"
+
+
+def create_app(runtime: Runtime) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(title="Twinkle", summary="Tinker-compatible LoRA training server", lifespan=lifespan)
+    app.state.runtime = runtime
+    errors.install(app)
+    for router in (service.router, training.router, sampling.router, futures.router, rest.router):
+        app.include_router(router, prefix=API_PREFIX)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """uvicorn factory (`twinkle serve` names it as a string, so nothing imports the gateway)."""
+    settings = settings_from_env()
+    setup_logging(settings.log_level)
+    return create_app(Runtime.build(settings))

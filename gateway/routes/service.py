@@ -1,0 +1,70 @@
+"""Handshake and session endpoints every SDK client uses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Body
+
+from gateway.deps import Rt, TenantId
+from schemas import tinker as api
+from server import sessions
+
+router = APIRouter()
+
+# Strictly ordered, uncompressed chunks until parallel chunk arrival is built (protocol §8.1).
+CLIENT_CONFIG = api.ClientConfigResponse(
+    pjwt_auth_enabled=False,
+    proto_compress_fwdbwd=False,
+    parallel_fwdbwd_chunks=False,
+    sample_use_retrieve_futures=False,
+    custom_loss_server_side=False,
+    sample_join_sampling_session=False,
+    use_pyqwest_transport=True,
+)
+
+
+@router.get("/healthz")
+async def healthz() -> api.HealthResponse:
+    return api.HealthResponse(status="ok")
+
+
+@router.post("/client/config", response_model_exclude_none=True)
+async def client_config(_: dict[str, Any] | None = Body(None)) -> api.ClientConfigResponse:
+    return CLIENT_CONFIG
+
+
+@router.post("/client/dynamic_config", response_model_exclude_none=True)
+async def dynamic_config(_: dict[str, Any] | None = Body(None)) -> api.ClientDynamicConfigResponse:
+    return api.ClientDynamicConfigResponse()
+
+
+@router.post("/telemetry")
+async def telemetry(_tenant: TenantId, _: dict[str, Any] | None = Body(None)) -> api.TelemetryResponse:
+    # Accepted and dropped: client telemetry is the SDK's business; the server logs its own events.
+    return api.TelemetryResponse()
+
+
+@router.get("/get_server_capabilities", response_model_exclude_none=True)
+async def capabilities(rt: Rt, _tenant: TenantId) -> api.GetServerCapabilitiesResponse:
+    model = api.SupportedModel(
+        model_name=rt.base.name, max_context_length=rt.base.max_context_length, trainable=True, sampleable=True
+    )
+    return api.GetServerCapabilitiesResponse(supported_models=[model])
+
+
+@router.post("/create_session", response_model_exclude_none=True)
+async def create_session(req: api.CreateSessionRequest, rt: Rt, tenant: TenantId) -> api.CreateSessionResponse:
+    return api.CreateSessionResponse(session_id=await sessions.create_session(rt, tenant, req))
+
+
+@router.post("/session_heartbeat")
+async def heartbeat(req: api.SessionHeartbeatRequest, rt: Rt, tenant: TenantId) -> api.HeartbeatResponse:
+    await sessions.heartbeat(rt, tenant, req.session_id)
+    return api.HeartbeatResponse()
+
+
+@router.post("/sessions/{session_id}/finish")
+async def finish(session_id: str, req: api.SessionFinishRequest, rt: Rt, tenant: TenantId) -> dict[str, str]:
+    await sessions.finish(rt, tenant, session_id, req)
+    return {"status": "finished"}

@@ -1,0 +1,48 @@
+"""The engine interface: what the control plane asks of the compute plane.
+
+Methods are async and take and return plain data (numbers, strings, paths, numpy arrays and the
+dataclasses of workers.types), so an engine can run its work in a thread (LocalEngine) or in
+Ray Serve deployments without the callers noticing. Adapters are addressed by model id.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from schemas.wire import ForwardBackwardCall
+from workers.types import AdamConfig, BaseModelInfo, ForwardBackwardResult, LoraSpec, SampleOutput, SampleParams
+
+
+class Engine(Protocol):
+    async def start(self) -> BaseModelInfo: ...
+
+    async def stop(self) -> None: ...
+
+    async def create_adapter(self, model_id: str, spec: LoraSpec) -> None: ...
+
+    async def has_adapter(self, model_id: str) -> bool: ...
+
+    async def forward_backward(self, model_id: str, call: ForwardBackwardCall) -> ForwardBackwardResult: ...
+
+    async def optim_step(self, model_id: str, adam: AdamConfig) -> dict[str, float]: ...
+
+    async def save(self, model_id: str, dest: Path, *, with_optimizer: bool) -> int:
+        """Write the adapter (and optionally its optimizer state) to `dest` atomically; bytes written."""
+        ...
+
+    async def load(self, model_id: str, src: Path, *, with_optimizer: bool) -> LoraSpec:
+        """Load a checkpoint into the model's adapter, creating the adapter if needed."""
+        ...
+
+    async def sample(
+        self,
+        adapter_dir: Path | None,
+        prompt: list[int],
+        num_samples: int,
+        params: SampleParams,
+        *,
+        prompt_logprobs: bool,
+    ) -> SampleOutput:
+        """Sample from the base model with the adapter checkpoint at `adapter_dir` (None: no adapter)."""
+        ...

@@ -1,0 +1,47 @@
+"""Errors the control plane raises for the gateway to map onto HTTP. Each carries the request
+field it is about (when there is one) and a message a person can act on."""
+
+from __future__ import annotations
+
+
+class TwinkleError(Exception):
+    kind = "invalid"  # invalid | not_found | conflict | unauthorized | gone
+    category = "user"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidRequest(TwinkleError):
+    kind = "invalid"
+
+
+class NotFound(TwinkleError):
+    """Also what another tenant's object looks like: never a hint that it exists."""
+
+    kind = "not_found"
+
+
+class Conflict(TwinkleError):
+    kind = "conflict"
+
+
+class Unauthorized(TwinkleError):
+    kind = "unauthorized"
+
+
+class Gone(TwinkleError):
+    """The object existed and has ended (a finished session)."""
+
+    kind = "gone"
+
+
+class OperationFailed(Exception):
+    """An operation failed while running; it becomes the future's error."""
+
+    def __init__(self, message: str, category: str = "user") -> None:
+        super().__init__(message)
+        self.message = message
+        self.category = category

@@ -1,0 +1,143 @@
+"""Futures: durable rows in the store, plus in-process wake-ups for long-polling waiters."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from server import ids
+from server.store.database import Database
+from server.store.tables import Future, utcnow
+
+log = logging.getLogger(__name__)
+
+RESTART_MESSAGE = (
+    "the server restarted while this request was queued or running, so it was not completed; "
+    "submit it again (training state since the last checkpoint may be lost)"
+)
+
+
+@dataclass(frozen=True)
+class Submission:
+    request_id: str
+    is_new: bool  # False: the same submission arrived before (a client retry)
+
+
+@dataclass(frozen=True)
+class FutureView:
+    request_id: str
+    kind: str
+    state: str
+    result: bytes | None
+    result_format: str | None
+    error: str | None
+    error_category: str | None
+
+
+def _view(row: Future) -> FutureView:
+    return FutureView(
+        request_id=row.request_id,
+        kind=row.kind,
+        state=row.state,
+        result=row.result,
+        result_format=row.result_format,
+        error=row.error,
+        error_category=row.error_category,
+    )
+
+
+class FutureHub:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._events: dict[str, set[asyncio.Event]] = {}  # request_id -> one event per waiter
+
+    async def submit(self, *, tenant_id: str, kind: str, scope: str, seq_id: int, fingerprint: str) -> Submission:
+        request_id = ids.new_id("req")
+
+        def insert(s: Session) -> None:
+            s.add(
+                Future(
+                    request_id=request_id, tenant_id=tenant_id, kind=kind, scope=scope, seq_id=seq_id,
+                    fingerprint=fingerprint,
+                )
+            )
+
+        def existing(s: Session) -> str | None:
+            return s.scalar(
+                select(Future.request_id).where(
+                    Future.tenant_id == tenant_id, Future.scope == scope, Future.seq_id == seq_id,
+                    Future.fingerprint == fingerprint,
+                )
+            )
+
+        if (found := await self._db.run(existing)) is not None:
+            return Submission(found, is_new=False)
+        try:
+            await self._db.run(insert)
+        except IntegrityError:  # a concurrent retry inserted it first
+            found = await self._db.run(existing)
+            assert found is not None
+            return Submission(found, is_new=False)
+        return Submission(request_id, is_new=True)
+
+    async def resolve(self, request_id: str, result: bytes, result_format: str) -> None:
+        await self._finish(request_id, state="done", result=result, result_format=result_format)
+
+    async def fail(self, request_id: str, message: str, category: str) -> None:
+        await self._finish(request_id, state="failed", error=message, error_category=category)
+
+    async def _finish(self, request_id: str, **values: object) -> None:
+        def write(s: Session) -> None:
+            s.execute(update(Future).where(Future.request_id == request_id).values(finished_at=utcnow(), **values))
+
+        await self._db.run(write)
+        for event in self._events.pop(request_id, ()):
+            event.set()
+
+    async def get(self, tenant_id: str, request_id: str) -> FutureView | None:
+        def read(s: Session) -> FutureView | None:
+            row = s.get(Future, request_id)
+            return _view(row) if row is not None and row.tenant_id == tenant_id else None
+
+        return await self._db.run(read)
+
+    async def wait(self, tenant_id: str, request_id: str, timeout: float) -> FutureView | None:
+        """The future once it has ended, or still pending after `timeout` seconds; None if it does
+        not exist for this tenant."""
+        # The event is registered before the row is read, so a resolve that lands in between is
+        # seen either by the read or by the event. Each waiter has its own event and removes it
+        # when it returns, so polls of finished, unknown or timed-out ids leave nothing behind.
+        event = asyncio.Event()
+        waiters = self._events.setdefault(request_id, set())
+        waiters.add(event)
+        try:
+            view = await self.get(tenant_id, request_id)
+            if view is None or view.state != "pending":
+                return view
+            try:
+                await asyncio.wait_for(event.wait(), timeout)
+            except TimeoutError:
+                return view
+            return await self.get(tenant_id, request_id)
+        finally:
+            waiters.discard(event)
+            if not waiters and self._events.get(request_id) is waiters:
+                del self._events[request_id]
+
+    def fail_leftovers(self) -> int:
+        """At start-up: nothing from a previous process is still running, so end its futures."""
+
+        def write(s: Session) -> int:
+            result = s.execute(
+                update(Future)
+                .where(Future.state == "pending")
+                .values(state="failed", error=RESTART_MESSAGE, error_category="server", finished_at=utcnow())
+            )
+            return result.rowcount or 0
+
+        return self._db.call(write)

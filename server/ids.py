@@ -1,0 +1,61 @@
+"""Identifiers and tinker:// paths.
+
+Model ids must be "{session_id}:train:{model_seq_id}": the SDK's create_training_client_from_state
+computes the id itself and never asks the server (protocol §0.9)."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from server.errors import InvalidRequest
+
+# The SDK's path helpers know these three segments; the value is the checkpoint_type it reports.
+SEGMENT_TO_KIND = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
+KIND_TO_SEGMENT = {v: k for k, v in SEGMENT_TO_KIND.items()}
+
+
+def new_id(prefix: str, nbytes: int = 12) -> str:
+    return f"{prefix}-{secrets.token_hex(nbytes)}"
+
+
+def model_id(session_id: str, model_seq_id: int) -> str:
+    return f"{session_id}:train:{model_seq_id}"
+
+
+def sampling_session_id(session_id: str, seq: int) -> str:
+    return f"{session_id}:sample:{seq}"
+
+
+def hash_key(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class TinkerPath:
+    model_id: str
+    kind: str  # training | sampler | external
+    name: str
+
+    def __str__(self) -> str:
+        return f"tinker://{self.model_id}/{KIND_TO_SEGMENT[self.kind]}/{self.name}"
+
+    @property
+    def checkpoint_id(self) -> str:
+        return f"{KIND_TO_SEGMENT[self.kind]}/{self.name}"
+
+
+def parse_tinker_path(path: str, field: str = "path") -> TinkerPath:
+    prefix = "tinker://"
+    if not path.startswith(prefix):
+        raise InvalidRequest(f"expected a tinker:// path, got {path!r}", field=field)
+    parts = path[len(prefix) :].split("/")
+    if len(parts) != 3 or not all(parts):
+        raise InvalidRequest(
+            f"expected tinker://<training_run_id>/<weights|sampler_weights>/<name>, got {path!r}", field=field
+        )
+    run, segment, name = parts
+    if segment not in SEGMENT_TO_KIND:
+        raise InvalidRequest(f"unknown checkpoint segment {segment!r} in {path!r}", field=field)
+    return TinkerPath(model_id=run, kind=SEGMENT_TO_KIND[segment], name=name)

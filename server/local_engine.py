@@ -1,0 +1,185 @@
+"""The embedded engine: the whole compute plane in this process, on one worker thread.
+
+Every torch call happens on that thread and never on the event loop, so the server keeps answering
+(long-polls, heartbeats, submissions) while a step runs. The thread gets the configured number of
+torch threads; the rest of the process is kept to one (feasibility §7: two processes that both use
+both cores run slower than one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from schemas.wire import ForwardBackwardCall
+from server.errors import OperationFailed
+from workers import sampler
+from workers.adapter_files import CheckpointFormatError
+from workers.losses import get_loss
+from workers.trainer import AdapterError, LoraTrainer, load_base_model
+from workers.types import AdamConfig, BaseModelInfo, ForwardBackwardResult, LoraSpec, SampleOutput, SampleParams
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+SAMPLING_ADAPTER_CACHE = 8
+
+
+class LocalEngine:
+    def __init__(self, model_dir: Callable[[], Path], base_model_name: str, *, torch_threads: int = 2) -> None:
+        # A callable, resolved on the compute thread: resolving may convert a GGUF file (tens of
+        # seconds), which must not block the event loop.
+        self._model_dir = model_dir
+        self._name = base_model_name
+        self._threads = torch_threads
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self._trainer: LoraTrainer | None = None
+        self._tokenizer = None
+        self._sampling_adapters: OrderedDict[Path, str] = OrderedDict()
+
+    async def _call(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(_user_errors, fn, *args, **kwargs))
+
+    # ----- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> BaseModelInfo:
+        return await self._call(self._load)
+
+    def _load(self) -> BaseModelInfo:
+        started = time.perf_counter()
+        torch.set_num_threads(self._threads)
+        hf_logging.disable_progress_bar()  # the server logs JSON lines; no tqdm bars in them
+        model_dir = self._model_dir()
+        base = load_base_model(model_dir)
+        self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        info = BaseModelInfo(
+            name=self._name,
+            architecture=type(base).__name__,
+            vocab_size=base.config.vocab_size,
+            max_context_length=getattr(base.config, "max_position_embeddings", 2048),
+            eos_token_ids=_eos_ids(base, self._tokenizer),
+        )
+        pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
+        self._trainer = LoraTrainer(base, info, pad_token_id=pad)
+        log.info("base_model_loaded", extra={"model": self._name, "seconds": round(time.perf_counter() - started, 2)})
+        return info
+
+    async def stop(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def trainer(self) -> LoraTrainer:
+        assert self._trainer is not None, "engine not started"
+        return self._trainer
+
+    # ----- training --------------------------------------------------------------------------
+    async def create_adapter(self, model_id: str, spec: LoraSpec) -> None:
+        await self._call(self.trainer.create_adapter, _adapter_name(model_id), spec)
+
+    async def has_adapter(self, model_id: str) -> bool:
+        return self.trainer.has_adapter(_adapter_name(model_id))
+
+    async def forward_backward(self, model_id: str, call: ForwardBackwardCall) -> ForwardBackwardResult:
+        loss = get_loss(call.loss_fn)
+        if loss is None:
+            raise OperationFailed(f"unknown loss_fn {call.loss_fn!r}")
+        config = {k: float(v) for k, v in call.loss_fn_config.items()}
+        return await self._call(
+            self.trainer.forward_backward, self._require(model_id), call.data, loss, config, call.forward_only
+        )
+
+    async def optim_step(self, model_id: str, adam: AdamConfig) -> dict[str, float]:
+        return await self._call(self.trainer.optim_step, self._require(model_id), adam)
+
+    async def save(self, model_id: str, dest: Path, *, with_optimizer: bool) -> int:
+        return await self._call(self.trainer.save, self._require(model_id), dest, with_optimizer=with_optimizer)
+
+    async def load(self, model_id: str, src: Path, *, with_optimizer: bool) -> LoraSpec:
+        return await self._call(self.trainer.load, _adapter_name(model_id), src, with_optimizer=with_optimizer)
+
+    def _require(self, model_id: str) -> str:
+        name = _adapter_name(model_id)
+        if not self.trainer.has_adapter(name):
+            raise OperationFailed(
+                f"model {model_id} has no weights in memory (the server restarted since it was created); "
+                "create a new training client from one of its checkpoints"
+            )
+        return name
+
+    # ----- sampling --------------------------------------------------------------------------
+    async def sample(
+        self,
+        adapter_dir: Path | None,
+        prompt: list[int],
+        num_samples: int,
+        params: SampleParams,
+        *,
+        prompt_logprobs: bool,
+    ) -> SampleOutput:
+        return await self._call(self._sample, adapter_dir, prompt, num_samples, params, prompt_logprobs)
+
+    def _sample(
+        self, adapter_dir: Path | None, prompt: list[int], num_samples: int, params: SampleParams, prompt_lp: bool
+    ) -> SampleOutput:
+        adapter = None if adapter_dir is None else self._sampling_adapter(adapter_dir)
+        with self.trainer.using(adapter) as model:
+            return sampler.sample(
+                model,
+                prompt,
+                num_samples,
+                params,
+                eos_token_ids=self.trainer.info.eos_token_ids,
+                decode=self._decode,
+                want_prompt_logprobs=prompt_lp,
+            )
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self._tokenizer.decode(tokens, skip_special_tokens=False)
+
+    def _sampling_adapter(self, adapter_dir: Path) -> str:
+        """Adapter holding a checkpoint's weights for sampling; checkpoints are immutable, so one
+        loaded copy serves every request until it falls out of the LRU cache."""
+        if adapter_dir in self._sampling_adapters:
+            self._sampling_adapters.move_to_end(adapter_dir)
+            return self._sampling_adapters[adapter_dir]
+        name = "smp" + hashlib.sha1(str(adapter_dir).encode()).hexdigest()[:16]
+        self.trainer.load(name, adapter_dir, with_optimizer=False)
+        self._sampling_adapters[adapter_dir] = name
+        if len(self._sampling_adapters) > SAMPLING_ADAPTER_CACHE:
+            _, evicted = self._sampling_adapters.popitem(last=False)
+            self.trainer.remove_adapter(evicted)
+        return name
+
+
+def _adapter_name(model_id: str) -> str:
+    # peft adapter names become module keys: keep them short, dot-free and distinct from "lora_".
+    return "trn" + hashlib.sha1(model_id.encode()).hexdigest()[:16]
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer: object) -> tuple[int, ...]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None)
+        ids.update([value] if isinstance(value, int) else value or [])
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(ids))
+
+
+def _user_errors(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+    """Worker-side errors about the request become user-category failures of the future."""
+    try:
+        return fn(*args, **kwargs)
+    except (AdapterError, CheckpointFormatError) as exc:
+        raise OperationFailed(str(exc)) from exc

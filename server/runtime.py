@@ -1,0 +1,66 @@
+"""The composition root: one Runtime holds the parts of a running server and starts and stops them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.config import Settings
+from server.engine import Engine
+from server.futures import FutureHub
+from server.local_engine import LocalEngine
+from server.scheduler import Scheduler
+from server.store.database import Database
+from workers.base_models import resolve_base_model
+from workers.types import BaseModelInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    db: Database
+    hub: FutureHub
+    scheduler: Scheduler
+    engine: Engine
+    _base: BaseModelInfo | None = None
+    tenant_cache: dict[str, str] = field(default_factory=dict)  # key hash -> tenant id
+
+    @classmethod
+    def build(cls, settings: Settings, engine: Engine | None = None) -> Runtime:
+        db = Database(settings.resolved_database_url)
+        hub = FutureHub(db)
+        engine = engine or LocalEngine(
+            lambda: resolve_base_model(
+                settings.base_model, settings.data_dir.resolve(), allow_download=settings.allow_download
+            ),
+            settings.base_model,
+            torch_threads=settings.torch_threads,
+        )
+        return cls(settings=settings, db=db, hub=hub, scheduler=Scheduler(hub), engine=engine)
+
+    @property
+    def base(self) -> BaseModelInfo:
+        assert self._base is not None, "runtime not started"
+        return self._base
+
+    @property
+    def data_dir(self) -> Path:
+        return self.settings.data_dir.resolve()
+
+    async def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self.db.migrate)
+        if failed := await asyncio.to_thread(self.hub.fail_leftovers):
+            log.warning("futures_failed_on_restart", extra={"count": failed})
+        self._base = await self.engine.start()
+        self.scheduler.start()
+        log.info("runtime_started", extra={"base_model": self._base.name, "data_dir": str(self.data_dir)})
+
+    async def stop(self) -> None:
+        await self.scheduler.stop()
+        await self.engine.stop()
+        self.db.close()

@@ -1,0 +1,63 @@
+"""Client sessions: created by every sessionful SDK client, kept alive by heartbeats, finished on close."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.orm import Session
+
+from schemas.tinker import CreateSessionRequest, SessionFinishRequest
+from server import ids
+from server.errors import Gone
+from server.runtime import Runtime
+from server.store.queries import owned
+from server.store.tables import Session as SessionRow
+from server.store.tables import utcnow
+
+log = logging.getLogger(__name__)
+
+
+async def create_session(rt: Runtime, tenant_id: str, req: CreateSessionRequest) -> str:
+    session_id = ids.new_id("sess")
+
+    def insert(s: Session) -> None:
+        s.add(
+            SessionRow(
+                id=session_id,
+                tenant_id=tenant_id,
+                sdk_version=req.sdk_version,
+                tags=list(req.tags or []),
+                user_metadata=dict(req.user_metadata or {}),
+                project_id=req.project_id,
+                display_name=req.display_name,
+            )
+        )
+
+    await rt.db.run(insert)
+    log.info("session_created", extra={"session_id": session_id, "tenant_id": tenant_id, "sdk": req.sdk_version})
+    return session_id
+
+
+def live_session(s: Session, tenant_id: str, session_id: str, *, field: str = "session_id") -> SessionRow:
+    row = owned(s, SessionRow, tenant_id, session_id, field=field)
+    if row.finished_at is not None:
+        raise Gone(f"session {session_id!r} has finished; start a new ServiceClient", field=field)
+    return row
+
+
+async def heartbeat(rt: Runtime, tenant_id: str, session_id: str) -> None:
+    def touch(s: Session) -> None:
+        live_session(s, tenant_id, session_id).last_heartbeat_at = utcnow()
+
+    await rt.db.run(touch)
+
+
+async def finish(rt: Runtime, tenant_id: str, session_id: str, req: SessionFinishRequest) -> None:
+    def close(s: Session) -> None:
+        row = owned(s, SessionRow, tenant_id, session_id)
+        if row.finished_at is None:
+            row.finished_at = utcnow()
+            row.finish_reason = req.reason.type if req.reason else None
+
+    await rt.db.run(close)
+    log.info("session_finished", extra={"session_id": session_id, "tenant_id": tenant_id})

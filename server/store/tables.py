@@ -1,0 +1,128 @@
+"""The SQL schema. Every row that a client can reach carries its tenant, and every query that
+serves a client filters by it (see queries.py)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite would hand back naive ones)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.astimezone(UTC).replace(tzinfo=None) if dialect.name == "sqlite" else value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UtcDateTime(), dict[str, Any]: JSON(), list[str]: JSON()}
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of the API key, never the key
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Session(Base):
+    __tablename__ = "sessions"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    sdk_version: Mapped[str | None] = mapped_column(String(64))
+    tags: Mapped[list[str]] = mapped_column(default=list)
+    user_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    project_id: Mapped[str | None] = mapped_column(String(200))
+    display_name: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+
+
+class Model(Base):
+    """A LoRA training run: one adapter on the base model. Its id is the Tinker model_id."""
+
+    __tablename__ = "models"
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id"), index=True)
+    model_seq_id: Mapped[int] = mapped_column(Integer)
+    base_model: Mapped[str] = mapped_column(String(500))
+    lora_rank: Mapped[int] = mapped_column(Integer)
+    lora_spec: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    user_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_request_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Future(Base):
+    """One submitted operation. `scope` + `seq_id` + `fingerprint` identify a submission, so a
+    client's retry of the same request finds the same row instead of running the work twice."""
+
+    __tablename__ = "futures"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "scope", "seq_id", "fingerprint", name="uq_futures_submission"),
+        Index("ix_futures_state", "state"),
+    )
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    scope: Mapped[str] = mapped_column(String(260))  # "model:<id>", "sampler:<id>" or "session:<id>"
+    seq_id: Mapped[int] = mapped_column(Integer)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending | done | failed
+    result: Mapped[bytes | None] = mapped_column(LargeBinary)
+    result_format: Mapped[str | None] = mapped_column(String(8))  # json | proto
+    error: Mapped[str | None] = mapped_column(Text)
+    error_category: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("model_id", "kind", "name", name="uq_checkpoints_name"),)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # training | sampler
+    name: Mapped[str] = mapped_column(String(200))
+    storage_dir: Mapped[str] = mapped_column(String(500))  # relative to the data dir, server-made
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    has_optimizer: Mapped[bool] = mapped_column(Boolean, default=False)
+    ephemeral: Mapped[bool] = mapped_column(Boolean, default=False)  # behind save_weights_and_get_sampling_client
+    public: Mapped[bool] = mapped_column(Boolean, default=False)
+    user_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    expires_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SamplingSession(Base):
+    __tablename__ = "sampling_sessions"
+    id: Mapped[str] = mapped_column(String(260), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id"), index=True)
+    base_model: Mapped[str] = mapped_column(String(500))
+    model_path: Mapped[str | None] = mapped_column(String(700))
+    checkpoint_id: Mapped[str | None] = mapped_column(ForeignKey("checkpoints.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,325 @@
+"""Training operations: each submission checks ownership and input, takes a future and queues the
+work on its model; the work itself runs later on the engine, in the model's seq_id order."""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from datetime import timedelta
+from pathlib import Path
+
+from pydantic import BaseModel
+from sqlalchemy.orm import Session
+
+from schemas import tinker as api
+from schemas.wire import ForwardBackwardCall, encode_forward_backward_output
+from server import ids
+from server.errors import InvalidRequest, NotFound, OperationFailed
+from server.runtime import Runtime
+from server.scheduler import OpResult, OpRunner
+from server.sessions import live_session
+from server.store.queries import checkpoint_by_name, owned
+from server.store.tables import Checkpoint, Model, SamplingSession, utcnow
+from server.validation import check_forward_backward
+from workers.types import AdamConfig, LoraSpec
+
+log = logging.getLogger(__name__)
+
+
+def json_result(model: BaseModel) -> OpResult:
+    return model.model_dump_json(exclude_none=True).encode(), "json"
+
+
+async def enqueue(
+    rt: Runtime, tenant_id: str, *, kind: str, scope: str, seq_id: int, fingerprint: str, run: OpRunner
+) -> str:
+    """Take a future for the submission and queue `run` under `scope` (unless this exact
+    submission was seen before: then the earlier future answers, and nothing runs twice)."""
+    sub = await rt.hub.submit(tenant_id=tenant_id, kind=kind, scope=scope, seq_id=seq_id, fingerprint=fingerprint)
+    if sub.is_new:
+        rt.scheduler.submit(scope, seq_id=seq_id, request_id=sub.request_id, kind=kind, run=run)
+    return sub.request_id
+
+
+async def owned_model(rt: Runtime, tenant_id: str, model_id: str) -> Model:
+    return await rt.db.run(lambda s: owned(s, Model, tenant_id, model_id, field="model_id"))
+
+
+# ----- model creation ------------------------------------------------------------------------
+async def create_model(rt: Runtime, tenant_id: str, req: api.CreateModelRequest, fingerprint: str) -> api.UntypedAPIFuture:
+    await rt.db.run(lambda s: live_session(s, tenant_id, req.session_id))
+    _check_base_model(rt, req.base_model)
+    lora = req.lora_config or api.LoraConfig(rank=32)
+    if lora.rank > rt.settings.max_lora_rank:
+        raise InvalidRequest(
+            f"rank {lora.rank} exceeds this server's max_lora_rank {rt.settings.max_lora_rank}", field="lora_config.rank"
+        )
+    spec = LoraSpec(
+        rank=lora.rank,
+        seed=lora.seed if lora.seed is not None else random.getrandbits(31),
+        alpha=rt.settings.lora_alpha,
+        train_attn=lora.train_attn,
+        train_mlp=lora.train_mlp,
+        train_unembed=lora.train_unembed,
+    )
+    model_id = ids.model_id(req.session_id, req.model_seq_id)
+
+    async def run() -> OpResult:
+        if await rt.db.run(lambda s: s.get(Model, model_id)) is not None:
+            raise OperationFailed(f"model {model_id} already exists (model_seq_id {req.model_seq_id} was used before)")
+        await rt.engine.create_adapter(model_id, spec)
+        await rt.db.run(lambda s: _insert_model(s, tenant_id, req.session_id, req.model_seq_id, rt.base.name, spec, req.user_metadata))
+        log.info("model_created", extra={"model_id": model_id, "tenant_id": tenant_id, "rank": spec.rank})
+        return json_result(api.CreateModelResponse(model_id=model_id))
+
+    request_id = await enqueue(
+        rt, tenant_id, kind="create_model", scope=f"session:{req.session_id}", seq_id=req.model_seq_id,
+        fingerprint=fingerprint, run=run,
+    )
+    return api.UntypedAPIFuture(request_id=request_id, model_id=model_id)
+
+
+def _check_base_model(rt: Runtime, name: str | None, field: str = "base_model") -> None:
+    if name is not None and name != rt.base.name:
+        raise InvalidRequest(f"base model {name!r} is not served here; this server serves {rt.base.name!r}", field=field)
+
+
+def _insert_model(s: Session, tenant_id: str, session_id: str, seq: int, base: str, spec: LoraSpec, meta: dict | None) -> None:
+    s.add(
+        Model(
+            id=ids.model_id(session_id, seq),
+            tenant_id=tenant_id,
+            session_id=session_id,
+            model_seq_id=seq,
+            base_model=base,
+            lora_rank=spec.rank,
+            lora_spec=spec.__dict__.copy(),
+            user_metadata=dict(meta or {}),
+        )
+    )
+
+
+async def get_info(rt: Runtime, tenant_id: str, model_id: str) -> api.GetInfoResponse:
+    model = await owned_model(rt, tenant_id, model_id)
+    return api.GetInfoResponse(
+        model_id=model.id,
+        model_data=api.ModelData(arch=rt.base.architecture, model_name=model.base_model, tokenizer_id=model.base_model),
+        is_lora=True,
+        lora_rank=model.lora_rank,
+        model_name=model.base_model,
+    )
+
+
+async def touch_model(rt: Runtime, model_id: str) -> None:
+    def write(s: Session) -> None:
+        if (row := s.get(Model, model_id)) is not None:
+            row.last_request_at = utcnow()
+
+    await rt.db.run(write)
+
+
+# ----- steps -----------------------------------------------------------------------------------
+async def forward_backward(
+    rt: Runtime, tenant_id: str, call: ForwardBackwardCall, fingerprint: str
+) -> api.UntypedAPIFuture:
+    model = await owned_model(rt, tenant_id, call.model_id)
+    check_forward_backward(call, rt.base)
+
+    async def run() -> OpResult:
+        result = await rt.engine.forward_backward(model.id, call)
+        await touch_model(rt, model.id)
+        return encode_forward_backward_output(result.outputs, result.metrics), "proto"
+
+    kind = "forward" if call.forward_only else "forward_backward"
+    request_id = await enqueue(
+        rt, tenant_id, kind=kind, scope=f"model:{model.id}", seq_id=call.seq_id, fingerprint=fingerprint, run=run
+    )
+    return api.UntypedAPIFuture(request_id=request_id, model_id=model.id)
+
+
+async def optim_step(rt: Runtime, tenant_id: str, req: api.OptimStepRequest, fingerprint: str) -> api.UntypedAPIFuture:
+    model = await owned_model(rt, tenant_id, req.model_id)
+    if req.adam_params is None:
+        kind = (req.optimizer_params or {}).get("type", "unknown")
+        raise InvalidRequest(f"optimizer {kind!r} is not supported; use AdamParams", field="optimizer_params")
+    adam = AdamConfig(**req.adam_params.model_dump())
+
+    async def run() -> OpResult:
+        metrics = await rt.engine.optim_step(model.id, adam)
+        await touch_model(rt, model.id)
+        return json_result(api.OptimStepResponse(metrics=metrics))
+
+    request_id = await enqueue(
+        rt, tenant_id, kind="optim_step", scope=f"model:{model.id}", seq_id=_seq(req.seq_id),
+        fingerprint=fingerprint, run=run,
+    )
+    return api.UntypedAPIFuture(request_id=request_id, model_id=model.id)
+
+
+def _seq(seq_id: int | None) -> int:
+    # Older clients may omit seq_id; such requests queue behind everything already there.
+    return seq_id if seq_id is not None else 2**31 - 1
+
+
+# ----- checkpoints -----------------------------------------------------------------------------
+def new_checkpoint_dir(rt: Runtime, tenant_id: str) -> tuple[str, str, Path]:
+    """(checkpoint id, storage path relative to the data dir, absolute path): made from ids only,
+    never from anything a client sent."""
+    checkpoint_id = ids.new_id("ckpt")
+    relative = f"checkpoints/{tenant_id}/{checkpoint_id}"
+    return checkpoint_id, relative, rt.data_dir / relative
+
+
+async def save_checkpoint(
+    rt: Runtime,
+    tenant_id: str,
+    model: Model,
+    *,
+    kind: str,
+    name: str,
+    with_optimizer: bool,
+    overwrite: bool = False,
+    ephemeral: bool = False,
+    ttl_seconds: int | None = None,
+    user_metadata: dict | None = None,
+) -> Checkpoint:
+    """Write the model's adapter to a new folder and record it; runs inside a queued operation."""
+    existing = await rt.db.run(lambda s: checkpoint_by_name(s, tenant_id, model.id, kind, name))
+    if existing is not None and not overwrite:
+        path = ids.TinkerPath(model.id, kind, name)
+        raise OperationFailed(f"checkpoint {path} already exists; choose another name (or save_state with overwrite=True)")
+    checkpoint_id, relative, folder = new_checkpoint_dir(rt, tenant_id)
+    size = await rt.engine.save(model.id, folder, with_optimizer=with_optimizer)
+
+    def record(s: Session) -> Checkpoint:
+        row = checkpoint_by_name(s, tenant_id, model.id, kind, name)
+        if row is None:
+            row = Checkpoint(id=checkpoint_id, tenant_id=tenant_id, model_id=model.id, kind=kind, name=name)
+            s.add(row)
+        row.storage_dir, row.size_bytes, row.created_at = relative, size, utcnow()
+        row.has_optimizer, row.ephemeral, row.user_metadata = with_optimizer, ephemeral, dict(user_metadata or {})
+        row.expires_at = None if ttl_seconds is None else utcnow() + timedelta(seconds=ttl_seconds)
+        return row
+
+    row = await rt.db.run(record)
+    if existing is not None:
+        shutil.rmtree(rt.data_dir / existing.storage_dir, ignore_errors=True)
+    log.info("checkpoint_saved", extra={"model_id": model.id, "kind": kind, "checkpoint": row.id, "bytes": size})
+    return row
+
+
+async def save_weights(rt: Runtime, tenant_id: str, req: api.SaveWeightsRequest, fingerprint: str) -> api.UntypedAPIFuture:
+    model = await owned_model(rt, tenant_id, req.model_id)
+    name = req.path or f"state-{_seq(req.seq_id)}"
+
+    async def run() -> OpResult:
+        await save_checkpoint(
+            rt, tenant_id, model, kind="training", name=name, with_optimizer=True, overwrite=req.overwrite,
+            ttl_seconds=req.ttl_seconds, user_metadata=req.user_metadata,
+        )
+        return json_result(api.SaveWeightsResponse(path=str(ids.TinkerPath(model.id, "training", name))))
+
+    request_id = await enqueue(
+        rt, tenant_id, kind="save_weights", scope=f"model:{model.id}", seq_id=_seq(req.seq_id),
+        fingerprint=fingerprint, run=run,
+    )
+    return api.UntypedAPIFuture(request_id=request_id, model_id=model.id)
+
+
+async def save_weights_for_sampler(
+    rt: Runtime, tenant_id: str, req: api.SaveWeightsForSamplerRequest, fingerprint: str
+) -> api.UntypedAPIFuture:
+    model = await owned_model(rt, tenant_id, req.model_id)
+    if req.sampling_session_seq_id is not None:
+        await rt.db.run(lambda s: live_session(s, tenant_id, model.session_id))
+        sampler_id = ids.sampling_session_id(model.session_id, req.sampling_session_seq_id)
+        name = f"ephemeral-{req.sampling_session_seq_id}"
+    else:
+        sampler_id, name = None, req.path
+
+    async def run() -> OpResult:
+        row = await save_checkpoint(
+            rt, tenant_id, model, kind="sampler", name=name, with_optimizer=False, ephemeral=sampler_id is not None,
+            ttl_seconds=req.ttl_seconds, user_metadata=req.user_metadata,
+        )
+        if sampler_id is None:
+            return json_result(api.SaveWeightsForSamplerResponse(path=str(ids.TinkerPath(model.id, "sampler", name))))
+        await rt.db.run(
+            lambda s: s.merge(
+                SamplingSession(
+                    id=sampler_id, tenant_id=tenant_id, session_id=model.session_id, base_model=model.base_model,
+                    checkpoint_id=row.id,
+                )
+            )
+        )
+        return json_result(api.SaveWeightsForSamplerResponse(sampling_session_id=sampler_id))
+
+    request_id = await enqueue(
+        rt, tenant_id, kind="save_weights_for_sampler", scope=f"model:{model.id}", seq_id=_seq(req.seq_id),
+        fingerprint=fingerprint, run=run,
+    )
+    return api.UntypedAPIFuture(request_id=request_id, model_id=model.id)
+
+
+async def training_checkpoint(rt: Runtime, tenant_id: str, path: str, field: str = "path") -> Checkpoint:
+    parsed = ids.parse_tinker_path(path, field=field)
+
+    def find(s: Session) -> Checkpoint:
+        row = checkpoint_by_name(s, tenant_id, parsed.model_id, parsed.kind, parsed.name)
+        if row is None:
+            raise NotFound(f"checkpoint {path} not found", field=field)
+        return row
+
+    row = await rt.db.run(find)
+    if row.kind != "training":
+        raise InvalidRequest(
+            f"{path} holds sampler weights; loading training state needs a tinker://…/weights/… checkpoint "
+            "written by save_state",
+            field=field,
+        )
+    return row
+
+
+async def load_weights(rt: Runtime, tenant_id: str, req: api.LoadWeightsRequest, fingerprint: str) -> api.UntypedAPIFuture:
+    checkpoint = await training_checkpoint(rt, tenant_id, req.path)
+    folder = rt.data_dir / checkpoint.storage_dir
+    if req.optimizer and not checkpoint.has_optimizer:
+        raise InvalidRequest(f"{req.path} holds no optimizer state; load it with optimizer=False", field="optimizer")
+    if req.creates_model:
+        return await _create_from_checkpoint(rt, tenant_id, req, folder, fingerprint)
+    model = await owned_model(rt, tenant_id, req.model_id)
+
+    async def run() -> OpResult:
+        await rt.engine.load(model.id, folder, with_optimizer=req.optimizer)
+        await touch_model(rt, model.id)
+        return json_result(api.LoadWeightsResponse(path=req.path, model_id=model.id))
+
+    request_id = await enqueue(
+        rt, tenant_id, kind="load_weights", scope=f"model:{model.id}", seq_id=_seq(req.seq_id),
+        fingerprint=fingerprint, run=run,
+    )
+    return api.UntypedAPIFuture(request_id=request_id, model_id=model.id)
+
+
+async def _create_from_checkpoint(
+    rt: Runtime, tenant_id: str, req: api.LoadWeightsRequest, folder: Path, fingerprint: str
+) -> api.UntypedAPIFuture:
+    assert req.session_id is not None and req.model_seq_id is not None
+    session_id, seq = req.session_id, req.model_seq_id
+    await rt.db.run(lambda s: live_session(s, tenant_id, session_id))
+    _check_base_model(rt, req.base_model)
+    model_id = ids.model_id(session_id, seq)
+
+    async def run() -> OpResult:
+        if await rt.db.run(lambda s: s.get(Model, model_id)) is not None:
+            raise OperationFailed(f"model {model_id} already exists (model_seq_id {seq} was used before)")
+        spec = await rt.engine.load(model_id, folder, with_optimizer=req.optimizer)
+        await rt.db.run(lambda s: _insert_model(s, tenant_id, session_id, seq, rt.base.name, spec, req.user_metadata))
+        log.info("model_created_from_checkpoint", extra={"model_id": model_id, "tenant_id": tenant_id})
+        return json_result(api.LoadWeightsResponse(path=req.path, model_id=model_id))
+
+    request_id = await enqueue(
+        rt, tenant_id, kind="load_weights", scope=f"session:{session_id}", seq_id=seq, fingerprint=fingerprint, run=run
+    )
+    return api.UntypedAPIFuture(request_id=request_id, model_id=model_id)

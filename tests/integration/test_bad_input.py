@@ -1,0 +1,109 @@
+"""Bad input gets a 4xx (or a user-category future error) whose message names the problem, and the
+server keeps serving. Requests go through the SDK where it can send them, else raw HTTP."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+import tinker
+from tinker import types
+from tinker.proto.request_conv import forward_backward_request_to_proto
+
+from tests.integration.conftest import make_data
+
+pytestmark = pytest.mark.slow
+BASE = "tiny-qwen3"
+KEY_A, KEY_B = "tml-bad-input-a", "tml-bad-input-b"
+
+
+@pytest.fixture(scope="module")
+def client_a(server):
+    sc = tinker.ServiceClient(base_url=server.base_url, api_key=KEY_A)
+    tc = sc.create_lora_training_client(BASE, rank=4, seed=0).result()
+    yield tc
+    sc.close("success").result()
+
+
+def post(server, path: str, key: str, headers: dict | None = None, **kwargs) -> httpx.Response:
+    headers = {"X-API-Key": key, **(headers or {})}
+    return httpx.post(f"{server.base_url}/api/v1/{path}", headers=headers, timeout=30, **kwargs)
+
+
+def fwdbwd_proto(model_id: str, data, loss_fn: str = "cross_entropy", seq_id: int = 10_000) -> bytes:
+    request = types.ForwardBackwardRequest(
+        forward_backward_input=types.ForwardBackwardInput(data=data, loss_fn=loss_fn), model_id=model_id, seq_id=seq_id
+    )
+    return forward_backward_request_to_proto(request).SerializeToString()
+
+
+def assert_json_error(response: httpx.Response, status: int, *needles: str) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["category"] == "user" and "Traceback" not in response.text
+    for needle in needles:
+        assert needle in body["error"], body
+    return body
+
+
+def test_malformed_protobuf(server, client_a) -> None:
+    r = post(server, "forward_backward", KEY_A, content=b"\xff\xfe not a protobuf",
+             headers={"Content-Type": "application/x-protobuf"})
+    body = assert_json_error(r, 400, "ForwardBackwardRequest")
+    assert body["field"] == "body"
+
+
+def test_unknown_model_id(server, token_rows) -> None:
+    r = post(server, "forward_backward", KEY_A, content=fwdbwd_proto("sess-nope:train:0", make_data(token_rows)))
+    assert_json_error(r, 404, "sess-nope:train:0", "not found")
+
+
+def test_another_keys_model_is_not_found(server, client_a, token_rows) -> None:
+    proto = fwdbwd_proto(client_a.model_id, make_data(token_rows))
+    owner = post(server, "forward_backward", KEY_A, content=proto)
+    assert owner.status_code == 200
+    stranger = post(server, "forward_backward", KEY_B, content=proto)
+    assert_json_error(stranger, 404, "not found")
+    assert_json_error(post(server, "get_info", KEY_B, json={"model_id": client_a.model_id}), 404, "not found")
+    retrieve = post(server, "retrieve_future", KEY_B, json={"request_id": owner.json()["request_id"]})
+    assert_json_error(retrieve, 404, "not found")
+    mine = post(server, "retrieve_future", KEY_A, json={"request_id": owner.json()["request_id"]})
+    assert mine.status_code == 200 and mine.headers["content-type"].startswith("application/x-protobuf")
+
+
+def test_checkpoint_name_with_slash(client_a) -> None:
+    with pytest.raises(tinker.UnprocessableEntityError) as err:
+        client_a.save_state("runs/one").result()
+    assert "path" in str(err.value) and "'/'" in str(err.value)
+
+
+def test_unknown_loss_fn(client_a, token_rows) -> None:
+    with pytest.raises(tinker.BadRequestError) as err:
+        client_a.forward_backward(make_data(token_rows), "not_a_loss").result()
+    assert "unknown loss_fn 'not_a_loss'" in str(err.value) and "cross_entropy" in str(err.value)
+
+
+def test_mismatched_target_tokens_and_weights(client_a, token_rows) -> None:
+    row = token_rows[0]
+    datum = types.Datum(model_input=types.ModelInput.from_ints(row[:-1]),
+                        loss_fn_inputs={"target_tokens": row[1:], "weights": np.ones(len(row) - 3, np.float32)})
+    with pytest.raises(tinker.BadRequestError) as err:
+        client_a.forward_backward([datum], "cross_entropy").result()
+    assert "data[0].loss_fn_inputs.weights" in str(err.value) and f"{len(row) - 3} entries" in str(err.value)
+
+
+def test_token_id_outside_the_vocabulary(client_a, token_rows) -> None:
+    row = token_rows[0]
+    targets = list(row[1:])
+    targets[2] = 4096
+    datum = types.Datum(model_input=types.ModelInput.from_ints(row[:-1]), loss_fn_inputs={"target_tokens": targets})
+    with pytest.raises(tinker.BadRequestError) as err:
+        client_a.forward_backward([datum], "cross_entropy").result()
+    assert "token id 4096" in str(err.value) and "target_tokens" in str(err.value)
+
+
+def test_server_keeps_serving_after_bad_input(server, client_a, token_rows) -> None:
+    assert httpx.get(f"{server.base_url}/api/v1/healthz").json() == {"status": "ok"}
+    out = client_a.forward_backward(make_data(token_rows), "cross_entropy").result()
+    assert len(out.loss_fn_outputs) == len(token_rows)
+    assert "Traceback" not in server.log()

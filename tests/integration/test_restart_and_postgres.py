@@ -1,0 +1,88 @@
+"""Durability across a restart, and the same server on PostgreSQL instead of SQLite."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+import tinker
+from tinker import types
+
+from server.process import running_server
+from tests.integration.conftest import make_data
+from tests.integration.test_bad_input import fwdbwd_proto
+
+pytestmark = pytest.mark.slow
+BASE = "tiny-qwen3"
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def step(tc, data) -> float:
+    fb = tc.forward_backward(data, "cross_entropy")
+    tc.optim_step(types.AdamParams(learning_rate=3e-3)).result()
+    return fb.result().metrics["loss:sum"]
+
+
+def fresh_data_dir(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny-qwen3").symlink_to(tiny_model_dir)
+    return tmp_path
+
+
+def test_runs_and_checkpoints_survive_a_restart(tmp_path, tiny_model_dir, token_rows) -> None:
+    data_dir, data = fresh_data_dir(tmp_path, tiny_model_dir), make_data(token_rows)
+    with running_server(data_dir) as server:
+        with tinker.ServiceClient(base_url=server.base_url, api_key="tml-restart") as sc:
+            tc = sc.create_lora_training_client(BASE, rank=4, seed=3).result()
+            step(tc, data)
+            path = tc.save_state("before-restart").result().path
+            expected_next = step(tc, data)
+            model_id = tc.model_id
+    with running_server(data_dir) as server:
+        rest = tinker.RestClient(base_url=server.base_url, api_key="tml-restart")
+        assert [r.training_run_id for r in rest.list_training_runs().result().training_runs] == [model_id]
+        assert [c.tinker_path for c in rest.list_checkpoints(model_id).result().checkpoints] == [path]
+        with tinker.ServiceClient(base_url=server.base_url, api_key="tml-restart") as sc:
+            resumed = sc.create_training_client_from_state_with_optimizer(path).result()
+            assert step(resumed, data) == pytest.approx(expected_next, abs=1e-5)
+        # The old model's weights lived in the old process: its next step fails with a user error
+        # that says what to do, instead of silently training a fresh adapter.
+        body = fwdbwd_proto(model_id, data)
+        key = {"X-API-Key": "tml-restart"}
+        submitted = httpx.post(f"{server.base_url}/api/v1/forward_backward", content=body,
+                               headers={**key, "Content-Type": "application/x-protobuf"})
+        result = httpx.post(f"{server.base_url}/api/v1/retrieve_future", headers=key,
+                            json={"request_id": submitted.json()["request_id"]}, timeout=30).json()
+        assert result["category"] == "user" and "checkpoint" in result["error"]
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    name = f"twinkle_it_{secrets.token_hex(6)}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_server_on_postgresql(tmp_path, tiny_model_dir, token_rows, postgres_url) -> None:
+    data_dir, data = fresh_data_dir(tmp_path, tiny_model_dir), make_data(token_rows)
+    with running_server(data_dir, extra_args=["--database-url", postgres_url]) as server:
+        with tinker.ServiceClient(base_url=server.base_url, api_key="tml-postgres") as sc:
+            tc = sc.create_lora_training_client(BASE, rank=4, seed=4).result()
+            losses = [step(tc, data) for _ in range(3)]
+            assert losses[-1] < losses[0]
+            sampler = tc.save_weights_and_get_sampling_client().result()
+            assert len(sampler.sample(types.ModelInput.from_ints(token_rows[0][:4]), 2,
+                                      types.SamplingParams(max_tokens=4)).result().sequences) == 2
+            path = tc.save_state("pg").result().path
+            listed = tinker.RestClient(base_url=server.base_url, api_key="tml-postgres").list_checkpoints(tc.model_id)
+            assert [c.tinker_path for c in listed.result().checkpoints] == [path]
+    assert not (data_dir / "twinkle.db").exists()  # nothing went to SQLite

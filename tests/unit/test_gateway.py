@@ -1,0 +1,124 @@
+"""The HTTP surface in-process (FastAPI TestClient, real runtime on tiny-qwen3, SQLite): status
+codes and JSON error bodies for bad input; the SDK-driven tests cover the happy paths."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from gateway.app import create_app
+from server.config import Settings
+from server.runtime import Runtime
+
+KEY = {"X-API-Key": "tml-gateway-test"}
+OTHER = {"X-API-Key": "tml-gateway-other"}
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[TestClient]:
+    data_dir = tmp_path_factory.mktemp("gateway")
+    (data_dir / "models").symlink_to(tiny_model_dir.parent)
+    settings = Settings(data_dir=data_dir, base_model="tiny-qwen3", torch_threads=1, long_poll_seconds=2)
+    with TestClient(create_app(Runtime.build(settings))) as c:
+        yield c
+
+
+def error(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) >= {"error", "category"} and body["category"] in ("user", "server")
+    assert "Traceback" not in response.text
+    return body
+
+
+def session(client: TestClient, headers: dict = KEY) -> str:
+    r = client.post("/api/v1/create_session", json={"sdk_version": "0.38.0", "tags": [], "user_metadata": {}}, headers=headers)
+    assert r.status_code == 200
+    return r.json()["session_id"]
+
+
+def test_client_config_asks_for_ordered_uncompressed_chunks(client: TestClient) -> None:
+    body = client.post("/api/v1/client/config", json={"sdk_version": "0.38.0"}).json()
+    assert body["parallel_fwdbwd_chunks"] is False and body["proto_compress_fwdbwd"] is False
+    assert body["pjwt_auth_enabled"] is False
+    assert client.get("/api/v1/healthz").json() == {"status": "ok"}
+
+
+def test_missing_or_malformed_key_is_401(client: TestClient) -> None:
+    assert "X-API-Key" in error(client.post("/api/v1/create_session", json={"sdk_version": "x"}), 401)["error"]
+    body = error(client.post("/api/v1/create_session", json={"sdk_version": "x"}, headers={"X-API-Key": "abc"}), 401)
+    assert "tml-" in body["error"]
+
+
+def test_unknown_route_and_bad_json_are_json_errors(client: TestClient) -> None:
+    error(client.get("/api/v1/nope", headers=KEY), 404)
+    body = error(client.post("/api/v1/create_model", content=b"{not json", headers=KEY), 422)
+    assert body["field"].startswith("body")
+    body = error(client.post("/api/v1/create_model", json={"session_id": "s"}, headers=KEY), 422)
+    assert "model_seq_id" in body["error"] and "base_model" in body["error"]
+
+
+def test_heartbeat_unknown_finished_and_foreign_sessions(client: TestClient) -> None:
+    sid = session(client)
+    assert client.post("/api/v1/session_heartbeat", json={"session_id": sid}, headers=KEY).status_code == 200
+    error(client.post("/api/v1/session_heartbeat", json={"session_id": sid}, headers=OTHER), 404)
+    error(client.post("/api/v1/session_heartbeat", json={"session_id": "sess-nope"}, headers=KEY), 404)
+    finish = client.post(f"/api/v1/sessions/{sid}/finish", json={"reason": {"type": "success"}, "detail": None}, headers=KEY)
+    assert finish.status_code == 200
+    assert "finished" in error(client.post("/api/v1/session_heartbeat", json={"session_id": sid}, headers=KEY), 410)["error"]
+
+
+def test_create_model_checks_base_model_and_rank(client: TestClient) -> None:
+    sid = session(client)
+    body = {"session_id": sid, "model_seq_id": 0, "base_model": "other/model", "lora_config": {"rank": 8}}
+    assert error(client.post("/api/v1/create_model", json=body, headers=KEY), 400)["field"] == "base_model"
+    body.update(base_model="tiny-qwen3", lora_config={"rank": 100_000})
+    assert error(client.post("/api/v1/create_model", json=body, headers=KEY), 400)["field"] == "lora_config.rank"
+    body.update(lora_config={"rank": 0})
+    assert "rank" in error(client.post("/api/v1/create_model", json=body, headers=KEY), 422)["field"]
+
+
+def test_unknown_objects_are_404(client: TestClient) -> None:
+    error(client.post("/api/v1/get_info", json={"model_id": "sess-x:train:0"}, headers=KEY), 404)
+    error(client.post("/api/v1/retrieve_future", json={"request_id": "req-nope"}, headers=KEY), 404)
+    error(client.get("/api/v1/samplers/sess-x:sample:0", headers=KEY), 404)
+    error(client.get("/api/v1/training_runs/sess-x:train:0/checkpoints", headers=KEY), 404)
+    sid = session(client)
+    body = {"session_id": sid, "sampling_session_seq_id": 0, "model_path": "tinker://sess-x:train:0/sampler_weights/a"}
+    error(client.post("/api/v1/create_sampling_session", json=body, headers=KEY), 404)
+    body["model_path"] = "http://elsewhere/x"
+    assert error(client.post("/api/v1/create_sampling_session", json=body, headers=KEY), 400)["field"] == "model_path"
+
+
+def test_sample_rejects_unsupported_options_and_oversized_requests(client: TestClient) -> None:
+    sid = session(client)
+    r = client.post("/api/v1/create_sampling_session",
+                    json={"session_id": sid, "sampling_session_seq_id": 0, "base_model": "tiny-qwen3"}, headers=KEY)
+    sampler = r.json()["sampling_session_id"]
+    base = {"sampling_session_id": sampler, "seq_id": 1, "num_samples": 1,
+            "prompt": {"chunks": [{"type": "encoded_text", "tokens": [5, 6, 7]}]}, "sampling_params": {"max_tokens": 4}}
+    assert client.post("/api/v1/asample", json=base, headers=KEY).status_code == 200
+    assert error(client.post("/api/v1/asample", json={**base, "topk_prompt_logprobs": 3}, headers=KEY), 400)[
+        "field"] == "topk_prompt_logprobs"
+    too_long = {**base, "sampling_params": {"max_tokens": 10_000}}
+    assert error(client.post("/api/v1/asample", json=too_long, headers=KEY), 400)["field"] == "sampling_params.max_tokens"
+    bad_token = {**base, "prompt": {"chunks": [{"type": "encoded_text", "tokens": [5, 99_999]}]}}
+    assert "99999" in error(client.post("/api/v1/asample", json=bad_token, headers=KEY), 400)["error"]
+    image = {**base, "prompt": {"chunks": [{"type": "image", "data": "aGk=", "format": "png", "expected_tokens": 1}]}}
+    assert error(client.post("/api/v1/asample", json=image, headers=KEY), 400)["field"] == "prompt.chunks[0]"
+    error(client.post("/api/v1/asample", json=base, headers=OTHER), 404)
+
+
+def test_failed_future_is_a_user_error_with_lower_case_category(client: TestClient) -> None:
+    sid = session(client)
+    body = {"session_id": sid, "model_seq_id": 0, "base_model": "tiny-qwen3", "lora_config": {"rank": 2}}
+    first = client.post("/api/v1/create_model", json=body, headers=KEY).json()["request_id"]
+    assert client.post("/api/v1/retrieve_future", json={"request_id": first}, headers=KEY).json()["model_id"]
+    again = client.post("/api/v1/create_model", json={**body, "user_metadata": {"x": "y"}}, headers=KEY).json()
+    result = client.post("/api/v1/retrieve_future", json={"request_id": again["request_id"]}, headers=KEY).json()
+    assert result["category"] == "user" and "already exists" in result["error"]
+    retry = client.post("/api/v1/create_model", json=body, headers=KEY).json()
+    assert retry["request_id"] == first  # an identical resubmission is the same future

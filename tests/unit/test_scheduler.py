@@ -1,0 +1,371 @@
+"""server.scheduler: per-key seq_id order, round-robin across keys, failures become future errors.
+
+The fairness bound tested here: once a key has an op queued, it waits for at most the op already
+running when it arrived plus one op per other busy key before its own op runs. With everything
+queued before the scheduler starts there is no running op, so with keys A (5 ops) then B (1 op),
+B's op runs second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TypeVar
+
+import pytest
+
+from server.errors import OperationFailed
+from server.futures import FutureHub, FutureView
+from server.scheduler import Scheduler
+from server.store.database import Database
+from server.store.tables import Tenant
+
+T = TypeVar("T")
+Trace = list[tuple[str, int]]
+
+
+def arun(fn: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(fn())  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
+    database = Database(f"sqlite:///{tmp_path_factory.mktemp('sched') / 'twinkle.db'}", threads=2)
+    database.migrate()
+    yield database
+    database.close()
+
+
+@pytest.fixture
+def tenant(db: Database) -> str:
+    tenant_id = f"ten-{uuid.uuid4().hex[:12]}"
+    db.call(lambda s: s.add(Tenant(id=tenant_id, name=tenant_id, key_hash=uuid.uuid4().hex)))
+    return tenant_id
+
+
+class Harness:
+    """A scheduler over a real FutureHub; every op records (key, seq_id) when it starts."""
+
+    def __init__(self, db: Database, tenant: str) -> None:
+        self.hub = FutureHub(db)
+        self.scheduler = Scheduler(self.hub)
+        self.tenant = tenant
+        self.trace: Trace = []
+        self.request_ids: list[str] = []
+
+    async def submit(
+        self, key: str, seq_id: int, body: Callable[[], Awaitable[None]] | None = None, kind: str = "forward"
+    ) -> str:
+        sub = await self.hub.submit(tenant_id=self.tenant, kind=kind, scope=key, seq_id=seq_id, fingerprint="fp")
+
+        async def run() -> tuple[bytes, str]:
+            self.trace.append((key, seq_id))
+            if body is not None:
+                await body()
+            return f"{key}#{seq_id}".encode(), "json"
+
+        self.scheduler.submit(key, seq_id=seq_id, request_id=sub.request_id, kind=kind, run=run)
+        self.request_ids.append(sub.request_id)
+        return sub.request_id
+
+    async def result(self, request_id: str, timeout: float = 5) -> FutureView:
+        view = await self.hub.wait(self.tenant, request_id, timeout)
+        assert view is not None
+        assert view.state != "pending", f"{request_id} still pending after {timeout} s"
+        return view
+
+    async def drain(self) -> list[FutureView]:
+        return [await self.result(rid) for rid in self.request_ids]
+
+
+def assert_round_robin_bound(trace: Trace, busy_keys: set[str]) -> None:
+    """Between two consecutive ops of a key (or before its first op), no other key ran twice."""
+    for key in busy_keys:
+        positions = [i for i, (k, _) in enumerate(trace) if k == key]
+        starts = [-1, *positions[:-1]]
+        for start, end in zip(starts, positions):
+            between = [k for k, _ in trace[start + 1 : end]]
+            assert len(between) == len(set(between)), f"{key} waited for {between} in {trace}"
+            assert len(between) <= len(busy_keys) - 1
+
+
+# --------------------------------------------------------------------------------------------
+# Order within a key, fairness across keys
+
+
+def test_one_key_runs_in_seq_id_order_whatever_the_arrival_order(db: Database, tenant: str) -> None:
+    async def scenario() -> None:
+        h = Harness(db, tenant)
+        for seq in (5, 3, 1, 4, 2, 7, 6):
+            await h.submit("model:a", seq)
+        assert h.scheduler.depth("model:a") == 7 and h.scheduler.depth("model:other") == 0
+        h.scheduler.start()
+        views = await h.drain()
+        await h.scheduler.stop()
+        assert h.trace == [("model:a", s) for s in range(1, 8)]
+        assert all(v.state == "done" for v in views)
+        # Each future got its own op's result.
+        assert [v.result for v in views] == [f"model:a#{s}".encode() for s in (5, 3, 1, 4, 2, 7, 6)]
+        assert h.scheduler.depth("model:a") == 0
+
+    arun(scenario)
+
+
+def test_late_lower_seq_id_goes_before_queued_higher_ones(db: Database, tenant: str) -> None:
+    """SDK chunking posts chunk 1 last (seq 2, 3, 1): while op 0 runs, 2 and 3 queue, then 1 arrives."""
+
+    async def scenario() -> None:
+        h = Harness(db, tenant)
+        gate = asyncio.Event()
+        await h.submit("model:a", 0, body=gate.wait)
+        h.scheduler.start()
+        while not h.trace:
+            await asyncio.sleep(0.001)
+        for seq in (2, 3, 1):
+            await h.submit("model:a", seq)
+        gate.set()
+        await h.drain()
+        await h.scheduler.stop()
+        assert [s for _, s in h.trace] == [0, 1, 2, 3]
+
+    arun(scenario)
+
+
+def test_short_queue_is_not_stuck_behind_a_long_one(db: Database, tenant: str) -> None:
+    async def scenario() -> None:
+        h = Harness(db, tenant)
+        for seq in range(1, 6):
+            await h.submit("model:A", seq)
+        await h.submit("model:B", 1)
+        h.scheduler.start()
+        await h.drain()
+        await h.scheduler.stop()
+        assert h.trace == [("model:A", 1), ("model:B", 1), *(("model:A", s) for s in range(2, 6))]
+
+    arun(scenario)
+
+
+def test_round_robin_bound_with_three_keys(db: Database, tenant: str) -> None:
+    async def scenario() -> None:
+        h = Harness(db, tenant)
+        for key, n in (("A", 5), ("B", 3), ("C", 1)):
+            for seq in range(n, 0, -1):  # each key's ops arrive in reverse
+                await h.submit(key, seq)
+        h.scheduler.start()
+        await h.drain()
+        await h.scheduler.stop()
+        assert h.trace == [("A", 1), ("B", 1), ("C", 1), ("A", 2), ("B", 2), ("A", 3), ("B", 3), ("A", 4), ("A", 5)]
+        assert_round_robin_bound(h.trace, {"A", "B", "C"})
+
+    arun(scenario)
+
+
+def test_key_arriving_while_another_runs_waits_at_most_one_more_op_per_busy_key(db: Database, tenant: str) -> None:
+    async def scenario() -> None:
+        h = Harness(db, tenant)
+        gate = asyncio.Event()
+        for seq in range(1, 7):
+            await h.submit("A", seq, body=gate.wait)
+        h.scheduler.start()
+        while not h.trace:  # A1 is running
+            await asyncio.sleep(0.001)
+        await h.submit("B", 1, body=gate.wait)
+        await h.submit("C", 1, body=gate.wait)
+        gate.set()
+        await h.drain()
+        await h.scheduler.stop()
+        assert h.trace[0] == ("A", 1)
+        after_arrival = [k for k, _ in h.trace[1:]]
+        # B and C each wait for at most one more A op and each other's single op.
+        assert after_arrival.index("B") <= 1 and after_arrival.index("C") <= 2
+        assert after_arrival[:3].count("A") <= 1
+        assert [s for k, s in h.trace if k == "A"] == list(range(1, 7))
+
+    arun(scenario)
+
+
+def test_key_that_emptied_rejoins_the_rotation(db: Database, tenant: str) -> None:
+    async def scenario() -> None:
+        h = Harness(db, tenant)
+        await h.submit("A", 1)
+        h.scheduler.start()
+        await h.drain()
+        await h.submit("A", 2)
+        await h.submit("B", 1)
+        await h.drain()
+        await h.scheduler.stop()
+        assert h.trace == [("A", 1), ("A", 2), ("B", 1)]
+
+    arun(scenario)
+
+
+# --------------------------------------------------------------------------------------------
+# Failures
+
+
+@pytest.mark.parametrize("category", ["user", "server"])
+def test_operation_failed_becomes_the_futures_error(db: Database, tenant: str, category: str) -> None:
+    async def scenario() -> None:
+        h = Harness(db, tenant)
+
+        async def refuse() -> None:
+            raise OperationFailed("loss_fn 'foo' is not supported; use one of: cross_entropy", category)
+
+        bad = await h.submit("A", 1, body=refuse)
+        good = await h.submit("A", 2)
+        h.scheduler.start()
+        bad_view, good_view = await h.result(bad), await h.result(good)
+        await h.scheduler.stop()
+        assert (bad_view.state, bad_view.error_category) == ("failed", category)
+        assert bad_view.error == "loss_fn 'foo' is not supported; use one of: cross_entropy"
+        assert bad_view.result is None
+        assert good_view.state == "done"
+
+    arun(scenario)
+
+
+def test_operation_failed_defaults_to_user_category(db: Database, tenant: str) -> None:
+    async def scenario() -> None:
+        h = Harness(db, tenant)
+
+        async def refuse() -> None:
+            raise OperationFailed("no such checkpoint")
+
+        rid = await h.submit("A", 1, body=refuse)
+        h.scheduler.start()
+        view = await h.result(rid)
+        await h.scheduler.stop()
+        assert (view.error, view.error_category) == ("no such checkpoint", "user")
+
+    arun(scenario)
+
+
+def test_crash_is_a_server_error_without_internals_and_the_scheduler_goes_on(
+    db: Database, tenant: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "SECRET-path=/srv/data/tenant-x/adapter.bin"
+
+    async def scenario() -> None:
+        h = Harness(db, tenant)
+
+        async def crash() -> None:
+            raise KeyError(secret)
+
+        async def crash_differently() -> None:
+            raise ZeroDivisionError("division by zero")
+
+        first = await h.submit("A", 1, body=crash, kind="forward_backward")
+        await h.submit("B", 1, body=crash_differently, kind="optim_step")
+        after = [await h.submit("A", 2), await h.submit("B", 2), await h.submit("C", 1)]
+        with caplog.at_level(logging.ERROR, logger="server.scheduler"):
+            h.scheduler.start()
+            views = await h.drain()
+        await h.scheduler.stop()
+
+        crashed = views[:2]
+        for view, kind, rid in zip(crashed, ("forward_backward", "optim_step"), h.request_ids[:2]):
+            assert (view.state, view.error_category) == ("failed", "server")
+            assert kind in view.error and rid in view.error  # something a person can quote
+            for leak in (secret, "SECRET", "KeyError", "ZeroDivisionError", "division by zero", "Traceback", 'File "'):
+                assert leak not in view.error
+        assert first in crashed[0].error
+        assert all(v.state == "done" for v in views[2:]), "the scheduler stopped after a crash"
+        assert [v.request_id for v in views[2:]] == after
+
+    arun(scenario)
+    # The details go to the server log instead.
+    crash_records = [r for r in caplog.records if r.exc_info]
+    assert crash_records and any(secret in str(r.exc_info[1]) for r in crash_records)
+
+
+def test_scheduler_survives_a_store_failure_while_recording_a_result(db: Database, tenant: str) -> None:
+    async def scenario() -> None:
+        h = Harness(db, tenant)
+        original_resolve = h.hub.resolve
+        broken_once = True
+
+        async def flaky_resolve(request_id: str, result: bytes, result_format: str) -> None:
+            nonlocal broken_once
+            if broken_once:
+                broken_once = False
+                raise RuntimeError("database connection lost")
+            await original_resolve(request_id, result, result_format)
+
+        h.hub.resolve = flaky_resolve  # type: ignore[method-assign]
+        first = await h.submit("A", 1)
+        second = await h.submit("A", 2)
+        h.scheduler.start()
+        second_view = await h.result(second)
+        first_view = await h.hub.get(tenant, first)
+        await h.scheduler.stop()
+        assert second_view.state == "done", "the scheduler died when a result could not be stored"
+        # The first op's outcome could not be stored; it must not look like it is still running.
+        assert (first_view.state, first_view.error_category) == ("failed", "server")
+        assert "database connection lost" not in first_view.error
+
+    arun(scenario)
+
+
+# --------------------------------------------------------------------------------------------
+# stop()
+
+
+def test_stop_cancels_a_running_op_promptly(db: Database, tenant: str) -> None:
+    async def scenario() -> None:
+        h = Harness(db, tenant)
+        never = asyncio.Event()
+        cancelled = asyncio.Event()
+
+        async def hang() -> None:
+            try:
+                await never.wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        rid = await h.submit("A", 1, body=hang)
+        await h.submit("A", 2)
+        h.scheduler.start()
+        while not h.trace:
+            await asyncio.sleep(0.001)
+        started = time.monotonic()
+        await asyncio.wait_for(h.scheduler.stop(), timeout=2)
+        assert time.monotonic() - started < 1.0
+        assert cancelled.is_set()
+        assert h.trace == [("A", 1)]  # nothing ran after stop
+        # The interrupted op stays pending in the store; fail_leftovers() ends it at the next start.
+        assert (await h.hub.get(tenant, rid)).state == "pending"
+        await asyncio.sleep(0.05)
+        assert h.trace == [("A", 1)]
+
+    arun(scenario)
+
+
+def test_stop_when_idle_and_before_start(db: Database, tenant: str) -> None:
+    async def scenario() -> None:
+        never_started = Scheduler(FutureHub(db))
+        await never_started.stop()  # no error
+
+        h = Harness(db, tenant)
+        h.scheduler.start()
+        await asyncio.sleep(0.01)  # idle: waiting for work
+        await asyncio.wait_for(h.scheduler.stop(), timeout=2)
+        await h.scheduler.stop()  # twice is fine
+
+    arun(scenario)
+
+
+def test_idle_scheduler_wakes_for_new_work(db: Database, tenant: str) -> None:
+    async def scenario() -> None:
+        h = Harness(db, tenant)
+        h.scheduler.start()
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        view = await h.result(await h.submit("A", 1))
+        assert view.state == "done" and time.monotonic() - started < 1.0
+        await h.scheduler.stop()
+
+    arun(scenario)
