@@ -117,7 +117,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="twinkle-bench-") as tmp:
         data_dir = Path(tmp)
         model_dir = resolve_base_model(TINY_QWEN3, data_dir, allow_download=False)
-        with running_server(data_dir, extra_args=["--torch-threads", "2", "--log-level", "warning"]) as server:
+        with running_server(data_dir, extra_args=["--torch-threads", "2", "--log-level", os.environ.get("BENCH_SERVER_LOG_LEVEL", "warning")]) as server:
             sdk, local = SdkStep(server.base_url), InProcessStep(model_dir)
             timed(sdk, args.warmup), timed(local, args.warmup)
             results: dict[str, list[float]] = {"SDK over HTTP": [], "in-process": []}

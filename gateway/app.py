@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from gateway import errors
+from gateway.limits import BodySizeLimit
 from gateway.routes import futures, rest, sampling, service, training
 from server.config import settings_from_env
 from server.logs import setup_logging
@@ -28,6 +29,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app = FastAPI(title="Twinkle", summary="Tinker-compatible LoRA training server", lifespan=lifespan)
     app.state.runtime = runtime
     errors.install(app)
+    app.add_middleware(BodySizeLimit, max_bytes=runtime.settings.max_request_mb * 2**20)
     for router in (service.router, training.router, sampling.router, futures.router, rest.router):
         app.include_router(router, prefix=API_PREFIX)
     return app

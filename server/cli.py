@@ -62,6 +62,7 @@ def _serve(settings: Settings) -> int:
 
     setup_logging(settings.log_level)
     os.environ[RESOLVED_ENV] = settings.to_env()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the log is JSON lines; no progress bars in it
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: list | None = None) -> None:

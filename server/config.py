@@ -38,6 +38,7 @@ class Settings(BaseModel):
     lora_alpha: float = Field(32.0, gt=0)
     max_lora_rank: int = Field(128, ge=1)
     default_sample_max_tokens: int = Field(256, ge=1)
+    max_request_mb: int = Field(256, ge=1)  # larger request bodies get a 413
     log_level: str = "info"
 
     @property

@@ -42,8 +42,17 @@ async def enqueue(
     return sub.request_id
 
 
-async def owned_model(rt: Runtime, tenant_id: str, model_id: str) -> Model:
-    return await rt.db.run(lambda s: owned(s, Model, tenant_id, model_id, field="model_id"))
+async def owned_model(rt: Runtime, tenant_id: str, model_id: str, *, touch: bool = True) -> Model:
+    """The tenant's model; by default also records the request as the run's last_request_time
+    (in the same transaction, at submission: off the compute path)."""
+
+    def read(s: Session) -> Model:
+        model = owned(s, Model, tenant_id, model_id, field="model_id")
+        if touch:
+            model.last_request_at = utcnow()
+        return model
+
+    return await rt.db.run(read)
 
 
 # ----- model creation ------------------------------------------------------------------------
@@ -101,7 +110,7 @@ def _insert_model(s: Session, tenant_id: str, session_id: str, seq: int, base: s
 
 
 async def get_info(rt: Runtime, tenant_id: str, model_id: str) -> api.GetInfoResponse:
-    model = await owned_model(rt, tenant_id, model_id)
+    model = await owned_model(rt, tenant_id, model_id, touch=False)
     return api.GetInfoResponse(
         model_id=model.id,
         model_data=api.ModelData(arch=rt.base.architecture, model_name=model.base_model, tokenizer_id=model.base_model),
@@ -109,14 +118,6 @@ async def get_info(rt: Runtime, tenant_id: str, model_id: str) -> api.GetInfoRes
         lora_rank=model.lora_rank,
         model_name=model.base_model,
     )
-
-
-async def touch_model(rt: Runtime, model_id: str) -> None:
-    def write(s: Session) -> None:
-        if (row := s.get(Model, model_id)) is not None:
-            row.last_request_at = utcnow()
-
-    await rt.db.run(write)
 
 
 # ----- steps -----------------------------------------------------------------------------------
@@ -128,7 +129,6 @@ async def forward_backward(
 
     async def run() -> OpResult:
         result = await rt.engine.forward_backward(model.id, call)
-        await touch_model(rt, model.id)
         return encode_forward_backward_output(result.outputs, result.metrics), "proto"
 
     kind = "forward" if call.forward_only else "forward_backward"
@@ -147,7 +147,6 @@ async def optim_step(rt: Runtime, tenant_id: str, req: api.OptimStepRequest, fin
 
     async def run() -> OpResult:
         metrics = await rt.engine.optim_step(model.id, adam)
-        await touch_model(rt, model.id)
         return json_result(api.OptimStepResponse(metrics=metrics))
 
     request_id = await enqueue(
@@ -292,7 +291,6 @@ async def load_weights(rt: Runtime, tenant_id: str, req: api.LoadWeightsRequest,
 
     async def run() -> OpResult:
         await rt.engine.load(model.id, folder, with_optimizer=req.optimizer)
-        await touch_model(rt, model.id)
         return json_result(api.LoadWeightsResponse(path=req.path, model_id=model.id))
 
     request_id = await enqueue(

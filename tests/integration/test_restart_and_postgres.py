@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import psycopg
 import pytest
 import tinker
 from tinker import types
@@ -18,7 +15,6 @@ from tests.integration.test_bad_input import fwdbwd_proto
 
 pytestmark = pytest.mark.slow
 BASE = "tiny-qwen3"
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def step(tc, data) -> float:
@@ -60,19 +56,8 @@ def test_runs_and_checkpoints_survive_a_restart(tmp_path, tiny_model_dir, token_
         assert result["category"] == "user" and "checkpoint" in result["error"]
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    name = f"twinkle_it_{secrets.token_hex(6)}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def test_server_on_postgresql(tmp_path, tiny_model_dir, token_rows, postgres_url) -> None:
+def test_server_on_postgresql(tmp_path, tiny_model_dir, token_rows, make_pg_database) -> None:
+    postgres_url = make_pg_database()
     data_dir, data = fresh_data_dir(tmp_path, tiny_model_dir), make_data(token_rows)
     with running_server(data_dir, extra_args=["--database-url", postgres_url]) as server:
         with tinker.ServiceClient(base_url=server.base_url, api_key="tml-postgres") as sc:

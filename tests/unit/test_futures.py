@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import random
-import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
-import psycopg
 import pytest
 from sqlalchemy import func, select
 
 from server.futures import RESTART_MESSAGE, FutureHub, FutureView
 from server.store.database import Database
 from server.store.tables import Future, Tenant
-
-T = TypeVar("T")
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-
-
-def arun(fn: Callable[[], Awaitable[T]]) -> T:
-    return asyncio.run(fn())  # type: ignore[arg-type]
+from tests.conftest import arun
 
 
 @pytest.fixture(scope="module")
@@ -36,19 +27,11 @@ def sqlite_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
 
 
 @pytest.fixture(scope="module")
-def pg_db() -> Iterator[Database]:
-    """A throwaway PostgreSQL database with a random name, dropped at the end."""
-    name = f"twinkle_test_{secrets.token_hex(6)}"
-    admin = psycopg.connect(PG_ADMIN, autocommit=True)
-    admin.execute(f'CREATE DATABASE "{name}"')
-    database = Database(f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", threads=4)
-    try:
-        database.migrate()
-        yield database
-    finally:
-        database.close()
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+def pg_db(make_pg_database: Callable[[], str]) -> Iterator[Database]:
+    database = Database(make_pg_database(), threads=4)
+    database.migrate()
+    yield database
+    database.close()
 
 
 def new_tenant(db: Database) -> str:

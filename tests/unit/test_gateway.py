@@ -122,3 +122,9 @@ def test_failed_future_is_a_user_error_with_lower_case_category(client: TestClie
     assert result["category"] == "user" and "already exists" in result["error"]
     retry = client.post("/api/v1/create_model", json=body, headers=KEY).json()
     assert retry["request_id"] == first  # an identical resubmission is the same future
+
+
+def test_oversized_body_is_413_before_it_is_read(client: TestClient) -> None:
+    limit = client.app.state.runtime.settings.max_request_mb * 2**20
+    r = client.post("/api/v1/forward_backward", content=b"x", headers={**KEY, "Content-Length": str(limit + 1)})
+    assert "exceeds" in error(r, 413)["error"]

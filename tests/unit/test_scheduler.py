@@ -13,7 +13,6 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TypeVar
 
 import pytest
 
@@ -22,13 +21,9 @@ from server.futures import FutureHub, FutureView
 from server.scheduler import Scheduler
 from server.store.database import Database
 from server.store.tables import Tenant
+from tests.conftest import arun
 
-T = TypeVar("T")
 Trace = list[tuple[str, int]]
-
-
-def arun(fn: Callable[[], Awaitable[T]]) -> T:
-    return asyncio.run(fn())  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,11 @@ PostgreSQL; UTC datetimes; tenant-scoped queries on both backends."""
 
 from __future__ import annotations
 
-import secrets
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
-import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -21,32 +19,8 @@ from server.store.database import Database
 from server.store.tables import Base, Checkpoint, Future, Model, SamplingSession, Tenant
 from server.store.tables import Session as SessionRow
 
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-
-
 # --------------------------------------------------------------------------------------------
-# Databases
-
-
-@pytest.fixture(scope="module")
-def make_pg_database() -> Iterator[Callable[[], str]]:
-    """Creates throwaway PostgreSQL databases (random names) and drops them all at the end."""
-    made: list[str] = []
-    admin = psycopg.connect(PG_ADMIN, autocommit=True)
-
-    def make() -> str:
-        name = f"twinkle_test_{secrets.token_hex(6)}"
-        admin.execute(f'CREATE DATABASE "{name}"')
-        made.append(name)
-        return PG_URL.format(name=name)
-
-    try:
-        yield make
-    finally:
-        for name in made:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+# Databases (make_pg_database comes from tests/conftest.py)
 
 
 @pytest.fixture
