@@ -11,7 +11,7 @@ from server.config import Settings
 from server.engine import Engine
 from server.futures import FutureHub
 from server.local_engine import LocalEngine
-from server.scheduler import Scheduler
+from server.scheduler import OpRunner, Scheduler
 from server.store.database import Database
 from workers.base_models import resolve_base_model
 from workers.types import BaseModelInfo
@@ -50,6 +50,17 @@ class Runtime:
     @property
     def data_dir(self) -> Path:
         return self.settings.data_dir.resolve()
+
+    async def enqueue(
+        self, tenant_id: str, *, kind: str, scope: str, seq_id: int, fingerprint: str, run: OpRunner
+    ) -> str:
+        """Take a future for a submission and queue `run` under `scope` in seq_id order, unless
+        this exact submission was seen before: then the earlier future answers and nothing runs
+        twice (SDK retries resend the same body)."""
+        sub = await self.hub.submit(tenant_id=tenant_id, kind=kind, scope=scope, seq_id=seq_id, fingerprint=fingerprint)
+        if sub.is_new:
+            self.scheduler.submit(scope, seq_id=seq_id, request_id=sub.request_id, kind=kind, run=run)
+        return sub.request_id
 
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,6 @@ from server.scheduler import OpResult
 from server.sessions import live_session
 from server.store.queries import checkpoint_by_name, owned
 from server.store.tables import Checkpoint, SamplingSession
-from server.training import enqueue
 from server.validation import check_token_ids
 from workers.types import SampleParams
 
@@ -150,7 +149,7 @@ async def sample(rt: Runtime, tenant_id: str, req: api.SampleRequest, fingerprin
     # Without a seq_id there is nothing to recognise a retry by: every such request is new.
     seq = req.seq_id if req.seq_id is not None else -1
     fp = fingerprint if req.seq_id is not None else ids.new_id("fp")
-    request_id = await enqueue(rt, tenant_id, kind="sample", scope=scope, seq_id=seq, fingerprint=fp, run=run)
+    request_id = await rt.enqueue(tenant_id, kind="sample", scope=scope, seq_id=seq, fingerprint=fp, run=run)
     return api.UntypedAPIFuture(
         request_id=request_id, sample_sequence_ids=[f"{request_id}:{i}" for i in range(req.num_samples)]
     )

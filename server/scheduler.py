@@ -22,6 +22,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from pydantic import BaseModel
+
 from server.errors import OperationFailed
 from server.futures import FutureHub
 
@@ -30,6 +32,10 @@ log = logging.getLogger(__name__)
 # What an operation produces: the encoded result and its format ("json" or "proto").
 OpResult = tuple[bytes, str]
 OpRunner = Callable[[], Awaitable[OpResult]]
+
+
+def json_result(model: BaseModel) -> OpResult:
+    return model.model_dump_json(exclude_none=True).encode(), "json"
 
 
 @dataclass(order=True)

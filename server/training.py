@@ -9,7 +9,6 @@ import shutil
 from datetime import timedelta
 from pathlib import Path
 
-from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from schemas import tinker as api
@@ -17,7 +16,7 @@ from schemas.wire import ForwardBackwardCall, encode_forward_backward_output
 from server import ids
 from server.errors import InvalidRequest, NotFound, OperationFailed
 from server.runtime import Runtime
-from server.scheduler import OpResult, OpRunner
+from server.scheduler import OpResult, json_result
 from server.sessions import live_session
 from server.store.queries import checkpoint_by_name, owned
 from server.store.tables import Checkpoint, Model, SamplingSession, utcnow
@@ -25,21 +24,6 @@ from server.validation import check_forward_backward
 from workers.types import AdamConfig, LoraSpec
 
 log = logging.getLogger(__name__)
-
-
-def json_result(model: BaseModel) -> OpResult:
-    return model.model_dump_json(exclude_none=True).encode(), "json"
-
-
-async def enqueue(
-    rt: Runtime, tenant_id: str, *, kind: str, scope: str, seq_id: int, fingerprint: str, run: OpRunner
-) -> str:
-    """Take a future for the submission and queue `run` under `scope` (unless this exact
-    submission was seen before: then the earlier future answers, and nothing runs twice)."""
-    sub = await rt.hub.submit(tenant_id=tenant_id, kind=kind, scope=scope, seq_id=seq_id, fingerprint=fingerprint)
-    if sub.is_new:
-        rt.scheduler.submit(scope, seq_id=seq_id, request_id=sub.request_id, kind=kind, run=run)
-    return sub.request_id
 
 
 async def owned_model(rt: Runtime, tenant_id: str, model_id: str, *, touch: bool = True) -> Model:
@@ -82,8 +66,8 @@ async def create_model(rt: Runtime, tenant_id: str, req: api.CreateModelRequest,
         log.info("model_created", extra={"model_id": model_id, "tenant_id": tenant_id, "rank": spec.rank})
         return json_result(api.CreateModelResponse(model_id=model_id))
 
-    request_id = await enqueue(
-        rt, tenant_id, kind="create_model", scope=f"session:{req.session_id}", seq_id=req.model_seq_id,
+    request_id = await rt.enqueue(
+        tenant_id, kind="create_model", scope=f"session:{req.session_id}", seq_id=req.model_seq_id,
         fingerprint=fingerprint, run=run,
     )
     return api.UntypedAPIFuture(request_id=request_id, model_id=model_id)
@@ -132,8 +116,8 @@ async def forward_backward(
         return encode_forward_backward_output(result.outputs, result.metrics), "proto"
 
     kind = "forward" if call.forward_only else "forward_backward"
-    request_id = await enqueue(
-        rt, tenant_id, kind=kind, scope=f"model:{model.id}", seq_id=call.seq_id, fingerprint=fingerprint, run=run
+    request_id = await rt.enqueue(
+        tenant_id, kind=kind, scope=f"model:{model.id}", seq_id=call.seq_id, fingerprint=fingerprint, run=run
     )
     return api.UntypedAPIFuture(request_id=request_id, model_id=model.id)
 
@@ -149,8 +133,8 @@ async def optim_step(rt: Runtime, tenant_id: str, req: api.OptimStepRequest, fin
         metrics = await rt.engine.optim_step(model.id, adam)
         return json_result(api.OptimStepResponse(metrics=metrics))
 
-    request_id = await enqueue(
-        rt, tenant_id, kind="optim_step", scope=f"model:{model.id}", seq_id=_seq(req.seq_id),
+    request_id = await rt.enqueue(
+        tenant_id, kind="optim_step", scope=f"model:{model.id}", seq_id=_seq(req.seq_id),
         fingerprint=fingerprint, run=run,
     )
     return api.UntypedAPIFuture(request_id=request_id, model_id=model.id)
@@ -219,8 +203,8 @@ async def save_weights(rt: Runtime, tenant_id: str, req: api.SaveWeightsRequest,
         )
         return json_result(api.SaveWeightsResponse(path=str(ids.TinkerPath(model.id, "training", name))))
 
-    request_id = await enqueue(
-        rt, tenant_id, kind="save_weights", scope=f"model:{model.id}", seq_id=_seq(req.seq_id),
+    request_id = await rt.enqueue(
+        tenant_id, kind="save_weights", scope=f"model:{model.id}", seq_id=_seq(req.seq_id),
         fingerprint=fingerprint, run=run,
     )
     return api.UntypedAPIFuture(request_id=request_id, model_id=model.id)
@@ -254,8 +238,8 @@ async def save_weights_for_sampler(
         )
         return json_result(api.SaveWeightsForSamplerResponse(sampling_session_id=sampler_id))
 
-    request_id = await enqueue(
-        rt, tenant_id, kind="save_weights_for_sampler", scope=f"model:{model.id}", seq_id=_seq(req.seq_id),
+    request_id = await rt.enqueue(
+        tenant_id, kind="save_weights_for_sampler", scope=f"model:{model.id}", seq_id=_seq(req.seq_id),
         fingerprint=fingerprint, run=run,
     )
     return api.UntypedAPIFuture(request_id=request_id, model_id=model.id)
@@ -293,8 +277,8 @@ async def load_weights(rt: Runtime, tenant_id: str, req: api.LoadWeightsRequest,
         await rt.engine.load(model.id, folder, with_optimizer=req.optimizer)
         return json_result(api.LoadWeightsResponse(path=req.path, model_id=model.id))
 
-    request_id = await enqueue(
-        rt, tenant_id, kind="load_weights", scope=f"model:{model.id}", seq_id=_seq(req.seq_id),
+    request_id = await rt.enqueue(
+        tenant_id, kind="load_weights", scope=f"model:{model.id}", seq_id=_seq(req.seq_id),
         fingerprint=fingerprint, run=run,
     )
     return api.UntypedAPIFuture(request_id=request_id, model_id=model.id)
@@ -317,7 +301,7 @@ async def _create_from_checkpoint(
         log.info("model_created_from_checkpoint", extra={"model_id": model_id, "tenant_id": tenant_id})
         return json_result(api.LoadWeightsResponse(path=req.path, model_id=model_id))
 
-    request_id = await enqueue(
-        rt, tenant_id, kind="load_weights", scope=f"session:{session_id}", seq_id=seq, fingerprint=fingerprint, run=run
+    request_id = await rt.enqueue(
+        tenant_id, kind="load_weights", scope=f"session:{session_id}", seq_id=seq, fingerprint=fingerprint, run=run
     )
     return api.UntypedAPIFuture(request_id=request_id, model_id=model_id)
