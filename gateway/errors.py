@@ -12,11 +12,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from schemas.wire import WireError
-from server.errors import TwinkleError
+from server.errors import Busy, TwinkleError
 
 log = logging.getLogger(__name__)
 
-STATUS = {"invalid": 400, "not_found": 404, "conflict": 409, "unauthorized": 401, "gone": 410}
+STATUS = {"invalid": 400, "not_found": 404, "conflict": 409, "unauthorized": 401, "gone": 410, "busy": 429}
 
 
 def error_body(message: str, *, category: str = "user", field: str | None = None, **extra: object) -> dict:
@@ -30,7 +30,8 @@ def error_body(message: str, *, category: str = "user", field: str | None = None
 def install(app: FastAPI) -> None:
     @app.exception_handler(TwinkleError)
     async def twinkle_error(_: Request, exc: TwinkleError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, category=exc.category, field=exc.field), STATUS[exc.kind])
+        headers = {"Retry-After": f"{exc.retry_after:g}"} if isinstance(exc, Busy) else None
+        return JSONResponse(error_body(exc.message, category=exc.category, field=exc.field), STATUS[exc.kind], headers)
 
     @app.exception_handler(WireError)
     async def wire_error(_: Request, exc: WireError) -> JSONResponse:

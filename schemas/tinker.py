@@ -665,3 +665,139 @@ class WeightsInfoResponse(ResponseModel):
     train_unembed: bool | None = None
     train_mlp: bool | None = None
     train_attn: bool | None = None
+
+
+# ============================================================================================
+# REST: checkpoint management, copies, signed downloads
+# ============================================================================================
+
+TTL_MAX_SECONDS = 10 * 365 * 24 * 3600  # the SDK documents "1 hour to 10 years"
+
+
+class SetCheckpointTtlRequest(RequestModel):
+    """``PUT /api/v1/training_runs/{id}/checkpoints/{checkpoint_id}/ttl``; null clears the expiry."""
+
+    ttl_seconds: int | None
+
+
+class ExternalWeightsUrlsResponse(ResponseModel):
+    """``GET .../checkpoints/{checkpoint_id}/external_weights_urls``: one signed URL per file."""
+
+    urls: dict[str, str]
+    expires: datetime
+
+
+class CopyWeightsRequest(RequestModel):
+    """``POST /api/v1/copy_weights``: a destination project, or a session and a model slot in it."""
+
+    source_path: str
+    session_id: str | None = None
+    model_seq_id: int | None = Field(default=None, ge=0)
+    destination_project_id: str | None = Field(default=None, min_length=1, max_length=200)
+    ttl_seconds: int | None = None
+    weights_access_token: str | None = None
+
+
+class CopyWeightsResponse(ResponseModel):
+    tinker_path: str
+
+
+# ============================================================================================
+# REST: sessions
+# ============================================================================================
+
+
+class ListSessionsResponse(ResponseModel):
+    """``GET /api/v1/sessions``: session ids, newest first."""
+
+    sessions: list[str]
+
+
+class GetSessionResponse(ResponseModel):
+    """``GET /api/v1/sessions/{id}``."""
+
+    training_run_ids: list[str]
+    sampler_ids: list[str]
+    user_metadata: dict[str, str] | None = None
+    display_name: str | None = None
+
+
+class AssignSessionProjectRequest(RequestModel):
+    """``PUT /api/v1/sessions/{id}/project``."""
+
+    project_id: str = Field(min_length=1, max_length=200)
+
+
+class TraceExportResponse(ResponseModel):
+    """``GET /api/v1/sessions/{id}/trace_export`` (the SDK polls until status is not pending)."""
+
+    status: Literal["pending", "ready", "failed"]
+    url: str | None = None
+    error: str | None = None
+
+
+class SearchOwner(RequestModel):
+    type: Literal["own", "accessible", "user"] = "own"
+    owner_urns: list[str] | None = Field(default=None, min_length=1, max_length=10)
+
+    @model_validator(mode="after")
+    def _urns_for_user(self) -> SearchOwner:
+        if self.type == "user" and not self.owner_urns:
+            raise ValueError("owner type 'user' needs owner_urns (1 to 10)")
+        return self
+
+
+class SessionStatusQuery(RequestModel):
+    type: Literal["active", "cancelled", "failed", "client_finished"]
+    reasons: list[Literal["success", "errored", "interrupted"]] | None = Field(default=None, min_length=1)
+
+
+class SessionSearchCursor(BaseModel):
+    """Both a request part and a response part: the client hands back what it got."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    last_created_at: datetime
+    last_session_id: str
+
+
+class SessionSearchRequest(RequestModel):
+    """``POST /api/v1/sessions/search``."""
+
+    session_id: str | None = None
+    project_ids: list[str] | None = None
+    user_metadata: dict[str, str] = Field(default_factory=dict)
+    display_name: str | None = Field(default=None, min_length=1)
+    owner: SearchOwner = Field(default_factory=SearchOwner)
+    statuses: list[SessionStatusQuery] | None = Field(default=None, min_length=1)
+    limit: int = Field(default=50, ge=1, le=200)
+    cursor: SessionSearchCursor | None = None
+
+
+class ClientFinishReason(ResponseModel):
+    type: Literal["success", "errored", "interrupted"]
+
+
+class SessionStatus(ResponseModel):
+    """The SDK's SessionActive / ClientSessionFinished (discriminated by ``type``)."""
+
+    type: Literal["active", "client_finished"]
+    reason: ClientFinishReason | None = None
+    detail: str | None = None
+
+
+class SessionSummary(ResponseModel):
+    session_id: str
+    created_at: datetime
+    owner: str
+    project_id: str
+    status: SessionStatus | None = None
+    checkpoints_count: int
+    display_name: str | None = None
+    user_metadata: dict[str, str] | None = None
+    checkpoint_storage_bytes: int | None = None
+
+
+class SessionSearchResponse(ResponseModel):
+    sessions: list[SessionSummary]
+    next_cursor: SessionSearchCursor | None = None

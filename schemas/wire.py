@@ -19,7 +19,7 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import zstandard
@@ -32,6 +32,8 @@ __all__ = [
     "DatumIn",
     "ForwardBackwardCall",
     "SampledSequenceOut",
+    "TopkArrays",
+    "TopkOut",
     "decode_forward_backward_request",
     "encode_forward_backward_output",
     "encode_sample_response",
@@ -457,27 +459,66 @@ def _append_record(msg: pb.ForwardBackwardOutput, group: list[dict[str, np.ndarr
 # --------------------------------------------------------------------------------------------
 
 
+class TopkArrays(Protocol):
+    """Top-k ids and logprobs at n positions (``workers.types.TopK`` is one)."""
+
+    token_ids: np.ndarray  # [n, k] integer ids
+    logprobs: np.ndarray  # [n, k]; (0, -99999.0) marks an empty cell, as the SDK expects
+
+
+@dataclass(frozen=True, eq=False)
+class TopkOut:
+    token_ids: np.ndarray
+    logprobs: np.ndarray
+
+
 @dataclass(frozen=True)
 class SampledSequenceOut:
     tokens: Sequence[int]
     logprobs: Sequence[float] | None
     stop_reason: Literal["stop", "length"]
+    topk: TopkArrays | None = None  # topk_sampled_logprobs, [len(tokens), k]
 
 
 def encode_sample_response(
     sequences: Sequence[SampledSequenceOut],
     prompt_logprobs: Sequence[float] | None = None,
+    *,
+    topk_prompt_logprobs: TopkArrays | None = None,
+    target_prompt_logprobs: np.ndarray | None = None,
+    target_prompt_logprobs_csr: tuple[np.ndarray, np.ndarray] | None = None,
+    prompt_alt_tokens: tuple[np.ndarray, np.ndarray] | None = None,
+    prompt_cache_hit_tokens: int = 0,
 ) -> bytes:
     """Serialize sampled sequences as a ``SampleResponse`` protobuf.
 
     ``prompt_logprobs`` (one per prompt token) may hold NaN where nothing was scored, e.g.
     position 0; the SDK shows NaN as ``None``. Fields left as ``None`` are omitted.
+
+    * ``topk_prompt_logprobs``: ``[len(prompt), k]`` ids and logprobs (``TopkLogprobs``).
+    * ``target_prompt_logprobs``: the dense float32 ``[len(prompt) - 1, K]`` logprobs. With
+      ``target_prompt_logprobs_csr=(crow_indices, col_indices)`` (the request's CSR layout) it
+      goes out as a CSR tensor with exactly those indices, otherwise dense: the response has the
+      request's shape and layout.
+    * ``prompt_alt_tokens``: ``(tokens, logprobs)``, both ``[len(prompt) - 1, k]``; sent as an
+      int64 and a float32 dense tensor. Present even with zero rows (a 1-token prompt): the SDK
+      raises if it asked for alt tokens and the field is absent.
     """
     msg = pb.SampleResponse()
     for i, seq in enumerate(sequences):
         _append_sequence(msg, seq, i)
     if prompt_logprobs is not None:
         msg.prompt_logprobs = np.asarray(prompt_logprobs, dtype=_LOGPROB_DTYPE).tobytes()
+    if topk_prompt_logprobs is not None:
+        _fill_topk(msg.topk_prompt_logprobs, topk_prompt_logprobs, "topk_prompt_logprobs")
+    if target_prompt_logprobs is not None:
+        _fill_target(msg.target_prompt_logprobs, target_prompt_logprobs, target_prompt_logprobs_csr)
+    elif target_prompt_logprobs_csr is not None:
+        raise ValueError("target_prompt_logprobs_csr without target_prompt_logprobs")
+    if prompt_alt_tokens is not None:
+        _fill_alt_tokens(msg.prompt_alt_tokens, prompt_alt_tokens)
+    if prompt_cache_hit_tokens:
+        msg.prompt_cache_hit_tokens = int(prompt_cache_hit_tokens)
     return msg.SerializeToString()
 
 
@@ -496,3 +537,58 @@ def _append_sequence(msg: pb.SampleResponse, seq: SampledSequenceOut, index: int
                 "logprobs; they must align one to one"
             )
         out.logprobs = np.asarray(seq.logprobs, dtype=_LOGPROB_DTYPE).tobytes()
+    if seq.topk is not None:
+        where = f"sequences[{index}].topk"
+        _fill_topk(out.topk_sampled_logprobs, seq.topk, where)
+        if np.shape(seq.topk.token_ids)[0] != len(seq.tokens):
+            raise ValueError(f"{where} has {np.shape(seq.topk.token_ids)[0]} rows for {len(seq.tokens)} tokens")
+
+
+def _pair(a: np.ndarray, b: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"{what}: ids and logprobs must be 2-D of one shape, got {a.shape} and {b.shape}")
+    return a, b
+
+
+def _fill_topk(out: pb.TopkLogprobs, topk: TopkArrays, what: str) -> None:
+    ids, logprobs = _pair(topk.token_ids, topk.logprobs, what)
+    out.SetInParent()
+    out.length, out.k = ids.shape
+    out.token_ids = np.ascontiguousarray(ids, dtype=_TOKEN_DTYPE).tobytes()
+    out.logprobs = np.ascontiguousarray(logprobs, dtype=_LOGPROB_DTYPE).tobytes()
+
+
+def _fill_target(
+    out: pb.Tensor, values: np.ndarray, csr: tuple[np.ndarray, np.ndarray] | None
+) -> None:
+    values = np.asarray(values)
+    if values.ndim != 2:
+        raise ValueError(f"target_prompt_logprobs must be 2-D, got shape {values.shape}")
+    rows, cols = values.shape
+    out.dtype = pb.DTYPE_FLOAT32
+    out.shape.extend([rows, cols])
+    if csr is None:
+        out.dense = np.ascontiguousarray(values, dtype=_LOGPROB_DTYPE).tobytes()
+        return
+    crow, col = (np.asarray(x, dtype=np.int64) for x in csr)
+    if crow.shape != (rows + 1,) or col.shape != (int(crow[-1]),) or np.any(np.diff(crow) < 0) or crow[0]:
+        raise ValueError(
+            f"target_prompt_logprobs_csr does not fit a [{rows}, {cols}] tensor "
+            f"({crow.size} row pointers, {col.size} columns)"
+        )
+    row_of = np.repeat(np.arange(rows, dtype=np.int64), np.diff(crow))
+    out.sparse_csr.values = values[row_of, col].astype(_LOGPROB_DTYPE).tobytes()
+    out.sparse_csr.crow_indices = crow.astype(_INDEX_DTYPE).tobytes()
+    out.sparse_csr.col_indices = col.astype(_INDEX_DTYPE).tobytes()
+
+
+def _fill_alt_tokens(out: pb.PromptAltTokens, alt: tuple[np.ndarray, np.ndarray]) -> None:
+    tokens, logprobs = _pair(alt[0], alt[1], "prompt_alt_tokens")
+    out.SetInParent()
+    out.tokens.dtype = pb.DTYPE_INT64
+    out.tokens.shape.extend(tokens.shape)
+    out.tokens.dense = np.ascontiguousarray(tokens, dtype=_INDEX_DTYPE).tobytes()
+    out.logprobs.dtype = pb.DTYPE_FLOAT32
+    out.logprobs.shape.extend(logprobs.shape)
+    out.logprobs.dense = np.ascontiguousarray(logprobs, dtype=_LOGPROB_DTYPE).tobytes()

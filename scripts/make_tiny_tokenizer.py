@@ -18,11 +18,16 @@ import json
 import sysconfig
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 VOCAB_SIZE = 4096
 # Order matters: it fixes the ids (0, 1, 2) that config.json and the server rely on.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Added (non-special) tokens of the Qwen3 vocabulary that chat renderers rely on (e.g.
+# tinker-cookbook's `qwen3` renderer frames reasoning and tool calls with them). Each must be
+# one token; they are not special, so they survive `skip_special_tokens` decoding, as in Qwen3.
+# They take the last ids (VOCAB_SIZE - 6 ..), so BPE trains VOCAB_SIZE - len(ADDED_TOKENS) entries.
+ADDED_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 PAD_TOKEN = "<|endoftext|>"
 EOS_TOKEN = "<|im_end|>"
 
@@ -54,7 +59,7 @@ def train_tokenizer(files: list[str]) -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=VOCAB_SIZE - len(ADDED_TOKENS),
         special_tokens=SPECIAL_TOKENS,
         # All 256 byte symbols up front, so any input text is encodable (no unknown token).
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -65,6 +70,12 @@ def train_tokenizer(files: list[str]) -> Tokenizer:
         got = tok.token_to_id(token)
         if got != want_id:
             raise SystemExit(f"{token} got id {got}, expected {want_id}")
+    # normalized=False: matched on the raw text, like the special tokens (and Qwen3's own).
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ADDED_TOKENS])
+    for offset, token in enumerate(ADDED_TOKENS):
+        want_id = VOCAB_SIZE - len(ADDED_TOKENS) + offset
+        if tok.token_to_id(token) != want_id:
+            raise SystemExit(f"{token} got id {tok.token_to_id(token)}, expected {want_id}")
     if tok.get_vocab_size() != VOCAB_SIZE:
         raise SystemExit(f"vocab size {tok.get_vocab_size()} != {VOCAB_SIZE}")
     return tok

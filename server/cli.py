@@ -76,7 +76,10 @@ def _serve(settings: Settings) -> int:
         timeout_graceful_shutdown=5,
     )
     server = Server(config)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after a clean shutdown
+        pass
     return 0 if server.started else 1
 
 

@@ -39,6 +39,19 @@ class Settings(BaseModel):
     max_lora_rank: int = Field(128, ge=1)
     default_sample_max_tokens: int = Field(256, ge=1)
     max_request_mb: int = Field(256, ge=1)  # larger request bodies get a 413
+    signed_url_ttl_seconds: int = Field(3600, ge=1, le=7 * 24 * 3600)  # download links we hand out
+    reap_interval_seconds: float = Field(60.0, gt=0)  # how often expired checkpoints are removed
+    # How long a model's queue waits for a missing seq_id before running the next one anyway.
+    seq_gap_grace_seconds: float = Field(3.0, gt=0)
+    fwdbwd_batch_tokens: int = Field(1 << 16, ge=1)  # queued chunks merged into one pass, up to this
+    sample_batch_rows: int = Field(64, ge=1)  # queued samples on one adapter decoded together, up to this
+    sample_queue_limit: int = Field(512, ge=1)  # queued sample requests; beyond it asample answers 429
+    # retrieve_future answers "complete_metadata" first for results larger than this (the SDK then
+    # reserves room in its in-flight budget before fetching them).
+    metadata_only_bytes: int = Field(1 << 20, ge=0)
+    # Custom losses run here from an uploaded graph (False: the SDK runs them itself, on top of
+    # a cross_entropy forward and backward).
+    custom_loss_server_side: bool = True
     log_level: str = "info"
 
     @property

@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Protocol
 
 from schemas.wire import ForwardBackwardCall
-from workers.types import AdamConfig, BaseModelInfo, ForwardBackwardResult, LoraSpec, SampleOutput, SampleParams
+from workers.types import (
+    AdamConfig,
+    BaseModelInfo,
+    CustomLossSpec,
+    ForwardBackwardResult,
+    LoraSpec,
+    SampleJob,
+    SampleOutput,
+)
 
 
 class Engine(Protocol):
@@ -23,7 +31,12 @@ class Engine(Protocol):
 
     async def has_adapter(self, model_id: str) -> bool: ...
 
-    async def forward_backward(self, model_id: str, call: ForwardBackwardCall) -> ForwardBackwardResult: ...
+    async def forward_backward(
+        self, model_id: str, calls: list[ForwardBackwardCall], custom: CustomLossSpec | None = None
+    ) -> list[ForwardBackwardResult]:
+        """Calls with the same loss in one pass, one result per call (`custom`: the uploaded loss
+        the calls name, when loss_fn is "custom")."""
+        ...
 
     async def optim_step(self, model_id: str, adam: AdamConfig) -> dict[str, float]: ...
 
@@ -35,14 +48,7 @@ class Engine(Protocol):
         """Load a checkpoint into the model's adapter, creating the adapter if needed."""
         ...
 
-    async def sample(
-        self,
-        adapter_dir: Path | None,
-        prompt: list[int],
-        num_samples: int,
-        params: SampleParams,
-        *,
-        prompt_logprobs: bool,
-    ) -> SampleOutput:
-        """Sample from the base model with the adapter checkpoint at `adapter_dir` (None: no adapter)."""
+    async def sample_batch(self, adapter_dir: Path | None, jobs: list[SampleJob]) -> list[SampleOutput]:
+        """Sample several requests in one batch from the base model with the adapter checkpoint at
+        `adapter_dir` (None: no adapter); one output per job."""
         ...

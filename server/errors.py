@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 class TwinkleError(Exception):
-    kind = "invalid"  # invalid | not_found | conflict | unauthorized | gone
+    kind = "invalid"  # invalid | not_found | conflict | unauthorized | gone | busy
     category = "user"
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
@@ -30,6 +30,16 @@ class Conflict(TwinkleError):
 
 class Unauthorized(TwinkleError):
     kind = "unauthorized"
+
+
+class Busy(TwinkleError):
+    """Over capacity right now; the client should retry after `retry_after` seconds."""
+
+    kind = "busy"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.retry_after = retry_after
 
 
 class Gone(TwinkleError):

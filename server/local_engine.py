@@ -27,9 +27,18 @@ from schemas.wire import ForwardBackwardCall
 from server.errors import OperationFailed
 from workers import sampler
 from workers.adapter_files import CheckpointFormatError
-from workers.losses import get_loss
+from workers.custom_loss import CustomLoss, CustomLossError, compile_graph
+from workers.losses import LossFn, get_loss
 from workers.trainer import AdapterError, LoraTrainer, load_base_model
-from workers.types import AdamConfig, BaseModelInfo, ForwardBackwardResult, LoraSpec, SampleOutput, SampleParams
+from workers.types import (
+    AdamConfig,
+    BaseModelInfo,
+    CustomLossSpec,
+    ForwardBackwardResult,
+    LoraSpec,
+    SampleJob,
+    SampleOutput,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,6 +56,7 @@ class LocalEngine:
         self._trainer: LoraTrainer | None = None
         self._tokenizer = None
         self._sampling_adapters: OrderedDict[Path, str] = OrderedDict()
+        self._custom_losses: dict[str, CustomLoss] = {}
 
     async def _call(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         loop = asyncio.get_running_loop()
@@ -90,14 +100,28 @@ class LocalEngine:
     async def has_adapter(self, model_id: str) -> bool:
         return self.trainer.has_adapter(_adapter_name(model_id))
 
-    async def forward_backward(self, model_id: str, call: ForwardBackwardCall) -> ForwardBackwardResult:
-        loss = get_loss(call.loss_fn)
-        if loss is None:
-            raise OperationFailed(f"unknown loss_fn {call.loss_fn!r}")
-        config = {k: float(v) for k, v in call.loss_fn_config.items()}
+    async def forward_backward(
+        self, model_id: str, calls: list[ForwardBackwardCall], custom: CustomLossSpec | None = None
+    ) -> list[ForwardBackwardResult]:
+        first = calls[0]
+        if custom is not None:
+            loss: LossFn | CustomLoss = self._custom_loss(custom)
+        elif (builtin := get_loss(first.loss_fn)) is not None:
+            loss = builtin
+        else:
+            raise OperationFailed(f"unknown loss_fn {first.loss_fn!r}")
+        config = {k: float(v) for k, v in first.loss_fn_config.items() if not isinstance(v, str)}
+        groups = [call.data for call in calls]
         return await self._call(
-            self.trainer.forward_backward, self._require(model_id), call.data, loss, config, call.forward_only
+            self.trainer.forward_backward_groups, self._require(model_id), groups, loss, config, first.forward_only
         )
+
+    def _custom_loss(self, spec: CustomLossSpec) -> CustomLoss:
+        """Compiled once per loss_id (compiling checks the whole graph; the result is immutable)."""
+        if (compiled := self._custom_losses.get(spec.loss_id)) is None:
+            inputs = [{"name": name, "rank": rank} for name, rank in spec.inputs]
+            compiled = self._custom_losses[spec.loss_id] = compile_graph(spec.graph, inputs, spec.name)
+        return compiled
 
     async def optim_step(self, model_id: str, adam: AdamConfig) -> dict[str, float]:
         return await self._call(self.trainer.optim_step, self._require(model_id), adam)
@@ -118,30 +142,15 @@ class LocalEngine:
         return name
 
     # ----- sampling --------------------------------------------------------------------------
-    async def sample(
-        self,
-        adapter_dir: Path | None,
-        prompt: list[int],
-        num_samples: int,
-        params: SampleParams,
-        *,
-        prompt_logprobs: bool,
-    ) -> SampleOutput:
-        return await self._call(self._sample, adapter_dir, prompt, num_samples, params, prompt_logprobs)
+    async def sample_batch(self, adapter_dir: Path | None, jobs: list[SampleJob]) -> list[SampleOutput]:
+        return await self._call(self._sample_batch, adapter_dir, jobs)
 
-    def _sample(
-        self, adapter_dir: Path | None, prompt: list[int], num_samples: int, params: SampleParams, prompt_lp: bool
-    ) -> SampleOutput:
+    def _sample_batch(self, adapter_dir: Path | None, jobs: list[SampleJob]) -> list[SampleOutput]:
         adapter = None if adapter_dir is None else self._sampling_adapter(adapter_dir)
         with self.trainer.using(adapter) as model:
-            return sampler.sample(
-                model,
-                prompt,
-                num_samples,
-                params,
-                eos_token_ids=self.trainer.info.eos_token_ids,
-                decode=self._decode,
-                want_prompt_logprobs=prompt_lp,
+            return sampler.sample_batch(
+                model, jobs, eos_token_ids=self.trainer.info.eos_token_ids, decode=self._decode,
+                pad_token_id=self.trainer.pad_token_id,
             )
 
     def _decode(self, tokens: list[int]) -> str:
@@ -181,5 +190,5 @@ def _user_errors(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
     """Worker-side errors about the request become user-category failures of the future."""
     try:
         return fn(*args, **kwargs)
-    except (AdapterError, CheckpointFormatError) as exc:
+    except (AdapterError, CheckpointFormatError, CustomLossError) as exc:
         raise OperationFailed(str(exc)) from exc

@@ -7,11 +7,14 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server import ids
 from server.config import Settings
 from server.engine import Engine
+from server.feeds import CompletionFeeds
 from server.futures import FutureHub
 from server.local_engine import LocalEngine
-from server.scheduler import OpRunner, Scheduler
+from server.reaper import run_reaper
+from server.scheduler import Batch, Notify, OpRunner, Scheduler
 from server.store.database import Database
 from workers.base_models import resolve_base_model
 from workers.types import BaseModelInfo
@@ -26,7 +29,9 @@ class Runtime:
     hub: FutureHub
     scheduler: Scheduler
     engine: Engine
+    feeds: CompletionFeeds = field(default_factory=CompletionFeeds)
     _base: BaseModelInfo | None = None
+    _background: list[asyncio.Task] = field(default_factory=list)
     tenant_cache: dict[str, str] = field(default_factory=dict)  # key hash -> tenant id
 
     @classmethod
@@ -40,7 +45,8 @@ class Runtime:
             settings.base_model,
             torch_threads=settings.torch_threads,
         )
-        return cls(settings=settings, db=db, hub=hub, scheduler=Scheduler(hub), engine=engine)
+        scheduler = Scheduler(hub, gap_grace=settings.seq_gap_grace_seconds)
+        return cls(settings=settings, db=db, hub=hub, scheduler=scheduler, engine=engine)
 
     @property
     def base(self) -> BaseModelInfo:
@@ -52,14 +58,33 @@ class Runtime:
         return self.settings.data_dir.resolve()
 
     async def enqueue(
-        self, tenant_id: str, *, kind: str, scope: str, seq_id: int, fingerprint: str, run: OpRunner
+        self,
+        tenant_id: str,
+        *,
+        kind: str,
+        scope: str,
+        seq_id: int | None,
+        fingerprint: str,
+        run: OpRunner,
+        queue: str | None = None,
+        ordered: bool = False,
+        batch: Batch | None = None,
+        notify: Notify | None = None,
     ) -> str:
-        """Take a future for a submission and queue `run` under `scope` in seq_id order, unless
-        this exact submission was seen before: then the earlier future answers and nothing runs
-        twice (SDK retries resend the same body)."""
-        sub = await self.hub.submit(tenant_id=tenant_id, kind=kind, scope=scope, seq_id=seq_id, fingerprint=fingerprint)
+        """Take a future for a submission and queue its work (under `queue`, default `scope`),
+        unless this exact submission was seen before in `scope`: then the earlier future answers
+        and nothing runs twice (SDK retries resend the same body with the same seq_id)."""
+        if seq_id is None:  # nothing to recognise a retry by: every such submission is new
+            fingerprint = ids.new_id("fp")
+        sub = await self.hub.submit(
+            tenant_id=tenant_id, kind=kind, scope=scope, seq_id=-1 if seq_id is None else seq_id,
+            fingerprint=fingerprint,
+        )
         if sub.is_new:
-            self.scheduler.submit(scope, seq_id=seq_id, request_id=sub.request_id, kind=kind, run=run)
+            self.scheduler.submit(
+                queue or scope, seq_id=seq_id, request_id=sub.request_id, kind=kind, run=run, batch=batch,
+                ordered=ordered, notify=notify,
+            )
         return sub.request_id
 
     async def start(self) -> None:
@@ -69,9 +94,13 @@ class Runtime:
             log.warning("futures_failed_on_restart", extra={"count": failed})
         self._base = await self.engine.start()
         self.scheduler.start()
+        self._background.append(asyncio.create_task(run_reaper(self), name="reaper"))
         log.info("runtime_started", extra={"base_model": self._base.name, "data_dir": str(self.data_dir)})
 
     async def stop(self) -> None:
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self.scheduler.stop()
         await self.engine.stop()
         self.db.close()

@@ -8,27 +8,21 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from schemas import tinker as api
+from schemas.futures import SamplingSessionTarget
+from schemas.tensors import TargetIds, check_sample_options, decode_target_ids
 from schemas.wire import SampledSequenceOut, encode_sample_response
 from server import ids
-from server.errors import InvalidRequest, NotFound
+from server.checkpoints import readable_by, resolve_checkpoint
+from server.errors import Busy, InvalidRequest, NotFound
 from server.runtime import Runtime
-from server.scheduler import OpResult
+from server.scheduler import Batch, OpResult
 from server.sessions import live_session
-from server.store.queries import checkpoint_by_name, owned
+from server.store.queries import owned
 from server.store.tables import Checkpoint, SamplingSession
 from server.validation import check_token_ids
-from workers.types import SampleParams
+from workers.types import PromptScoring, SampleJob, SampleOutput, SampleParams
 
 MAX_NUM_SAMPLES = 128
-# Options of the full sampling surface that this server does not compute yet. Silently ignoring
-# them would make the SDK raise a confusing RuntimeError later (protocol §8 #27), so say so now.
-_UNSUPPORTED = {
-    "topk_prompt_logprobs": lambda r: r.topk_prompt_logprobs > 0,
-    "topk_sample_logprobs": lambda r: r.topk_sample_logprobs > 0,
-    "target_prompt_logprobs": lambda r: r.target_prompt_logprobs is not None,
-    "prompt_alt_tokens_k": lambda r: r.prompt_alt_tokens_k > 0,
-    "prompt_logprobs_last_n": lambda r: r.prompt_logprobs_last_n is not None,
-}
 
 
 async def create_sampling_session(rt: Runtime, tenant_id: str, req: api.CreateSamplingSessionRequest) -> str:
@@ -65,24 +59,25 @@ def _served_base(rt: Runtime, name: str | None) -> str:
 
 
 async def _checkpoint_for(rt: Runtime, tenant_id: str, model_path: str) -> Checkpoint:
-    parsed = ids.parse_tinker_path(model_path, field="model_path")
-
-    def find(s: Session) -> Checkpoint:
-        row = checkpoint_by_name(s, tenant_id, parsed.model_id, parsed.kind, parsed.name)
-        if row is None:
-            raise NotFound(f"checkpoint {model_path} not found", field="model_path")
-        return row
-
-    return await rt.db.run(find)
+    return await rt.db.run(lambda s: resolve_checkpoint(s, tenant_id, model_path, field="model_path"))
 
 
 async def _adapter_dir(rt: Runtime, tenant_id: str, req: api.SampleRequest) -> Path | None:
-    """The checkpoint folder to sample with (None: the bare base model)."""
+    """The checkpoint folder to sample with (None: the bare base model). A sampling session's
+    checkpoint is checked again at every request: it may have been deleted, expired or (if it is
+    another tenant's) unpublished since the session was made."""
     if req.sampling_session_id is not None:
 
         def find(s: Session) -> str | None:
             row = owned(s, SamplingSession, tenant_id, req.sampling_session_id, field="sampling_session_id")
-            return None if row.checkpoint_id is None else s.get(Checkpoint, row.checkpoint_id).storage_dir
+            if row.checkpoint_id is None:
+                if row.model_path:  # its checkpoint was deleted: resolving the path says so
+                    return resolve_checkpoint(s, tenant_id, row.model_path, field="sampling_session_id").storage_dir
+                return None
+            checkpoint = s.get(Checkpoint, row.checkpoint_id)
+            if checkpoint is None or not readable_by(checkpoint, tenant_id):
+                raise NotFound(f"the checkpoint of sampler {row.id} is no longer available", field="sampling_session_id")
+            return checkpoint.storage_dir
 
         relative = await rt.db.run(find)
     elif req.model_path is not None:
@@ -130,26 +125,101 @@ def _params(rt: Runtime, req: api.SampleRequest, prompt_len: int) -> SampleParam
 
 
 async def sample(rt: Runtime, tenant_id: str, req: api.SampleRequest, fingerprint: str) -> api.UntypedAPIFuture:
-    for name, requested in _UNSUPPORTED.items():
-        if requested(req):
-            raise InvalidRequest(f"{name} is not supported by this server yet", field=name)
     if req.num_samples > MAX_NUM_SAMPLES:
         raise InvalidRequest(f"num_samples is limited to {MAX_NUM_SAMPLES}", field="num_samples")
-    adapter_dir = await _adapter_dir(rt, tenant_id, req)
     prompt = _prompt_tokens(rt, req)
-    params = _params(rt, req, len(prompt))
-    want_prompt_lp = bool(req.prompt_logprobs)
+    job, target = _job(rt, req, prompt)
+    adapter_dir = await _adapter_dir(rt, tenant_id, req)
+    queue = f"sample:{adapter_dir or 'base'}"
+    if rt.scheduler.depth_prefix("sample:") >= rt.settings.sample_queue_limit:
+        # The SDK backs off and resends (protocol §6.8): load is shed here, not piled up.
+        raise Busy(f"the sampler queue is full ({rt.settings.sample_queue_limit} requests); retry shortly")
+
+    async def run_many(payloads: list[tuple[SampleJob, TargetIds | None]]) -> list[OpResult]:
+        outputs = await rt.engine.sample_batch(adapter_dir, [job for job, _ in payloads])
+        return [_encode(out, tgt) for out, (_, tgt) in zip(outputs, payloads)]
 
     async def run() -> OpResult:
-        out = await rt.engine.sample(adapter_dir, prompt, req.num_samples, params, prompt_logprobs=want_prompt_lp)
-        sequences = [SampledSequenceOut(s.tokens, s.logprobs, s.stop_reason) for s in out.sequences]
-        return encode_sample_response(sequences, out.prompt_logprobs), "proto"
+        return (await run_many([(job, target)]))[0]
 
-    scope = f"sampler:{req.sampling_session_id or 'direct'}"
-    # Without a seq_id there is nothing to recognise a retry by: every such request is new.
-    seq = req.seq_id if req.seq_id is not None else -1
-    fp = fingerprint if req.seq_id is not None else ids.new_id("fp")
-    request_id = await rt.enqueue(tenant_id, kind="sample", scope=scope, seq_id=seq, fingerprint=fp, run=run)
+    # Requests on the same checkpoint share one batched prefill and decode (one adapter per pass).
+    batch = Batch(key=queue, size=req.num_samples, budget=rt.settings.sample_batch_rows, payload=(job, target),
+                  run=run_many)
+    sampler_id = req.sampling_session_id or "direct"
+    request_id = await rt.enqueue(
+        tenant_id, kind="sample", scope=f"sampler:{sampler_id}", seq_id=req.seq_id, fingerprint=fingerprint,
+        run=run, queue=queue, batch=batch,
+        notify=completion_notifier(rt, feed_key(tenant_id, sampler_id, req.seq_id)),
+    )
     return api.UntypedAPIFuture(
         request_id=request_id, sample_sequence_ids=[f"{request_id}:{i}" for i in range(req.num_samples)]
     )
+
+
+def _job(rt: Runtime, req: api.SampleRequest, prompt: list[int]) -> tuple[SampleJob, TargetIds | None]:
+    check_sample_options(
+        prompt_len=len(prompt), vocab_size=rt.base.vocab_size, prompt_logprobs=bool(req.prompt_logprobs),
+        prompt_logprobs_last_n=req.prompt_logprobs_last_n, topk_prompt_logprobs=req.topk_prompt_logprobs,
+        topk_sample_logprobs=req.topk_sample_logprobs, prompt_alt_tokens_k=req.prompt_alt_tokens_k,
+    )
+    target = None
+    if req.target_prompt_logprobs is not None:
+        target = decode_target_ids(req.target_prompt_logprobs, prompt_len=len(prompt), vocab_size=rt.base.vocab_size)
+    scoring = PromptScoring(
+        logprobs=bool(req.prompt_logprobs), last_n=req.prompt_logprobs_last_n, topk=req.topk_prompt_logprobs,
+        target_ids=None if target is None else target.ids, alt_tokens_k=req.prompt_alt_tokens_k,
+    )
+    job = SampleJob(prompt, req.num_samples, _params(rt, req, len(prompt)), scoring, req.topk_sample_logprobs)
+    return job, target
+
+
+def _encode(out: SampleOutput, target: TargetIds | None) -> OpResult:
+    sequences = [SampledSequenceOut(s.tokens, s.logprobs, s.stop_reason, topk=s.topk) for s in out.sequences]
+    body = encode_sample_response(
+        sequences,
+        out.prompt_logprobs,
+        topk_prompt_logprobs=out.topk_prompt,
+        target_prompt_logprobs=out.target_prompt_logprobs,
+        target_prompt_logprobs_csr=None if target is None else target.csr,
+        prompt_alt_tokens=None if out.alt_tokens is None else (out.alt_tokens, out.alt_logprobs),
+    )
+    return body, "proto"
+
+
+# ----- completion feed and cancellation ----------------------------------------------------------
+def feed_key(tenant_id: str, sampler_id: str, seq_id: int | None) -> tuple[str, str, int]:
+    # A cloned SamplingClient numbers its requests from 1e9 * clone id (protocol §4.4).
+    return tenant_id, sampler_id, (seq_id or 0) // 1_000_000_000
+
+
+def completion_notifier(rt: Runtime, key: tuple[str, str, int]):  # noqa: ANN201 - a scheduler.Notify
+    def notify(request_id: str, state: str, result: bytes | None) -> None:
+        if state == "done":
+            event = {"state": "finished", "request_id": request_id, "response_payload_uncompressed_size": len(result or b"")}
+        else:
+            event = {"state": "failed", "request_id": request_id}
+        rt.feeds.publish(key, event)
+
+    return notify
+
+
+async def poll_completions(
+    rt: Runtime, tenant_id: str, target: SamplingSessionTarget, prev_cursor: int, timeout: float
+) -> tuple[list[dict], int]:
+    await rt.db.run(lambda s: owned(s, SamplingSession, tenant_id, target.sampling_session_id,
+                                    field="target.sampling_session_id"))
+    key = (tenant_id, target.sampling_session_id, target.cloned_sampler_id)
+    return await rt.feeds.poll(key, prev_cursor, timeout)
+
+
+async def cancel(rt: Runtime, tenant_id: str, request_id: str) -> bool:
+    """Cancel a request that has not started yet; one that is running or done is left alone."""
+    view = await rt.hub.get(tenant_id, request_id)
+    if view is None:
+        raise NotFound(f"request {request_id!r} not found", field="request_id")
+    if view.state != "pending" or (op := rt.scheduler.cancel(request_id)) is None:
+        return False
+    await rt.hub.fail(request_id, "cancelled by the client before it ran", "user")
+    if op.notify is not None:
+        op.notify(request_id, "failed", None)
+    return True

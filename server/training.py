@@ -6,21 +6,23 @@ from __future__ import annotations
 import logging
 import random
 import shutil
-from datetime import timedelta
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from sqlalchemy.orm import Session
 
 from schemas import tinker as api
 from schemas.wire import ForwardBackwardCall, encode_forward_backward_output
-from server import ids
-from server.errors import InvalidRequest, NotFound, OperationFailed
+from server import custom_losses, ids
+from server.checkpoints import check_ttl, expiry, is_expired, resolve_checkpoint
+from server.errors import InvalidRequest, NotFound, OperationFailed, TwinkleError
 from server.runtime import Runtime
-from server.scheduler import OpResult, json_result
+from server.scheduler import Batch, OpResult, OpRunner, json_result
 from server.sessions import live_session
 from server.store.queries import checkpoint_by_name, owned
 from server.store.tables import Checkpoint, Model, SamplingSession, utcnow
-from server.validation import check_forward_backward
+from server.validation import check_custom_loss_data, check_forward_backward
 from workers.types import AdamConfig, LoraSpec
 
 log = logging.getLogger(__name__)
@@ -33,10 +35,52 @@ async def owned_model(rt: Runtime, tenant_id: str, model_id: str, *, touch: bool
     def read(s: Session) -> Model:
         model = owned(s, Model, tenant_id, model_id, field="model_id")
         if touch:
+            if model.copied_from is not None:
+                raise InvalidRequest(
+                    f"training run {model_id} is a copy of {model.copied_from} and has no trainable state; "
+                    "create a training client from its checkpoint instead", field="model_id",
+                )
             model.last_request_at = utcnow()
         return model
 
     return await rt.db.run(read)
+
+
+def model_queue(model_id: str) -> str:
+    return f"model:{model_id}"
+
+
+async def _model_op(
+    rt: Runtime, tenant_id: str, model: Model, *, kind: str, seq_id: int | None, fingerprint: str, run: OpRunner,
+    batch: Batch | None = None,
+) -> api.UntypedAPIFuture:
+    """Queue an operation on its model, in the model's seq_id order."""
+    request_id = await rt.enqueue(
+        tenant_id, kind=kind, scope=model_queue(model.id), seq_id=seq_id, fingerprint=fingerprint, run=run,
+        ordered=True, batch=batch,
+    )
+    return api.UntypedAPIFuture(request_id=request_id, model_id=model.id)
+
+
+@contextmanager
+def refusing(rt: Runtime, model: Model, seq_id: int | None) -> Iterator[None]:
+    """A submission refused with a 4xx still used up its seq_id: tell the model's queue not to
+    wait for it."""
+    try:
+        yield
+    except TwinkleError:
+        if seq_id is not None:
+            rt.scheduler.skip(model_queue(model.id), seq_id)
+        raise
+
+
+async def release_seq(rt: Runtime, tenant_id: str, model_id: object, seq_id: object) -> None:
+    """The same for a body that failed validation before it was parsed (if it names a model of
+    this tenant and a seq_id)."""
+    if isinstance(model_id, str) and isinstance(seq_id, int):
+        with suppress(NotFound):
+            model = await owned_model(rt, tenant_id, model_id, touch=False)
+            rt.scheduler.skip(model_queue(model.id), seq_id)
 
 
 # ----- model creation ------------------------------------------------------------------------
@@ -109,40 +153,48 @@ async def forward_backward(
     rt: Runtime, tenant_id: str, call: ForwardBackwardCall, fingerprint: str
 ) -> api.UntypedAPIFuture:
     model = await owned_model(rt, tenant_id, call.model_id)
-    check_forward_backward(call, rt.base)
+    with refusing(rt, model, call.seq_id):
+        custom = None
+        if call.loss_fn == "custom":
+            custom = await custom_losses.spec_for(rt, tenant_id, model.session_id, call.loss_fn_config.get("loss_id"))
+            check_custom_loss_data(call, custom, rt.base)
+        else:
+            check_forward_backward(call, rt.base)
+
+    async def run_calls(calls: list[ForwardBackwardCall]) -> list[OpResult]:
+        results = await rt.engine.forward_backward(model.id, calls, custom)
+        return [(encode_forward_backward_output(r.outputs, r.metrics), "proto") for r in results]
 
     async def run() -> OpResult:
-        result = await rt.engine.forward_backward(model.id, call)
-        return encode_forward_backward_output(result.outputs, result.metrics), "proto"
+        return (await run_calls([call]))[0]
 
-    kind = "forward" if call.forward_only else "forward_backward"
-    request_id = await rt.enqueue(
-        tenant_id, kind=kind, scope=f"model:{model.id}", seq_id=call.seq_id, fingerprint=fingerprint, run=run
+    # Chunks of one call (and back-to-back calls) with the same loss run as one pass: gradients
+    # add up the same, and a chunked call computes exactly what the unchunked one would.
+    batch = Batch(
+        key=(call.loss_fn, tuple(sorted(call.loss_fn_config.items())), call.forward_only),
+        size=sum(len(d.tokens) for d in call.data),
+        budget=rt.settings.fwdbwd_batch_tokens,
+        payload=call,
+        run=run_calls,
     )
-    return api.UntypedAPIFuture(request_id=request_id, model_id=model.id)
+    kind = "forward" if call.forward_only else "forward_backward"
+    return await _model_op(rt, tenant_id, model, kind=kind, seq_id=call.seq_id, fingerprint=fingerprint, run=run,
+                           batch=batch)
 
 
 async def optim_step(rt: Runtime, tenant_id: str, req: api.OptimStepRequest, fingerprint: str) -> api.UntypedAPIFuture:
     model = await owned_model(rt, tenant_id, req.model_id)
-    if req.adam_params is None:
-        kind = (req.optimizer_params or {}).get("type", "unknown")
-        raise InvalidRequest(f"optimizer {kind!r} is not supported; use AdamParams", field="optimizer_params")
+    with refusing(rt, model, req.seq_id):
+        if req.adam_params is None:
+            kind = (req.optimizer_params or {}).get("type", "unknown")
+            raise InvalidRequest(f"optimizer {kind!r} is not supported; use AdamParams", field="optimizer_params")
     adam = AdamConfig(**req.adam_params.model_dump())
 
     async def run() -> OpResult:
         metrics = await rt.engine.optim_step(model.id, adam)
         return json_result(api.OptimStepResponse(metrics=metrics))
 
-    request_id = await rt.enqueue(
-        tenant_id, kind="optim_step", scope=f"model:{model.id}", seq_id=_seq(req.seq_id),
-        fingerprint=fingerprint, run=run,
-    )
-    return api.UntypedAPIFuture(request_id=request_id, model_id=model.id)
-
-
-def _seq(seq_id: int | None) -> int:
-    # Older clients may omit seq_id; such requests queue behind everything already there.
-    return seq_id if seq_id is not None else 2**31 - 1
+    return await _model_op(rt, tenant_id, model, kind="optim_step", seq_id=req.seq_id, fingerprint=fingerprint, run=run)
 
 
 # ----- checkpoints -----------------------------------------------------------------------------
@@ -169,7 +221,7 @@ async def save_checkpoint(
 ) -> Checkpoint:
     """Write the model's adapter to a new folder and record it; runs inside a queued operation."""
     existing = await rt.db.run(lambda s: checkpoint_by_name(s, tenant_id, model.id, kind, name))
-    if existing is not None and not overwrite:
+    if existing is not None and not overwrite and not is_expired(existing):
         path = ids.TinkerPath(model.id, kind, name)
         raise OperationFailed(f"checkpoint {path} already exists; choose another name (or save_state with overwrite=True)")
     checkpoint_id, relative, folder = new_checkpoint_dir(rt, tenant_id)
@@ -182,7 +234,7 @@ async def save_checkpoint(
             s.add(row)
         row.storage_dir, row.size_bytes, row.created_at = relative, size, utcnow()
         row.has_optimizer, row.ephemeral, row.user_metadata = with_optimizer, ephemeral, dict(user_metadata or {})
-        row.expires_at = None if ttl_seconds is None else utcnow() + timedelta(seconds=ttl_seconds)
+        row.expires_at, row.public = expiry(ttl_seconds), False
         return row
 
     row = await rt.db.run(record)
@@ -194,7 +246,9 @@ async def save_checkpoint(
 
 async def save_weights(rt: Runtime, tenant_id: str, req: api.SaveWeightsRequest, fingerprint: str) -> api.UntypedAPIFuture:
     model = await owned_model(rt, tenant_id, req.model_id)
-    name = req.path or f"state-{_seq(req.seq_id)}"
+    with refusing(rt, model, req.seq_id):
+        check_ttl(req.ttl_seconds)
+    name = req.path or f"state-{req.seq_id}"
 
     async def run() -> OpResult:
         await save_checkpoint(
@@ -203,19 +257,18 @@ async def save_weights(rt: Runtime, tenant_id: str, req: api.SaveWeightsRequest,
         )
         return json_result(api.SaveWeightsResponse(path=str(ids.TinkerPath(model.id, "training", name))))
 
-    request_id = await rt.enqueue(
-        tenant_id, kind="save_weights", scope=f"model:{model.id}", seq_id=_seq(req.seq_id),
-        fingerprint=fingerprint, run=run,
-    )
-    return api.UntypedAPIFuture(request_id=request_id, model_id=model.id)
+    return await _model_op(rt, tenant_id, model, kind="save_weights", seq_id=req.seq_id, fingerprint=fingerprint, run=run)
 
 
 async def save_weights_for_sampler(
     rt: Runtime, tenant_id: str, req: api.SaveWeightsForSamplerRequest, fingerprint: str
 ) -> api.UntypedAPIFuture:
     model = await owned_model(rt, tenant_id, req.model_id)
+    with refusing(rt, model, req.seq_id):
+        check_ttl(req.ttl_seconds)
+        if req.sampling_session_seq_id is not None:
+            await rt.db.run(lambda s: live_session(s, tenant_id, model.session_id))
     if req.sampling_session_seq_id is not None:
-        await rt.db.run(lambda s: live_session(s, tenant_id, model.session_id))
         sampler_id = ids.sampling_session_id(model.session_id, req.sampling_session_seq_id)
         name = f"ephemeral-{req.sampling_session_seq_id}"
     else:
@@ -238,26 +291,14 @@ async def save_weights_for_sampler(
         )
         return json_result(api.SaveWeightsForSamplerResponse(sampling_session_id=sampler_id))
 
-    request_id = await rt.enqueue(
-        tenant_id, kind="save_weights_for_sampler", scope=f"model:{model.id}", seq_id=_seq(req.seq_id),
-        fingerprint=fingerprint, run=run,
-    )
-    return api.UntypedAPIFuture(request_id=request_id, model_id=model.id)
+    return await _model_op(rt, tenant_id, model, kind="save_weights_for_sampler", seq_id=req.seq_id, fingerprint=fingerprint, run=run)
 
 
 async def training_checkpoint(rt: Runtime, tenant_id: str, path: str, field: str = "path") -> Checkpoint:
-    parsed = ids.parse_tinker_path(path, field=field)
-
-    def find(s: Session) -> Checkpoint:
-        row = checkpoint_by_name(s, tenant_id, parsed.model_id, parsed.kind, parsed.name)
-        if row is None:
-            raise NotFound(f"checkpoint {path} not found", field=field)
-        return row
-
-    row = await rt.db.run(find)
+    row = await rt.db.run(lambda s: resolve_checkpoint(s, tenant_id, path, field=field))
     if row.kind != "training":
         raise InvalidRequest(
-            f"{path} holds sampler weights; loading training state needs a tinker://…/weights/… checkpoint "
+            f"{path} holds {row.kind} weights; loading training state needs a tinker://…/weights/… checkpoint "
             "written by save_state",
             field=field,
         )
@@ -265,23 +306,25 @@ async def training_checkpoint(rt: Runtime, tenant_id: str, path: str, field: str
 
 
 async def load_weights(rt: Runtime, tenant_id: str, req: api.LoadWeightsRequest, fingerprint: str) -> api.UntypedAPIFuture:
-    checkpoint = await training_checkpoint(rt, tenant_id, req.path)
-    folder = rt.data_dir / checkpoint.storage_dir
-    if req.optimizer and not checkpoint.has_optimizer:
-        raise InvalidRequest(f"{req.path} holds no optimizer state; load it with optimizer=False", field="optimizer")
     if req.creates_model:
+        folder = await _loadable_folder(rt, tenant_id, req)
         return await _create_from_checkpoint(rt, tenant_id, req, folder, fingerprint)
     model = await owned_model(rt, tenant_id, req.model_id)
+    with refusing(rt, model, req.seq_id):
+        folder = await _loadable_folder(rt, tenant_id, req)
 
     async def run() -> OpResult:
         await rt.engine.load(model.id, folder, with_optimizer=req.optimizer)
         return json_result(api.LoadWeightsResponse(path=req.path, model_id=model.id))
 
-    request_id = await rt.enqueue(
-        tenant_id, kind="load_weights", scope=f"model:{model.id}", seq_id=_seq(req.seq_id),
-        fingerprint=fingerprint, run=run,
-    )
-    return api.UntypedAPIFuture(request_id=request_id, model_id=model.id)
+    return await _model_op(rt, tenant_id, model, kind="load_weights", seq_id=req.seq_id, fingerprint=fingerprint, run=run)
+
+
+async def _loadable_folder(rt: Runtime, tenant_id: str, req: api.LoadWeightsRequest) -> Path:
+    checkpoint = await training_checkpoint(rt, tenant_id, req.path)
+    if req.optimizer and not checkpoint.has_optimizer:
+        raise InvalidRequest(f"{req.path} holds no optimizer state; load it with optimizer=False", field="optimizer")
+    return rt.data_dir / checkpoint.storage_dir
 
 
 async def _create_from_checkpoint(

@@ -9,16 +9,25 @@ import numpy as np
 from schemas.wire import DatumIn, ForwardBackwardCall
 from server.errors import InvalidRequest
 from workers.losses import LOSSES, LossFn, get_loss
-from workers.types import BaseModelInfo
+from workers.types import BaseModelInfo, CustomLossSpec
 
 INT_INPUTS = {"target_tokens"}
+# Loss names the SDK can send that this server does not offer, and why.
+UNOFFERED = {
+    "stable_reinforce": "its objective and the sampler-side stability records it reads are not publicly "
+    "documented, so it cannot be reproduced faithfully; use importance_sampling, ppo or cispo",
+}
 
 
 def check_forward_backward(call: ForwardBackwardCall, base: BaseModelInfo) -> LossFn:
+    """Checks a call to a built-in loss (custom losses: check_custom_loss_data)."""
     loss = get_loss(call.loss_fn)
+    if call.loss_fn in UNOFFERED:
+        raise InvalidRequest(f"loss_fn {call.loss_fn!r} is not offered: {UNOFFERED[call.loss_fn]}", field="loss_fn")
     if loss is None:
         raise InvalidRequest(
-            f"unknown loss_fn {call.loss_fn!r}; this server implements {', '.join(sorted(LOSSES))}",
+            f"unknown loss_fn {call.loss_fn!r}; this server implements {', '.join(sorted(LOSSES))} "
+            "and custom (a loss uploaded with create_custom_loss)",
             field="loss_fn",
         )
     for key, value in call.loss_fn_config.items():
@@ -75,3 +84,34 @@ def check_token_ids(tokens: np.ndarray, base: BaseModelInfo, field: str) -> None
         raise InvalidRequest(
             f"token id {bad} is outside the vocabulary of {base.name} (0..{base.vocab_size - 1})", field=field
         )
+
+
+def check_custom_loss_data(call: ForwardBackwardCall, spec: CustomLossSpec, base: BaseModelInfo) -> None:
+    """The datums of a call to an uploaded loss carry every input it declares, at its rank."""
+    ranks = dict(spec.inputs)
+    if ranks.get("logprobs") != 1:
+        raise InvalidRequest(
+            f"custom loss {spec.name!r} takes logprobs of rank {ranks.get('logprobs')}; this server computes "
+            "one logprob per target token (rank 1)", field="loss_fn_config.loss_id",
+        )
+    if not call.data:
+        raise InvalidRequest("no datums: send at least one", field="data")
+    for i, datum in enumerate(call.data):
+        path = f"data[{i}]"
+        n = len(datum.tokens)
+        if n > base.max_context_length:
+            raise InvalidRequest(f"{n} tokens exceed the base model's context length {base.max_context_length}",
+                                 field=f"{path}.model_input")
+        check_token_ids(datum.tokens, base, f"{path}.model_input")
+        if "target_tokens" not in datum.loss_fn_inputs:
+            raise InvalidRequest("needs loss_fn_inputs['target_tokens']", field=f"{path}.loss_fn_inputs.target_tokens")
+        _check_input("target_tokens", datum.loss_fn_inputs["target_tokens"], n, base,
+                     f"{path}.loss_fn_inputs.target_tokens")
+        for name, rank in spec.inputs[1:]:
+            value = datum.loss_fn_inputs.get(name)
+            field = f"{path}.loss_fn_inputs.{name}"
+            if value is None:
+                raise InvalidRequest(f"custom loss {spec.name!r} needs input {name!r}", field=field)
+            if value.ndim != rank and not (rank == 0 and value.size == 1):
+                raise InvalidRequest(f"custom loss {spec.name!r} declares {name!r} with rank {rank}, got shape "
+                                     f"{list(value.shape)}", field=field)

@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from schemas.wire import DatumIn
 from workers import adapter_files as files
+from workers.custom_loss import CustomLoss
 from workers.losses import LossFn
 from workers.types import AdamConfig, BaseModelInfo, ForwardBackwardResult, LoraSpec
 
@@ -141,18 +142,44 @@ class LoraTrainer:
         config: dict[str, float],
         forward_only: bool = False,
     ) -> ForwardBackwardResult:
-        batch = _Batch.build(data, loss, self.pad_token_id)
+        return self.forward_backward_groups(name, [data], loss, config, forward_only)[0]
+
+    def forward_backward_groups(
+        self,
+        name: str,
+        groups: list[list[DatumIn]],
+        loss: LossFn | CustomLoss,
+        config: dict[str, float],
+        forward_only: bool = False,
+    ) -> list[ForwardBackwardResult]:
+        """Several requests' data in one pass, with one result per group: the gradient is that of
+        all groups' losses summed, exactly as if the client had sent them as one request."""
+        data = [datum for group in groups for datum in group]
+        float_inputs = _float_inputs(loss) if isinstance(loss, LossFn) else {}
+        batch = _Batch.build(data, float_inputs, self.pad_token_id)
+        bounds = [int(b) for b in np.cumsum([0, *(len(g) for g in groups)])]
+        spans = list(zip(bounds[:-1], bounds[1:]))
         with self.using(name) as model, torch.set_grad_enabled(not forward_only):
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             target_lp = logprobs.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
-            per_datum = loss.body(target_lp, batch.inputs, batch.mask, {**loss.config_defaults, **config})
-            total = per_datum.sum()
-            if not forward_only:
+            if isinstance(loss, CustomLoss):
+                losses = [_custom_group(loss, target_lp, batch.lengths, data, a, b) for a, b in spans]
+            else:
+                per_datum = loss.body(target_lp, batch.inputs, batch.mask, {**loss.config_defaults, **config})
+                # Reported as a float64 sum of the float32 per-datum losses: when the SDK splits a
+                # call into chunks it adds the chunks' sums, which then match the unsplit call.
+                losses = [(per_datum[a:b].sum(), {"loss:sum": float(per_datum[a:b].detach().double().sum())})
+                          for a, b in spans]
+            total = torch.stack([group_loss for group_loss, _ in losses]).sum()
+            if not forward_only and total.requires_grad:
                 total.backward()
         lp = target_lp.detach().numpy()
         outputs = [{"logprobs": lp[i, :n].copy()} for i, n in enumerate(batch.lengths)]
-        return ForwardBackwardResult(outputs=outputs, metrics={"loss:sum": float(total.detach())})
+        return [
+            ForwardBackwardResult(outputs=outputs[a:b], metrics={"loss:sum": float(group_loss.detach()), **metrics})
+            for (a, b), (group_loss, metrics) in zip(spans, losses)
+        ]
 
     def optim_step(self, name: str, adam: AdamConfig) -> dict[str, float]:
         adapter = self._adapter(name)
@@ -287,19 +314,20 @@ class _Batch:
     lengths: list[int]
 
     @classmethod
-    def build(cls, data: list[DatumIn], loss: LossFn, pad_token_id: int) -> "_Batch":
+    def build(cls, data: list[DatumIn], float_inputs: dict[str, float], pad_token_id: int) -> "_Batch":
+        """`float_inputs`: the per-token float inputs to pad, each with the value that fills it for
+        a datum that left it out."""
         lengths = [len(d.tokens) for d in data]
         width = max(lengths)
         mask = torch.zeros(len(data), width)
         for i, n in enumerate(lengths):
             mask[i, :n] = 1.0
-        float_names = [k for k in (*loss.required_inputs, *loss.optional_inputs) if k != "target_tokens"]
         inputs = {
             key: _pad(
                 [d.loss_fn_inputs.get(key) for d in data], lengths, width, 0, torch.float32,
-                missing=loss.optional_inputs.get(key, 0.0),
+                missing=fill,
             )
-            for key in float_names
+            for key, fill in float_inputs.items()
         }
         return cls(
             input_ids=_pad([d.tokens for d in data], lengths, width, pad_token_id, torch.long),
@@ -328,6 +356,23 @@ def _pad(
         else:
             out[i, :n] = torch.from_numpy(np.ascontiguousarray(row).reshape(-1)[:n]).to(dtype)
     return out
+
+
+def _float_inputs(loss: LossFn) -> dict[str, float]:
+    names = {k: 0.0 for k in loss.required_inputs if k != "target_tokens"}
+    return {**names, **loss.optional_inputs}
+
+
+def _custom_group(
+    loss: CustomLoss, target_lp: torch.Tensor, lengths: list[int], data: list[DatumIn], a: int, b: int
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """A custom loss runs per datum on the unpadded logprobs and the inputs as the client sent
+    them (dtype and shape kept), reduced over the group as the SDK's own runner does."""
+    lps = [target_lp[i, : lengths[i]] for i in range(a, b)]
+    inputs = [{k: torch.from_numpy(np.asarray(data[i].loss_fn_inputs[k])) for k in loss.input_names}
+              for i in range(a, b)]
+    total, metrics = loss.batch(lps, inputs)
+    return total, {k: float(v) for k, v in metrics.items()}
 
 
 @contextmanager

@@ -3,6 +3,7 @@ so the same values can travel to a thread, a process or a Ray actor."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -49,17 +50,77 @@ class SampleParams:
     stop_at_eos: bool = True
 
 
+# Tinker's empty top-k cell (tinker.types.topk_logprobs): a position or slot with nothing scored.
+TOPK_EMPTY_ID = 0
+TOPK_EMPTY_LOGPROB = -99999.0
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: ndarray fields make `==` ambiguous
+class TopK:
+    """The k most likely tokens at each of n positions, most likely first (model logprobs at
+    temperature 1). Rows or cells with nothing scored hold (TOPK_EMPTY_ID, TOPK_EMPTY_LOGPROB)."""
+
+    token_ids: np.ndarray  # int64 [n, k]
+    logprobs: np.ndarray  # float32 [n, k]
+
+
+@dataclass(frozen=True, eq=False)
+class PromptScoring:
+    """What to compute on the prompt itself (SampleRequest's prompt options). All logprobs are the
+    model's own: temperature 1, no top-k/top-p.
+
+    * ``logprobs``: prompt_logprobs, one per prompt token, NaN where not scored (position 0).
+    * ``last_n``: prompt_logprobs_last_n; only the last N positions are scored (logprobs and
+      ``topk``), earlier ones are NaN / empty. Needs ``logprobs``; 1 <= N <= len(prompt) - 1.
+    * ``topk``: topk_prompt_logprobs; the k most likely ids at every scored position.
+    * ``target_ids``: target_prompt_logprobs as a dense int64 [len(prompt) - 1, K] array; cell
+      [i, j] asks for the logprob of that id at prompt position i + 1, -1 asks for nothing.
+      Not affected by ``last_n``.
+    * ``alt_tokens_k``: prompt_alt_tokens_k; k ids drawn with replacement at the request's
+      temperature (no top-k/top-p) at every prompt position after the first. Not affected by
+      ``last_n``.
+    """
+
+    logprobs: bool = False
+    last_n: int | None = None
+    topk: int = 0
+    target_ids: np.ndarray | None = None
+    alt_tokens_k: int = 0
+
+    @property
+    def any(self) -> bool:
+        return self.logprobs or self.topk > 0 or self.target_ids is not None or self.alt_tokens_k > 0
+
+
+@dataclass(frozen=True, eq=False)
+class SampleJob:
+    """One sample request: ``num_samples`` continuations of one prompt."""
+
+    prompt: Sequence[int]
+    num_samples: int
+    params: SampleParams
+    scoring: PromptScoring = field(default_factory=PromptScoring)
+    topk_sample: int = 0  # topk_sample_logprobs: the k most likely ids at every sampled position
+
+
 @dataclass(frozen=True)
 class SampledSequence:
     tokens: list[int]
     logprobs: list[float]
     stop_reason: Literal["stop", "length"]
+    topk: TopK | None = None  # [len(tokens), k] when SampleJob.topk_sample > 0
 
 
 @dataclass(frozen=True)
 class SampleOutput:
     sequences: list[SampledSequence]
-    prompt_logprobs: list[float] | None = None  # NaN at position 0
+    prompt_logprobs: list[float] | None = None  # NaN at position 0 and before the last_n suffix
+    topk_prompt: TopK | None = None  # [len(prompt), k]; empty rows where not scored
+    # [len(prompt) - 1, K] float32, dense; 0.0 where the request's id was -1
+    target_prompt_logprobs: np.ndarray | None = field(default=None, compare=False)
+    # [len(prompt) - 1, k]: int64 ids and their float32 logprobs
+    alt_tokens: np.ndarray | None = field(default=None, compare=False)
+    alt_logprobs: np.ndarray | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -69,3 +130,13 @@ class BaseModelInfo:
     vocab_size: int
     max_context_length: int
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class CustomLossSpec:
+    """An uploaded custom loss as stored: the traced graph's JSON and its declared inputs."""
+
+    loss_id: str
+    name: str
+    inputs: tuple[tuple[str, int], ...]  # (name, rank), logprobs first
+    graph: dict

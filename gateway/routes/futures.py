@@ -7,7 +7,9 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway.deps import Rt, TenantId
 from gateway.errors import error_body
+from schemas import futures
 from schemas import tinker as api
+from server import sampling
 from server.errors import NotFound
 
 router = APIRouter()
@@ -26,4 +28,21 @@ async def retrieve_future(req: api.FutureRetrieveRequest, rt: Rt, tenant: Tenant
         return JSONResponse(body.model_dump(mode="json", exclude_none=True))
     if view.state == "failed":
         return JSONResponse(error_body(view.error or "failed", category=view.error_category or "unknown"))
+    size = len(view.result or b"")
+    if req.allow_metadata_only and size > rt.settings.metadata_only_bytes:
+        # The SDK reserves room in its in-flight budget, then asks again for the payload.
+        return JSONResponse(futures.CompleteMetadataResponse(response_payload_size=size).model_dump())
     return Response(view.result, media_type=MEDIA[view.result_format or "json"])
+
+
+@router.post("/retrieve_futures", response_model_exclude_none=True)
+async def retrieve_futures(req: futures.FuturesRetrieveRequest, rt: Rt, tenant: TenantId) -> futures.FuturesRetrieveResponse:
+    """The completion feed of one sampling session (clone), long-polled unless timeout is 0."""
+    timeout = rt.settings.long_poll_seconds if req.timeout is None else min(req.timeout, rt.settings.long_poll_seconds)
+    completions, cursor = await sampling.poll_completions(rt, tenant, req.target, req.prev_cursor, timeout)
+    return futures.FuturesRetrieveResponse(completions=completions, cursor=cursor)
+
+
+@router.post("/cancel_future")
+async def cancel_future(req: futures.CancelFutureRequest, rt: Rt, tenant: TenantId) -> dict[str, bool]:
+    return {"cancelled": await sampling.cancel(rt, tenant, req.request_id)}

@@ -9,19 +9,24 @@ from fastapi import APIRouter, Body
 from gateway.deps import Rt, TenantId
 from schemas import tinker as api
 from server import sessions
+from server.runtime import Runtime
 
 router = APIRouter()
 
-# Strictly ordered, uncompressed chunks until parallel chunk arrival is built (protocol §8.1).
-CLIENT_CONFIG = api.ClientConfigResponse(
-    pjwt_auth_enabled=False,
-    proto_compress_fwdbwd=False,
-    parallel_fwdbwd_chunks=False,
-    sample_use_retrieve_futures=False,
-    custom_loss_server_side=False,
-    sample_join_sampling_session=False,
-    use_pyqwest_transport=True,
-)
+def client_config(rt: Runtime) -> api.ClientConfigResponse:
+    """How the SDK should talk to this server (protocol §8.1): chunks of a large forward_backward
+    are sent concurrently and zstd-compressed (the model's queue puts them back in order and runs
+    them as one pass); samplers learn of finished requests from the session completion feed;
+    custom losses run here, from an uploaded graph."""
+    return api.ClientConfigResponse(
+        pjwt_auth_enabled=False,
+        proto_compress_fwdbwd=True,
+        parallel_fwdbwd_chunks=True,
+        sample_use_retrieve_futures=True,
+        custom_loss_server_side=rt.settings.custom_loss_server_side,
+        sample_join_sampling_session=False,
+        use_pyqwest_transport=True,
+    )
 
 
 @router.get("/healthz")
@@ -30,13 +35,14 @@ async def healthz() -> api.HealthResponse:
 
 
 @router.post("/client/config", response_model_exclude_none=True)
-async def client_config(_: dict[str, Any] | None = Body(None)) -> api.ClientConfigResponse:
-    return CLIENT_CONFIG
+async def get_client_config(rt: Rt, _: dict[str, Any] | None = Body(None)) -> api.ClientConfigResponse:
+    return client_config(rt)
 
 
 @router.post("/client/dynamic_config", response_model_exclude_none=True)
 async def dynamic_config(_: dict[str, Any] | None = Body(None)) -> api.ClientDynamicConfigResponse:
-    return api.ClientDynamicConfigResponse()
+    # Samplers may cancel requests they stopped waiting for (cancel_future).
+    return api.ClientDynamicConfigResponse(sample_cancel_enabled=True)
 
 
 @router.post("/telemetry")

@@ -73,6 +73,9 @@ class Model(Base):
     user_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_request_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Set on runs made by copy_weights: the tinker path the weights came from. Such a run only
+    # holds its copied checkpoint; it cannot be trained on.
+    copied_from: Mapped[str | None] = mapped_column(String(700))
 
 
 class Future(Base):
@@ -101,7 +104,10 @@ class Future(Base):
 
 class Checkpoint(Base):
     __tablename__ = "checkpoints"
-    __table_args__ = (UniqueConstraint("model_id", "kind", "name", name="uq_checkpoints_name"),)
+    __table_args__ = (
+        UniqueConstraint("model_id", "kind", "name", name="uq_checkpoints_name"),
+        Index("ix_checkpoints_expires_at", "expires_at"),  # the reaper's scan
+    )
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
@@ -111,7 +117,7 @@ class Checkpoint(Base):
     size_bytes: Mapped[int] = mapped_column(Integer, default=0)
     has_optimizer: Mapped[bool] = mapped_column(Boolean, default=False)
     ephemeral: Mapped[bool] = mapped_column(Boolean, default=False)  # behind save_weights_and_get_sampling_client
-    public: Mapped[bool] = mapped_column(Boolean, default=False)
+    public: Mapped[bool] = mapped_column(Boolean, default=False)  # readable (load, sample, info) by every tenant
     user_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
     expires_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -125,4 +131,19 @@ class SamplingSession(Base):
     base_model: Mapped[str] = mapped_column(String(500))
     model_path: Mapped[str | None] = mapped_column(String(700))
     checkpoint_id: Mapped[str | None] = mapped_column(ForeignKey("checkpoints.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CustomLossRow(Base):
+    """A custom loss graph uploaded in a session (the JSON as sent; compiled again where it runs)."""
+
+    __tablename__ = "custom_losses"
+    __table_args__ = (UniqueConstraint("session_id", "seq", name="uq_custom_losses_seq"),)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(200))
+    inputs: Mapped[list[str]] = mapped_column(JSON)
+    graph: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

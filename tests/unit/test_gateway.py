@@ -40,10 +40,13 @@ def session(client: TestClient, headers: dict = KEY) -> str:
     return r.json()["session_id"]
 
 
-def test_client_config_asks_for_ordered_uncompressed_chunks(client: TestClient) -> None:
+def test_client_config_turns_on_what_the_server_implements(client: TestClient) -> None:
     body = client.post("/api/v1/client/config", json={"sdk_version": "0.38.0"}).json()
-    assert body["parallel_fwdbwd_chunks"] is False and body["proto_compress_fwdbwd"] is False
-    assert body["pjwt_auth_enabled"] is False
+    assert body["parallel_fwdbwd_chunks"] is True and body["proto_compress_fwdbwd"] is True
+    assert body["sample_use_retrieve_futures"] is True and body["custom_loss_server_side"] is True
+    assert body["pjwt_auth_enabled"] is False and body["sample_join_sampling_session"] is False
+    dynamic = client.post("/api/v1/client/dynamic_config", json={"sdk_version": "0.38.0"}).json()
+    assert dynamic["sample_cancel_enabled"] is True
     assert client.get("/api/v1/healthz").json() == {"status": "ok"}
 
 
@@ -93,7 +96,7 @@ def test_unknown_objects_are_404(client: TestClient) -> None:
     assert error(client.post("/api/v1/create_sampling_session", json=body, headers=KEY), 400)["field"] == "model_path"
 
 
-def test_sample_rejects_unsupported_options_and_oversized_requests(client: TestClient) -> None:
+def test_sample_rejects_bad_options_and_oversized_requests(client: TestClient) -> None:
     sid = session(client)
     r = client.post("/api/v1/create_sampling_session",
                     json={"session_id": sid, "sampling_session_seq_id": 0, "base_model": "tiny-qwen3"}, headers=KEY)
@@ -101,8 +104,11 @@ def test_sample_rejects_unsupported_options_and_oversized_requests(client: TestC
     base = {"sampling_session_id": sampler, "seq_id": 1, "num_samples": 1,
             "prompt": {"chunks": [{"type": "encoded_text", "tokens": [5, 6, 7]}]}, "sampling_params": {"max_tokens": 4}}
     assert client.post("/api/v1/asample", json=base, headers=KEY).status_code == 200
-    assert error(client.post("/api/v1/asample", json={**base, "topk_prompt_logprobs": 3}, headers=KEY), 400)[
-        "field"] == "topk_prompt_logprobs"
+    topk = error(client.post("/api/v1/asample", json={**base, "topk_prompt_logprobs": 5000}, headers=KEY), 400)
+    assert topk["field"] == "topk_prompt_logprobs"
+    last_n = {**base, "prompt_logprobs": True, "prompt_logprobs_last_n": 3}  # the prompt has 3 tokens
+    body = error(client.post("/api/v1/asample", json=last_n, headers=KEY), 400)
+    assert body["field"] == "prompt_logprobs_last_n" and "2" in body["error"]
     too_long = {**base, "sampling_params": {"max_tokens": 10_000}}
     assert error(client.post("/api/v1/asample", json=too_long, headers=KEY), 400)["field"] == "sampling_params.max_tokens"
     bad_token = {**base, "prompt": {"chunks": [{"type": "encoded_text", "tokens": [5, 99_999]}]}}

@@ -18,7 +18,7 @@ import pytest
 
 from server.errors import OperationFailed
 from server.futures import FutureHub, FutureView
-from server.scheduler import Scheduler
+from server.scheduler import Batch, Scheduler
 from server.store.database import Database
 from server.store.tables import Tenant
 from tests.conftest import arun
@@ -362,5 +362,122 @@ def test_idle_scheduler_wakes_for_new_work(db: Database, tenant: str) -> None:
         view = await h.result(await h.submit("A", 1))
         assert view.state == "done" and time.monotonic() - started < 1.0
         await h.scheduler.stop()
+
+    arun(scenario)
+
+
+# --------------------------------------------------------------------------------------------
+# Ordered queues (a model's): waiting for a missing seq_id, skip, grace; batching of neighbours
+
+
+class OrderedHarness(Harness):
+    """Ops on ordered queues; ops with a batch key merge when they are neighbours in seq order."""
+
+    def __init__(self, db: Database, tenant: str, gap_grace: float = 5.0) -> None:
+        super().__init__(db, tenant)
+        self.scheduler = Scheduler(self.hub, gap_grace=gap_grace)
+        self.calls: list[list[int]] = []  # seq_ids of each engine call
+
+    async def submit_op(self, key: str, seq_id: int, batch_key: str | None = None, size: int = 1) -> str:
+        sub = await self.hub.submit(tenant_id=self.tenant, kind="forward_backward", scope=key, seq_id=seq_id,
+                                    fingerprint="fp")
+
+        async def run_many(seqs: list[int]) -> list[tuple[bytes, str]]:
+            self.calls.append(list(seqs))
+            self.trace.extend((key, s) for s in seqs)
+            return [(f"{key}#{s}".encode(), "json") for s in seqs]
+
+        async def run() -> tuple[bytes, str]:
+            return (await run_many([seq_id]))[0]
+
+        batch = None if batch_key is None else Batch(key=batch_key, size=size, budget=4, payload=seq_id, run=run_many)
+        self.scheduler.submit(key, seq_id=seq_id, request_id=sub.request_id, kind="forward_backward", run=run,
+                              batch=batch, ordered=True)
+        self.request_ids.append(sub.request_id)
+        return sub.request_id
+
+
+def test_ordered_queue_holds_later_chunks_until_the_first_arrives(db: Database, tenant: str) -> None:
+    """The SDK posts chunks 2..n first and chunk 1 last: nothing may run before chunk 1."""
+
+    async def scenario() -> None:
+        h = OrderedHarness(db, tenant)
+        h.scheduler.start()
+        await h.submit_op("model:m", 2, "fb")
+        await h.submit_op("model:m", 3, "fb")
+        await asyncio.sleep(0.3)
+        assert h.calls == []  # waiting for seq_id 1
+        await h.submit_op("model:m", 1, "fb")
+        await h.submit_op("model:m", 4)  # an optim_step: not batchable
+        await h.drain()
+        await h.scheduler.stop()
+        assert h.calls == [[1, 2, 3], [4]]  # the three chunks ran as one engine call, then the step
+
+    arun(scenario)
+
+
+def test_batches_respect_key_contiguity_and_budget(db: Database, tenant: str) -> None:
+    async def scenario() -> None:
+        h = OrderedHarness(db, tenant)
+        for seq, key, size in [(1, "ce", 1), (2, "ce", 2), (3, "ppo", 1), (4, "ppo", 3), (5, "ppo", 1), (6, "ce", 1)]:
+            await h.submit_op("model:m", seq, key, size)
+        h.scheduler.start()
+        await h.drain()
+        await h.scheduler.stop()
+        # ce(1,2) merge; ppo 3+4 fit the budget of 4, 5 would not; 6 is ce again.
+        assert h.calls == [[1, 2], [3, 4], [5], [6]]
+
+    arun(scenario)
+
+
+def test_skip_releases_a_refused_seq_id_at_once(db: Database, tenant: str) -> None:
+    async def scenario() -> None:
+        h = OrderedHarness(db, tenant, gap_grace=30)
+        h.scheduler.start()
+        await h.submit_op("model:m", 1)
+        await h.result(h.request_ids[-1])
+        await h.submit_op("model:m", 3)
+        await asyncio.sleep(0.2)
+        assert h.calls == [[1]]  # seq_id 2 is missing
+        started = time.monotonic()
+        h.scheduler.skip("model:m", 2)  # ...because its POST was refused
+        await h.drain()
+        await h.scheduler.stop()
+        assert h.calls == [[1], [3]] and time.monotonic() - started < 5
+
+    arun(scenario)
+
+
+def test_a_missing_seq_id_is_waited_for_only_gap_grace_seconds(db: Database, tenant: str, caplog) -> None:
+    async def scenario() -> None:
+        h = OrderedHarness(db, tenant, gap_grace=0.5)
+        h.scheduler.start()
+        started = time.monotonic()
+        await h.submit_op("model:m", 2)  # seq_id 1 never comes
+        await h.submit_op("model:other", 1)  # another model is not held up meanwhile
+        await h.result(h.request_ids[1], timeout=0.4)
+        await h.drain()
+        waited = time.monotonic() - started
+        await h.scheduler.stop()
+        assert h.calls == [[1], [2]] and 0.45 <= waited < 3
+
+    with caplog.at_level(logging.WARNING, logger="server.scheduler"):
+        arun(scenario)
+    assert any(r.getMessage() == "seq_gap_skipped" for r in caplog.records)
+
+
+def test_cancel_takes_a_queued_op_out_and_releases_its_seq_id(db: Database, tenant: str) -> None:
+    async def scenario() -> None:
+        h = OrderedHarness(db, tenant, gap_grace=30)
+        for seq in (1, 2, 3):
+            await h.submit_op("model:m", seq)
+        cancelled = h.scheduler.cancel(h.request_ids[1])
+        assert cancelled is not None and cancelled.seq_id == 2
+        assert h.scheduler.cancel(h.request_ids[1]) is None  # not queued any more
+        h.scheduler.start()
+        await h.result(h.request_ids[0])
+        await h.result(h.request_ids[2])
+        await h.scheduler.stop()
+        assert h.calls == [[1], [3]]
 
     arun(scenario)

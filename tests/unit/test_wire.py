@@ -24,10 +24,13 @@ from tinker.proto.response_conv import (
 )
 
 from schemas import tinker_wire_pb2 as our_pb
+from schemas.tensors import check_sample_options, decode_target_ids
+from schemas.tinker import TensorData as JsonTensorData
 from schemas.wire import (
     DatumIn,
     ForwardBackwardCall,
     SampledSequenceOut,
+    TopkOut,
     WireError,
     decode_forward_backward_request,
     encode_forward_backward_output,
@@ -107,7 +110,7 @@ def test_generated_module_is_up_to_date(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("module", ["wire.py", "tinker.py", "__init__.py"])
+@pytest.mark.parametrize("module", ["wire.py", "tinker.py", "tensors.py", "__init__.py"])
 def test_schemas_import_nothing_from_other_packages(module: str) -> None:
     tree = ast.parse((SCHEMAS_DIR / module).read_text())
     imported = set()
@@ -567,3 +570,191 @@ def test_sample_response_without_prompt_logprobs() -> None:
 def test_encode_sample_rejects_server_bugs(seq: SampledSequenceOut) -> None:
     with pytest.raises(ValueError):
         encode_sample_response([seq])
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample response: every optional field, through the SDK's decoder
+# ---------------------------------------------------------------------------------------------
+
+
+def _topk(ids, lps) -> TopkOut:
+    return TopkOut(np.array(ids, dtype=np.int64), np.array(lps, dtype=np.float32))
+
+
+def test_sample_response_with_every_option_round_trips_through_sdk() -> None:
+    seq_topk = _topk([[5, 7], [9, 1]], [[-0.5, -1.0], [-0.25, -3.0]])
+    prompt_topk = _topk([[0, 0], [3, 4], [8, 0]], [[-99999.0, -99999.0], [-0.125, -0.25], [-0.375, -99999.0]])
+    target = np.array([[-1.5, 0.0], [0.0, -2.25]], dtype=np.float32)
+    alt_tokens = np.array([[11, 12, 13], [14, 15, 2**40]], dtype=np.int64)
+    alt_lps = np.array([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]], dtype=np.float32)
+    body = encode_sample_response(
+        [SampledSequenceOut([5, 9], [-0.5, -0.25], "stop", topk=seq_topk),
+         SampledSequenceOut([], [], "length", topk=_topk(np.empty((0, 2)), np.empty((0, 2))))],
+        [float("nan"), -0.125, -0.375],
+        topk_prompt_logprobs=prompt_topk,
+        target_prompt_logprobs=target,
+        prompt_alt_tokens=(alt_tokens, alt_lps),
+        prompt_cache_hit_tokens=2,
+    )
+    res = deserialize_sample_response(body)
+    assert res.sequences[0].topk_logprobs == [[(5, -0.5), (7, -1.0)], [(9, -0.25), (1, -3.0)]]
+    assert res.sequences[1].topk_logprobs is None  # the SDK reads a 0-row TopkLogprobs as absent
+    # Empty cells: a fully empty row is None, trailing empty cells are dropped.
+    assert res.topk_prompt_logprobs == [None, [(3, -0.125), (4, -0.25)], [(8, -0.375)]]
+    assert res.prompt_logprobs == [None, -0.125, -0.375]
+    tp = res.target_prompt_logprobs
+    assert tp.dtype == "float32" and tp.shape == [2, 2] and tp.sparse_crow_indices is None
+    np.testing.assert_array_equal(tp.to_numpy(), target)
+    alt = res.prompt_alt_tokens
+    assert alt.tokens.dtype == "int64" and alt.logprobs.dtype == "float32"
+    np.testing.assert_array_equal(alt.tokens.to_numpy(), alt_tokens)
+    np.testing.assert_array_equal(alt.logprobs.to_numpy(), alt_lps)
+    assert res.prompt_cache_hit_tokens == 2
+
+
+def test_sparse_target_keeps_the_request_layout() -> None:
+    import torch
+
+    ids = torch.full((6, 3), -1, dtype=torch.int64)
+    ids[1, 2], ids[4, 0], ids[5, 1] = 10, 20, 30
+    request = types.TensorData.from_torch_sparse(ids, pad_value=-1)
+    assert request.sparse_crow_indices is not None
+    target = decode_target_ids(_json_tensor(request), prompt_len=7, vocab_size=100)
+    np.testing.assert_array_equal(target.ids, ids.numpy())
+    values = np.zeros((6, 3), dtype=np.float32)
+    values[1, 2], values[4, 0], values[5, 1] = -1.5, -2.5, -3.5
+    res = deserialize_sample_response(
+        encode_sample_response([], target_prompt_logprobs=values, target_prompt_logprobs_csr=target.csr)
+    )
+    tp = res.target_prompt_logprobs
+    assert tp.shape == [6, 3] and tp.dtype == "float32"
+    assert tp.sparse_crow_indices == request.sparse_crow_indices
+    assert tp.sparse_col_indices == request.sparse_col_indices
+    assert tp.data == [-1.5, -2.5, -3.5]
+    np.testing.assert_array_equal(tp.to_torch().numpy(), values)  # torch's CSR invariants hold
+
+
+def test_alt_tokens_of_a_one_token_prompt_are_present_but_empty() -> None:
+    from tinker.lib.public_interfaces.sampling_client import _check_prompt_alt_tokens_returned
+
+    res = deserialize_sample_response(
+        encode_sample_response([], prompt_alt_tokens=(np.empty((0, 4), np.int64), np.empty((0, 4), np.float32)))
+    )
+    _check_prompt_alt_tokens_returned(res, 4)
+    assert res.prompt_alt_tokens.tokens.to_numpy().shape == (0, 4)
+    with pytest.raises(RuntimeError):
+        _check_prompt_alt_tokens_returned(deserialize_sample_response(encode_sample_response([])), 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(topk_prompt_logprobs=TopkOut(np.zeros((2, 3)), np.zeros((2, 2)))),
+        dict(topk_prompt_logprobs=TopkOut(np.zeros(3), np.zeros(3))),
+        dict(target_prompt_logprobs=np.zeros(3)),
+        dict(target_prompt_logprobs=np.zeros((2, 2)), target_prompt_logprobs_csr=(np.array([0, 1]), np.array([0]))),
+        dict(target_prompt_logprobs=np.zeros((2, 2)), target_prompt_logprobs_csr=(np.array([0, 1, 2]), np.array([0]))),
+        dict(target_prompt_logprobs_csr=(np.array([0]), np.array([], np.int64))),
+        dict(prompt_alt_tokens=(np.zeros((2, 2), np.int64), np.zeros((2, 3)))),
+    ],
+)
+def test_encode_sample_options_reject_server_bugs(kwargs) -> None:
+    with pytest.raises(ValueError) as info:
+        encode_sample_response([], **kwargs)
+    assert not isinstance(info.value, WireError)
+
+
+def test_sequence_topk_rows_must_match_its_tokens() -> None:
+    with pytest.raises(ValueError, match="topk"):
+        encode_sample_response([SampledSequenceOut([1, 2], [-1.0, -1.0], "stop", topk=_topk([[1]], [[-1.0]]))])
+
+
+# ---------------------------------------------------------------------------------------------
+# target_prompt_logprobs (JSON TensorData) -> dense ids + layout; option bounds
+# ---------------------------------------------------------------------------------------------
+
+
+def _json_tensor(td: types.TensorData) -> JsonTensorData:
+    """The tensor as the gateway receives it: the SDK's JSON dump, parsed by our model."""
+    from tinker.lib.public_interfaces.sampling_client import _tensor_data_to_model
+
+    return JsonTensorData(**_tensor_data_to_model(td).model_dump(mode="json", exclude_none=True))
+
+
+def test_dense_target_ids_from_the_sdk() -> None:
+    ids = np.array([[3, -1], [-1, -1], [0, 99]], dtype=np.int64)
+    target = decode_target_ids(_json_tensor(types.TensorData.from_numpy(ids)), prompt_len=4, vocab_size=100)
+    assert target.csr is None and target.ids.dtype == np.int64
+    np.testing.assert_array_equal(target.ids, ids)
+
+
+def _tensor(data, shape, crow=None, col=None, dtype="int64") -> JsonTensorData:
+    return JsonTensorData(data=data, dtype=dtype, shape=shape, sparse_crow_indices=crow, sparse_col_indices=col)
+
+
+@pytest.mark.parametrize(
+    ("tensor", "field", "match"),
+    [
+        (_tensor([1.0, 2.0], [2, 1], dtype="float32"), "target_prompt_logprobs.dtype", "int64"),
+        (_tensor([1, 2], None), "target_prompt_logprobs.shape", "2-D"),
+        (_tensor([1, 2], [2]), "target_prompt_logprobs.shape", "2-D"),
+        (_tensor([1, 2, 3], [3, 1]), "target_prompt_logprobs.shape", "len\\(prompt\\) - 1 = 2 rows"),
+        (_tensor([1, 2, 3], [2, 1]), "target_prompt_logprobs.data", "needs 2"),
+        (_tensor([1, 100], [2, 1]), "target_prompt_logprobs.data", r"cell \[1, 0\] is 100"),
+        (_tensor([1, -2], [2, 1]), "target_prompt_logprobs.data", "must be -1"),
+        (_tensor([-1, -1], [2, 1]), "target_prompt_logprobs", "names no token id"),
+        (_tensor([], [2, 0]), "target_prompt_logprobs", "names no token id"),
+        (_tensor([1.5, 2.0], [2, 1]), "target_prompt_logprobs.data", "integers"),
+        (_tensor([5], [2, 3], crow=[0, 1], col=[0]), "target_prompt_logprobs.sparse_crow_indices", "rows \\+ 1"),
+        (_tensor([5], [2, 3], crow=[1, 1, 1], col=[0]), "target_prompt_logprobs.sparse_crow_indices", "start at 0"),
+        (_tensor([5], [2, 3], crow=[0, 2, 1], col=[0]), "target_prompt_logprobs.sparse_crow_indices", "non-decreasing"),
+        (_tensor([5], [2, 3], crow=[0, 1, 2], col=[0]), "target_prompt_logprobs", "must agree"),
+        (_tensor([5], [2, 3], crow=[0, 1, 1], col=[3]), "target_prompt_logprobs.sparse_col_indices", "outside"),
+        (_tensor([5, 6], [2, 3], crow=[0, 2, 2], col=[1, 1]), "target_prompt_logprobs.sparse_col_indices", "twice"),
+        (_tensor([5], [2, 3], crow=[0, 1, 1]), "target_prompt_logprobs.sparse_col_indices", "go together"),
+        (_tensor([5], [2, 3], crow=[0, 1, 1], col=[0]), None, None),  # valid
+        (_tensor([5], [2, 2**40], crow=[0, 1, 1], col=[0]), "target_prompt_logprobs.shape", "limit"),
+    ],
+)
+def test_bad_target_ids_name_the_field(tensor, field, match) -> None:
+    if field is None:
+        target = decode_target_ids(tensor, prompt_len=3, vocab_size=100)
+        assert target.ids.tolist() == [[5, -1, -1], [-1, -1, -1]]
+        return
+    with pytest.raises(WireError, match=match) as info:
+        decode_target_ids(tensor, prompt_len=3, vocab_size=100)
+    assert info.value.field == field
+
+
+def test_a_one_token_prompt_cannot_name_target_ids() -> None:
+    with pytest.raises(WireError) as info:
+        decode_target_ids(_tensor([], [0, 2]), prompt_len=1, vocab_size=100)
+    assert info.value.field == "target_prompt_logprobs"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        (dict(prompt_len=0), "prompt"),
+        (dict(prompt_logprobs=True, prompt_logprobs_last_n=0), "prompt_logprobs_last_n"),
+        (dict(prompt_logprobs=True, prompt_logprobs_last_n=5), "prompt_logprobs_last_n"),
+        (dict(prompt_logprobs=False, prompt_logprobs_last_n=2), "prompt_logprobs_last_n"),
+        (dict(prompt_len=1, prompt_logprobs=True, prompt_logprobs_last_n=1), "prompt_logprobs_last_n"),
+        (dict(topk_prompt_logprobs=101), "topk_prompt_logprobs"),
+        (dict(topk_sample_logprobs=101), "topk_sample_logprobs"),
+        (dict(prompt_alt_tokens_k=101), "prompt_alt_tokens_k"),
+        (dict(prompt_alt_tokens_k=-1), "prompt_alt_tokens_k"),
+        (dict(topk_prompt_logprobs=50, max_cells=100), "topk_prompt_logprobs"),
+    ],
+)
+def test_sample_option_bounds(kwargs, field) -> None:
+    with pytest.raises(WireError) as info:
+        check_sample_options(**{"prompt_len": 5, "vocab_size": 100, **kwargs})
+    assert info.value.field == field
+
+
+def test_sample_options_at_their_bounds_pass() -> None:
+    check_sample_options(prompt_len=5, vocab_size=100, prompt_logprobs=True, prompt_logprobs_last_n=4,
+                         topk_prompt_logprobs=100, topk_sample_logprobs=100, prompt_alt_tokens_k=100)
+    check_sample_options(prompt_len=5, vocab_size=100, prompt_logprobs=True, prompt_logprobs_last_n=1)
+    check_sample_options(prompt_len=1, vocab_size=100, prompt_logprobs=True, prompt_alt_tokens_k=3)

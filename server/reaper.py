@@ -1,0 +1,61 @@
+"""Removal of what has expired. Expired checkpoints are already invisible (every lookup filters on
+expires_at); reap_expired deletes their rows and folders, and old trace exports, for good.
+Runtime.start schedules it every settings.reap_interval_seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from server.checkpoints import TRACES_DIR, forget, remove_folders
+from server.store.queries import expired_checkpoints
+from server.store.tables import utcnow
+
+if TYPE_CHECKING:  # runtime.py may import this module (Runtime.start schedules the reaper)
+    from server.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+BATCH = 500
+
+
+async def reap_expired(rt: Runtime) -> int:
+    """Delete every checkpoint whose TTL has passed (rows, then folders); return how many."""
+    reaped = 0
+    while True:
+        folders = await rt.db.run(lambda s: forget(s, expired_checkpoints(s, utcnow(), BATCH)))
+        await remove_folders(rt, folders)
+        reaped += len(folders)
+        if len(folders) < BATCH:
+            break
+    removed_traces = await asyncio.to_thread(_remove_old_traces, rt)
+    if reaped or removed_traces:
+        log.info("reaped_expired", extra={"checkpoints": reaped, "trace_exports": removed_traces})
+    return reaped
+
+
+def _remove_old_traces(rt: Runtime) -> int:
+    """Trace exports older than a download link's lifetime: every link to them has expired."""
+    cutoff = time.time() - rt.settings.signed_url_ttl_seconds
+    removed = 0
+    for path in (rt.data_dir / TRACES_DIR).glob("*/*"):
+        try:
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+async def run_reaper(rt: Runtime, interval: float | None = None) -> None:
+    """Reap forever (cancel the task to stop). A failed round is logged and retried next round."""
+    interval = interval or rt.settings.reap_interval_seconds
+    while True:
+        try:
+            await reap_expired(rt)
+        except Exception:
+            log.exception("reap_failed")
+        await asyncio.sleep(interval)
