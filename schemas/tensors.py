@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from schemas.wire import WireError
+from schemas.wire import WireError, check_csr
 
 __all__ = [
     "DEFAULT_MAX_CELLS",
@@ -94,7 +94,7 @@ def decode_target_ids(
     if tensor.sparse_crow_indices is not None or tensor.sparse_col_indices is not None:
         crow = _int_array(tensor.sparse_crow_indices, f"{field}.sparse_crow_indices")
         col = _int_array(tensor.sparse_col_indices, f"{field}.sparse_col_indices")
-        _check_csr(values, crow, col, rows, cols, field)
+        check_csr(values, crow, col, rows, cols, field, crow_name="sparse_crow_indices", col_name="sparse_col_indices")
         ids = np.full((rows, cols), NO_TARGET, dtype=np.int64)
         ids[_csr_rows(crow), col] = values
         csr = (crow, col)
@@ -185,29 +185,3 @@ def _int_array(values: Sequence[int] | Sequence[float] | None, field: str) -> np
 
 def _csr_rows(crow: np.ndarray) -> np.ndarray:
     return np.repeat(np.arange(crow.size - 1, dtype=np.int64), np.diff(crow))
-
-
-def _check_csr(
-    values: np.ndarray, crow: np.ndarray, col: np.ndarray, rows: int, cols: int, field: str
-) -> None:
-    crow_field, col_field = f"{field}.sparse_crow_indices", f"{field}.sparse_col_indices"
-    if crow.size != rows + 1:
-        raise WireError(
-            crow_field, f"has {crow.size} entries but a {rows}-row tensor needs rows + 1 = {rows + 1}"
-        )
-    if crow[0] != 0:
-        raise WireError(crow_field, f"must start at 0, starts at {int(crow[0])}")
-    if np.any(np.diff(crow) < 0):
-        raise WireError(crow_field, "must be non-decreasing")
-    nnz = int(crow[-1])
-    if col.size != nnz or values.size != nnz:
-        raise WireError(
-            field,
-            f"sparse_crow_indices end at {nnz} entries but there are {col.size} column indices "
-            f"and {values.size} values; all three must agree",
-        )
-    if nnz and (col.min() < 0 or col.max() >= cols):
-        raise WireError(col_field, f"has a column outside [0, {cols}) for shape [{rows}, {cols}]")
-    flat = _csr_rows(crow) * cols + col
-    if np.unique(flat).size != nnz:
-        raise WireError(col_field, "lists the same column twice within a row")

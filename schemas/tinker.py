@@ -178,6 +178,12 @@ class ClientConfigResponse(ResponseModel):
     custom_loss_server_side: bool = False
     sample_join_sampling_session: bool = False
     use_pyqwest_transport: bool = True
+    # Read by older SDKs only (0.22 .. 0.30; 0.38 ignores them): protobuf forward_backward bodies,
+    # forward() as forward_backward(forward_only), create_training_client_from_state as one
+    # load_weights instead of weights_info + create_model + load_weights.
+    proto_write_fwdbwd: bool | None = None
+    fwd_via_fwdbwd: bool | None = None
+    create_model_via_load_weights: bool | None = None
 
     credential_default_source: str | None = None
     sample_dispatch_bytes_semaphore_size: int | None = None
@@ -801,3 +807,45 @@ class SessionSummary(ResponseModel):
 class SessionSearchResponse(ResponseModel):
     sessions: list[SessionSummary]
     next_cursor: SessionSearchCursor | None = None
+
+
+# ============================================================================================
+# Export and unloading
+# ============================================================================================
+
+
+class SaveWeightsExternalRequest(RequestModel):
+    """``POST /api/v1/save_weights_external``: the adapter in a format other tools load (a peft
+    folder), optionally age-encrypted, as a ``tinker://<run>/external_weights/<name>`` checkpoint."""
+
+    model_id: str
+    path: CheckpointName
+    seq_id: int | None = None
+    ttl_seconds: int | None = None
+    age_encryption_recipients: list[str] | None = Field(default=None, max_length=10)
+    type: Literal["save_weights_external"] = "save_weights_external"
+
+
+class SaveWeightsExternalResponse(ResponseModel):
+    path: str
+    size_bytes: int | None = None
+    type: Literal["save_weights_external"] = "save_weights_external"
+
+
+class UnloadModelRequest(RequestModel):
+    """``POST /api/v1/unload_model``: free a model's weights; its checkpoints stay."""
+
+    model_id: str
+    type: Literal["unload_model"] = "unload_model"
+
+
+class UnloadModelResponse(ResponseModel):
+    model_id: str
+    type: Literal["unload_model"] = "unload_model"
+
+
+class CheckpointArchiveUrlResponse(ResponseModel):
+    """``GET .../checkpoints/{checkpoint_id}/archive`` (SDKs before 0.38): a tar of the folder."""
+
+    url: str
+    expires: datetime

@@ -320,38 +320,44 @@ def _decode_csr(
     values = _frombuffer(csr.values, dtype, f"{csr_path}.values", dtype.name)
     crow = _frombuffer(csr.crow_indices, _INDEX_DTYPE, f"{csr_path}.crow_indices", "int64")
     col = _frombuffer(csr.col_indices, _INDEX_DTYPE, f"{csr_path}.col_indices", "int64")
-    _check_csr(values, crow, col, rows, cols, csr_path)
+    check_csr(values, crow, col, rows, cols, csr_path)
     dense = np.zeros((rows, cols), dtype=values.dtype)
     dense[np.repeat(np.arange(rows), np.diff(crow)), col] = values
     return dense
 
 
-def _check_csr(
-    values: np.ndarray, crow: np.ndarray, col: np.ndarray, rows: int, cols: int, path: str
+def check_csr(
+    values: np.ndarray,
+    crow: np.ndarray,
+    col: np.ndarray,
+    rows: int,
+    cols: int,
+    field: str,
+    *,
+    crow_name: str = "crow_indices",
+    col_name: str = "col_indices",
 ) -> None:
+    """A CSR layout of a [rows, cols] tensor is well-formed (the JSON form of the SDK names the
+    index arrays sparse_crow_indices / sparse_col_indices, the protobuf one crow/col_indices)."""
+    crow_field, col_field = f"{field}.{crow_name}", f"{field}.{col_name}"
     if crow.size != rows + 1:
-        raise WireError(
-            f"{path}.crow_indices",
-            f"has {crow.size} entries but a {rows}-row tensor needs rows + 1 = {rows + 1}",
-        )
+        raise WireError(crow_field, f"has {crow.size} entries but a {rows}-row tensor needs rows + 1 = {rows + 1}")
     if crow[0] != 0:
-        raise WireError(f"{path}.crow_indices", f"must start at 0, starts at {int(crow[0])}")
+        raise WireError(crow_field, f"must start at 0, starts at {int(crow[0])}")
     if np.any(np.diff(crow) < 0):
-        raise WireError(f"{path}.crow_indices", "must be non-decreasing")
+        raise WireError(crow_field, "must be non-decreasing")
     nnz = int(crow[-1])
     if col.size != nnz or values.size != nnz:
         raise WireError(
-            path,
-            f"crow_indices end at {nnz} non-zeros but there are {col.size} col_indices and "
+            field,
+            f"{crow_name} end at {nnz} entries but there are {col.size} {col_name} and "
             f"{values.size} values; all three must agree",
         )
     if nnz and (col.min() < 0 or col.max() >= cols):
-        raise WireError(
-            f"{path}.col_indices", f"has a column outside [0, {cols}) for shape [{rows}, {cols}]"
-        )
+        raise WireError(col_field, f"has a column outside [0, {cols}) for shape [{rows}, {cols}]")
     flat_positions = np.repeat(np.arange(rows, dtype=np.int64), np.diff(crow)) * cols + col
     if np.unique(flat_positions).size != nnz:
-        raise WireError(f"{path}.col_indices", "lists the same column twice within a row")
+        raise WireError(col_field, "lists the same column twice within a row")
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import shutil
+import tarfile
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -175,6 +176,7 @@ async def weights_info(rt: Runtime, tenant_id: str, tinker_path: str) -> api.Wei
 
 # ----- signed downloads --------------------------------------------------------------------------
 TRACES_DIR = Path("exports") / "traces"  # under the data dir
+ARCHIVES_DIR = Path("exports") / "archives"  # tar files of checkpoints, made for download links
 
 
 def link_expiry(rt: Runtime) -> int:
@@ -197,18 +199,45 @@ async def download_urls(
     return api.ExternalWeightsUrlsResponse(urls=urls, expires=datetime.fromtimestamp(expires, tz=UTC))
 
 
+async def archive_url(
+    rt: Runtime, tenant_id: str, model_id: str, checkpoint_id: str, base_url: str
+) -> api.CheckpointArchiveUrlResponse:
+    """A signed link to a tar of a checkpoint the tenant may read (older SDKs download checkpoints
+    this way). The tar is made once per checkpoint version and removed by the reaper with its links."""
+    kind, name = parse_checkpoint_id(checkpoint_id)
+    path = str(ids.TinkerPath(model_id, kind, name))
+    row = await rt.db.run(lambda s: resolve_checkpoint(s, tenant_id, path, field="checkpoint_id"))
+    folder = rt.data_dir / row.storage_dir
+    relative = f"{row.id}/{folder.name}.tar"  # the folder name changes when the checkpoint is overwritten
+    target = rt.data_dir / ARCHIVES_DIR / relative
+    if not target.exists():
+        await asyncio.to_thread(_write_tar, folder, target)
+    expires = link_expiry(rt)
+    url = signing.signed_url(signing.secret_for(rt.data_dir), base_url, f"archives/{relative}", expires)
+    return api.CheckpointArchiveUrlResponse(url=url, expires=datetime.fromtimestamp(expires, tz=UTC))
+
+
+def _write_tar(folder: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{target.name}")
+    with tarfile.open(tmp, "w") as tar:
+        for file in sorted(p for p in folder.iterdir() if p.is_file()):
+            tar.add(file, arcname=file.name)
+    os.replace(tmp, target)
+
+
 async def signed_file(rt: Runtime, object_path: str, expires: int, signature: str) -> Path:
     """The file a signed link names. SignatureRejected for a bad or expired link; NotFound when the
     object is gone (a deleted or expired checkpoint)."""
     signing.verify(signing.secret_for(rt.data_dir), object_path, expires, signature)
     gone = NotFound("the file behind this download link no longer exists")
     kind, _, rest = object_path.partition("/")
-    if kind == "checkpoints":
+    if kind in ("checkpoints", "archives"):
         checkpoint_id, _, relative = rest.partition("/")
         row = await rt.db.run(lambda s: s.get(Checkpoint, checkpoint_id))
         if row is None or is_expired(row) or not relative:
             raise gone
-        root = rt.data_dir / row.storage_dir
+        root = rt.data_dir / (row.storage_dir if kind == "checkpoints" else ARCHIVES_DIR / checkpoint_id)
     elif kind == "traces":
         root, relative = rt.data_dir / TRACES_DIR, rest
     else:

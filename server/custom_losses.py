@@ -42,14 +42,14 @@ async def create(rt: Runtime, tenant_id: str, req: CreateCustomLossRequest, fing
             return loss_id
 
         stored = await rt.db.run(insert)
-        log.info("custom_loss_created", extra={"loss_id": stored, "tenant_id": tenant_id, "name": req.name})
+        log.info("custom_loss_created", extra={"loss_id": stored, "tenant_id": tenant_id, "loss_name": req.name})
         return json_result(CreateCustomLossResponse(loss_id=stored))
 
-    request_id = await rt.enqueue(
+    sub = await rt.enqueue(
         tenant_id, kind="create_custom_loss", scope=f"session:{req.session_id}:custom_loss",
         seq_id=req.custom_loss_seq_id, fingerprint=fingerprint, run=run,
     )
-    return UntypedAPIFuture(request_id=request_id)
+    return UntypedAPIFuture(request_id=sub.request_id)
 
 
 async def spec_for(rt: Runtime, tenant_id: str, session_id: str, loss_id: object) -> CustomLossSpec:

@@ -48,6 +48,10 @@ class Engine(Protocol):
         """Load a checkpoint into the model's adapter, creating the adapter if needed."""
         ...
 
+    async def unload(self, model_id: str) -> None:
+        """Drop the model's adapter (weights, optimizer state, gradients) from memory."""
+        ...
+
     async def sample_batch(self, adapter_dir: Path | None, jobs: list[SampleJob]) -> list[SampleOutput]:
         """Sample several requests in one batch from the base model with the adapter checkpoint at
         `adapter_dir` (None: no adapter); one output per job."""

@@ -132,12 +132,15 @@ class LocalEngine:
     async def load(self, model_id: str, src: Path, *, with_optimizer: bool) -> LoraSpec:
         return await self._call(self.trainer.load, _adapter_name(model_id), src, with_optimizer=with_optimizer)
 
+    async def unload(self, model_id: str) -> None:
+        await self._call(self.trainer.remove_adapter, _adapter_name(model_id))
+
     def _require(self, model_id: str) -> str:
         name = _adapter_name(model_id)
         if not self.trainer.has_adapter(name):
             raise OperationFailed(
-                f"model {model_id} has no weights in memory (the server restarted since it was created); "
-                "create a new training client from one of its checkpoints"
+                f"model {model_id} has no weights in memory (it was unloaded, or the server restarted since it "
+                "was created); create a new training client from one of its checkpoints"
             )
         return name
 

@@ -9,7 +9,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from server.checkpoints import TRACES_DIR, forget, remove_folders
+from server.checkpoints import ARCHIVES_DIR, TRACES_DIR, forget, remove_folders
 from server.store.queries import expired_checkpoints
 from server.store.tables import utcnow
 
@@ -30,17 +30,18 @@ async def reap_expired(rt: Runtime) -> int:
         reaped += len(folders)
         if len(folders) < BATCH:
             break
-    removed_traces = await asyncio.to_thread(_remove_old_traces, rt)
+    removed_traces = await asyncio.to_thread(_remove_old_exports, rt)
     if reaped or removed_traces:
         log.info("reaped_expired", extra={"checkpoints": reaped, "trace_exports": removed_traces})
     return reaped
 
 
-def _remove_old_traces(rt: Runtime) -> int:
-    """Trace exports older than a download link's lifetime: every link to them has expired."""
+def _remove_old_exports(rt: Runtime) -> int:
+    """Trace exports and checkpoint tars older than a download link's lifetime: every link to
+    them has expired (a new link makes a new one)."""
     cutoff = time.time() - rt.settings.signed_url_ttl_seconds
     removed = 0
-    for path in (rt.data_dir / TRACES_DIR).glob("*/*"):
+    for path in [*(rt.data_dir / TRACES_DIR).glob("*/*"), *(rt.data_dir / ARCHIVES_DIR).glob("*/*")]:
         try:
             if path.is_file() and path.stat().st_mtime < cutoff:
                 path.unlink()

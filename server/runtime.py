@@ -11,7 +11,7 @@ from server import ids
 from server.config import Settings
 from server.engine import Engine
 from server.feeds import CompletionFeeds
-from server.futures import FutureHub
+from server.futures import FutureHub, Submission
 from server.local_engine import LocalEngine
 from server.reaper import run_reaper
 from server.scheduler import Batch, Notify, OpRunner, Scheduler
@@ -30,6 +30,7 @@ class Runtime:
     scheduler: Scheduler
     engine: Engine
     feeds: CompletionFeeds = field(default_factory=CompletionFeeds)
+    samples_pending: int = 0  # sample requests admitted and not finished (the 429 limit counts these)
     _base: BaseModelInfo | None = None
     _background: list[asyncio.Task] = field(default_factory=list)
     tenant_cache: dict[str, str] = field(default_factory=dict)  # key hash -> tenant id
@@ -70,7 +71,7 @@ class Runtime:
         ordered: bool = False,
         batch: Batch | None = None,
         notify: Notify | None = None,
-    ) -> str:
+    ) -> Submission:
         """Take a future for a submission and queue its work (under `queue`, default `scope`),
         unless this exact submission was seen before in `scope`: then the earlier future answers
         and nothing runs twice (SDK retries resend the same body with the same seq_id)."""
@@ -85,7 +86,7 @@ class Runtime:
                 queue or scope, seq_id=seq_id, request_id=sub.request_id, kind=kind, run=run, batch=batch,
                 ordered=ordered, notify=notify,
             )
-        return sub.request_id
+        return sub
 
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)

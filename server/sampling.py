@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from server.store.tables import Checkpoint, SamplingSession
 from server.validation import check_token_ids
 from workers.types import PromptScoring, SampleJob, SampleOutput, SampleParams
 
+log = logging.getLogger(__name__)
 MAX_NUM_SAMPLES = 128
 
 
@@ -131,9 +133,7 @@ async def sample(rt: Runtime, tenant_id: str, req: api.SampleRequest, fingerprin
     job, target = _job(rt, req, prompt)
     adapter_dir = await _adapter_dir(rt, tenant_id, req)
     queue = f"sample:{adapter_dir or 'base'}"
-    if rt.scheduler.depth_prefix("sample:") >= rt.settings.sample_queue_limit:
-        # The SDK backs off and resends (protocol §6.8): load is shed here, not piled up.
-        raise Busy(f"the sampler queue is full ({rt.settings.sample_queue_limit} requests); retry shortly")
+    admit(rt, tenant_id)
 
     async def run_many(payloads: list[tuple[SampleJob, TargetIds | None]]) -> list[OpResult]:
         outputs = await rt.engine.sample_batch(adapter_dir, [job for job, _ in payloads])
@@ -142,18 +142,38 @@ async def sample(rt: Runtime, tenant_id: str, req: api.SampleRequest, fingerprin
     async def run() -> OpResult:
         return (await run_many([(job, target)]))[0]
 
+    publish = completion_notifier(rt, feed_key(tenant_id, req.sampling_session_id or "direct", req.seq_id))
+
+    def done(request_id: str, state: str, result: bytes | None) -> None:
+        rt.samples_pending -= 1
+        publish(request_id, state, result)
+
     # Requests on the same checkpoint share one batched prefill and decode (one adapter per pass).
     batch = Batch(key=queue, size=req.num_samples, budget=rt.settings.sample_batch_rows, payload=(job, target),
                   run=run_many)
-    sampler_id = req.sampling_session_id or "direct"
-    request_id = await rt.enqueue(
-        tenant_id, kind="sample", scope=f"sampler:{sampler_id}", seq_id=req.seq_id, fingerprint=fingerprint,
-        run=run, queue=queue, batch=batch,
-        notify=completion_notifier(rt, feed_key(tenant_id, sampler_id, req.seq_id)),
-    )
+    try:
+        sub = await rt.enqueue(
+            tenant_id, kind="sample", scope=f"sampler:{req.sampling_session_id or 'direct'}", seq_id=req.seq_id,
+            fingerprint=fingerprint, run=run, queue=queue, batch=batch, notify=done,
+        )
+    except BaseException:
+        rt.samples_pending -= 1
+        raise
+    if not sub.is_new:  # a retry of a request already admitted: it holds its own place
+        rt.samples_pending -= 1
     return api.UntypedAPIFuture(
-        request_id=request_id, sample_sequence_ids=[f"{request_id}:{i}" for i in range(req.num_samples)]
+        request_id=sub.request_id, sample_sequence_ids=[f"{sub.request_id}:{i}" for i in range(req.num_samples)]
     )
+
+
+def admit(rt: Runtime, tenant_id: str) -> None:
+    """Take a place among the samples admitted and not finished, or shed the request with a 429
+    (the SDK backs off and resends, protocol §6.8). Checked and taken with no await in between,
+    so concurrent requests cannot all slip past the limit."""
+    if rt.samples_pending >= rt.settings.sample_queue_limit:
+        log.info("sample_refused_busy", extra={"tenant_id": tenant_id, "limit": rt.settings.sample_queue_limit})
+        raise Busy(f"the sampler queue is full ({rt.settings.sample_queue_limit} requests); retry shortly")
+    rt.samples_pending += 1
 
 
 def _job(rt: Runtime, req: api.SampleRequest, prompt: list[int]) -> tuple[SampleJob, TargetIds | None]:

@@ -145,10 +145,6 @@ class Scheduler:
                     return op
         return None
 
-    def depth_prefix(self, prefix: str) -> int:
-        """Queued operations over all keys starting with `prefix`."""
-        return sum(len(q.ops) for key, q in self._queues.items() if key.startswith(prefix))
-
     def depth(self, key: str) -> int:
         queue = self._queues.get(key)
         return len(queue.ops) if queue else 0

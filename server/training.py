@@ -3,6 +3,7 @@ work on its model; the work itself runs later on the engine, in the model's seq_
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import shutil
@@ -23,6 +24,7 @@ from server.sessions import live_session
 from server.store.queries import checkpoint_by_name, owned
 from server.store.tables import Checkpoint, Model, SamplingSession, utcnow
 from server.validation import check_custom_loss_data, check_forward_backward
+from workers.adapter_files import RecipientError, age_recipients, encrypt_folder
 from workers.types import AdamConfig, LoraSpec
 
 log = logging.getLogger(__name__)
@@ -55,11 +57,11 @@ async def _model_op(
     batch: Batch | None = None,
 ) -> api.UntypedAPIFuture:
     """Queue an operation on its model, in the model's seq_id order."""
-    request_id = await rt.enqueue(
+    sub = await rt.enqueue(
         tenant_id, kind=kind, scope=model_queue(model.id), seq_id=seq_id, fingerprint=fingerprint, run=run,
         ordered=True, batch=batch,
     )
-    return api.UntypedAPIFuture(request_id=request_id, model_id=model.id)
+    return api.UntypedAPIFuture(request_id=sub.request_id, model_id=model.id)
 
 
 @contextmanager
@@ -110,11 +112,11 @@ async def create_model(rt: Runtime, tenant_id: str, req: api.CreateModelRequest,
         log.info("model_created", extra={"model_id": model_id, "tenant_id": tenant_id, "rank": spec.rank})
         return json_result(api.CreateModelResponse(model_id=model_id))
 
-    request_id = await rt.enqueue(
+    sub = await rt.enqueue(
         tenant_id, kind="create_model", scope=f"session:{req.session_id}", seq_id=req.model_seq_id,
         fingerprint=fingerprint, run=run,
     )
-    return api.UntypedAPIFuture(request_id=request_id, model_id=model_id)
+    return api.UntypedAPIFuture(request_id=sub.request_id, model_id=model_id)
 
 
 def _check_base_model(rt: Runtime, name: str | None, field: str = "base_model") -> None:
@@ -218,14 +220,18 @@ async def save_checkpoint(
     ephemeral: bool = False,
     ttl_seconds: int | None = None,
     user_metadata: dict | None = None,
+    encrypt_to: list[str] | None = None,
 ) -> Checkpoint:
-    """Write the model's adapter to a new folder and record it; runs inside a queued operation."""
+    """Write the model's adapter to a new folder and record it; runs inside a queued operation.
+    `encrypt_to`: age recipients every file is encrypted to before the checkpoint is recorded."""
     existing = await rt.db.run(lambda s: checkpoint_by_name(s, tenant_id, model.id, kind, name))
     if existing is not None and not overwrite and not is_expired(existing):
         path = ids.TinkerPath(model.id, kind, name)
         raise OperationFailed(f"checkpoint {path} already exists; choose another name (or save_state with overwrite=True)")
     checkpoint_id, relative, folder = new_checkpoint_dir(rt, tenant_id)
     size = await rt.engine.save(model.id, folder, with_optimizer=with_optimizer)
+    if encrypt_to:
+        size = await asyncio.to_thread(encrypt_folder, folder, encrypt_to)
 
     def record(s: Session) -> Checkpoint:
         row = checkpoint_by_name(s, tenant_id, model.id, kind, name)
@@ -294,6 +300,42 @@ async def save_weights_for_sampler(
     return await _model_op(rt, tenant_id, model, kind="save_weights_for_sampler", seq_id=req.seq_id, fingerprint=fingerprint, run=run)
 
 
+async def save_weights_external(
+    rt: Runtime, tenant_id: str, req: api.SaveWeightsExternalRequest, fingerprint: str
+) -> api.UntypedAPIFuture:
+    """The adapter as a peft folder (what vLLM, peft and merge tools load), optionally encrypted."""
+    model = await owned_model(rt, tenant_id, req.model_id)
+    with refusing(rt, model, req.seq_id):
+        check_ttl(req.ttl_seconds)
+        try:
+            age_recipients(req.age_encryption_recipients or [])
+        except RecipientError as exc:
+            raise InvalidRequest(str(exc), field=f"age_encryption_recipients[{exc.index}]") from None
+
+    async def run() -> OpResult:
+        row = await save_checkpoint(
+            rt, tenant_id, model, kind="external", name=req.path, with_optimizer=False, ttl_seconds=req.ttl_seconds,
+            encrypt_to=req.age_encryption_recipients,
+        )
+        path = str(ids.TinkerPath(model.id, "external", req.path))
+        return json_result(api.SaveWeightsExternalResponse(path=path, size_bytes=row.size_bytes))
+
+    return await _model_op(rt, tenant_id, model, kind="save_weights_external", seq_id=req.seq_id,
+                           fingerprint=fingerprint, run=run)
+
+
+async def unload_model(rt: Runtime, tenant_id: str, req: api.UnloadModelRequest, fingerprint: str) -> api.UntypedAPIFuture:
+    """Free the model's weights after everything already queued for it; its checkpoints stay."""
+    model = await owned_model(rt, tenant_id, req.model_id, touch=False)
+
+    async def run() -> OpResult:
+        await rt.engine.unload(model.id)
+        log.info("model_unloaded", extra={"model_id": model.id, "tenant_id": tenant_id})
+        return json_result(api.UnloadModelResponse(model_id=model.id))
+
+    return await _model_op(rt, tenant_id, model, kind="unload_model", seq_id=None, fingerprint=fingerprint, run=run)
+
+
 async def training_checkpoint(rt: Runtime, tenant_id: str, path: str, field: str = "path") -> Checkpoint:
     row = await rt.db.run(lambda s: resolve_checkpoint(s, tenant_id, path, field=field))
     if row.kind != "training":
@@ -344,7 +386,7 @@ async def _create_from_checkpoint(
         log.info("model_created_from_checkpoint", extra={"model_id": model_id, "tenant_id": tenant_id})
         return json_result(api.LoadWeightsResponse(path=req.path, model_id=model_id))
 
-    request_id = await rt.enqueue(
+    sub = await rt.enqueue(
         tenant_id, kind="load_weights", scope=f"session:{session_id}", seq_id=seq, fingerprint=fingerprint, run=run
     )
-    return api.UntypedAPIFuture(request_id=request_id, model_id=model_id)
+    return api.UntypedAPIFuture(request_id=sub.request_id, model_id=model_id)

@@ -210,10 +210,9 @@ class LoraTrainer:
         with files.atomic_dir(dest) as tmp:
             files.save_tensors(tmp / files.WEIGHTS_FILE, state)
             self.model.peft_config[name].save_pretrained(str(tmp))
-            has_opt = with_optimizer and adapter.optimizer is not None
-            if has_opt:
+            if with_optimizer:  # empty before the first step: loading it then starts Adam afresh, as it was
                 files.save_tensors(tmp / files.OPTIMIZER_FILE, self._optimizer_tensors(adapter))
-            files.write_meta(tmp, base_model=self.info.name, spec=adapter.spec, has_optimizer=has_opt)
+            files.write_meta(tmp, base_model=self.info.name, spec=adapter.spec, has_optimizer=with_optimizer)
         return files.folder_size(dest)
 
     def load(self, name: str, src: Path, *, with_optimizer: bool) -> LoraSpec:
@@ -259,8 +258,9 @@ class LoraTrainer:
             raise AdapterError(f"checkpoint has unexpected tensors: {unexpected[:3]}")
 
     def _optimizer_tensors(self, adapter: _Adapter) -> dict[str, torch.Tensor]:
-        assert adapter.optimizer is not None
         out: dict[str, torch.Tensor] = {}
+        if adapter.optimizer is None:
+            return out
         for key, param in adapter.params.items():
             state = adapter.optimizer.state.get(param)
             if not state:

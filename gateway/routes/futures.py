@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from gateway.deps import Rt, TenantId
 from gateway.errors import error_body
-from schemas import futures
+from schemas import futures, legacy
 from schemas import tinker as api
 from server import sampling
 from server.errors import NotFound
@@ -16,8 +16,18 @@ router = APIRouter()
 MEDIA = {"proto": "application/x-protobuf", "json": "application/json"}
 
 
+def accepts_protobuf(accept: str | None) -> bool:
+    """Whether the client reads protobuf results. SDK 0.16 sends ``Accept: application/json`` and
+    can only read JSON; 0.18 .. 0.24 list both, 0.25+ only protobuf. No header, or a wildcard,
+    accepts anything."""
+    if not accept:
+        return True
+    types = {part.split(";")[0].strip().lower() for part in accept.split(",")}
+    return bool(types & {"application/x-protobuf", "application/*", "*/*", ""})
+
+
 @router.post("/retrieve_future")
-async def retrieve_future(req: api.FutureRetrieveRequest, rt: Rt, tenant: TenantId) -> Response:
+async def retrieve_future(req: api.FutureRetrieveRequest, request: Request, rt: Rt, tenant: TenantId) -> Response:
     # Held until the result is ready or long_poll_seconds pass: an immediate try_again would
     # make the SDK re-poll in a tight loop.
     view = await rt.hub.wait(tenant, req.request_id, rt.settings.long_poll_seconds)
@@ -28,11 +38,18 @@ async def retrieve_future(req: api.FutureRetrieveRequest, rt: Rt, tenant: Tenant
         return JSONResponse(body.model_dump(mode="json", exclude_none=True))
     if view.state == "failed":
         return JSONResponse(error_body(view.error or "failed", category=view.error_category or "unknown"))
-    size = len(view.result or b"")
+    result, result_format = view.result or b"", view.result_format or "json"
+    if result_format == "proto" and not accepts_protobuf(request.headers.get("accept")):
+        # An old SDK: the same result in the JSON shape it validates (never through JSONResponse,
+        # which refuses NaN; legacy writes it as the SDK reads it).
+        transcoded = legacy.result_to_json(view.kind, result)
+        if transcoded is not None:
+            result, result_format = transcoded, "json"
+    size = len(result)
     if req.allow_metadata_only and size > rt.settings.metadata_only_bytes:
         # The SDK reserves room in its in-flight budget, then asks again for the payload.
         return JSONResponse(futures.CompleteMetadataResponse(response_payload_size=size).model_dump())
-    return Response(view.result, media_type=MEDIA[view.result_format or "json"])
+    return Response(result, media_type=MEDIA[result_format], headers={"Vary": "Accept"})
 
 
 @router.post("/retrieve_futures", response_model_exclude_none=True)

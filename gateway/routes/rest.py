@@ -7,6 +7,7 @@ it as two path parameters; anything else under .../checkpoints/ is a malformed c
 
 from __future__ import annotations
 
+from email.utils import format_datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request
@@ -93,6 +94,17 @@ async def external_weights_urls(
     return await checkpoints.download_urls(rt, tenant, model_id, f"{segment}/{name}", _download_base(request))
 
 
+@router.get(RUN_CHECKPOINT + "/archive")
+async def checkpoint_archive(
+    model_id: str, segment: str, name: str, request: Request, rt: Rt, tenant: TenantId
+) -> JSONResponse:
+    """A signed link to a tar of the checkpoint, as SDKs before 0.38 download one: a 302 to it
+    (0.16 accepts nothing else), with the link and its expiry in the body too."""
+    link = await checkpoints.archive_url(rt, tenant, model_id, f"{segment}/{name}", _download_base(request))
+    headers = {"Location": link.url, "Expires": format_datetime(link.expires, usegmt=True)}
+    return JSONResponse(link.model_dump(mode="json"), status_code=302, headers=headers)
+
+
 @router.api_route("/training_runs/{model_id}/checkpoints/{rest:path}", methods=["GET", "POST", "PUT", "DELETE"])
 async def malformed_checkpoint_route(model_id: str, rest: str, request: Request, _: TenantId) -> JSONResponse:
     """Whatever the routes above did not match: a checkpoint_id without its '/', with an unknown
@@ -105,7 +117,7 @@ async def malformed_checkpoint_route(model_id: str, rest: str, request: Request,
     except InvalidRequest as exc:
         return JSONResponse(error_body(exc.message, field="checkpoint_id"), 400)
     message = f"{request.method} .../checkpoints/{rest} is not an endpoint of this API"
-    return JSONResponse(error_body(message), 404 if action not in ("", "publish", "ttl", "external_weights_urls") else 405)
+    return JSONResponse(error_body(message), 404 if action not in ("", "publish", "ttl", "external_weights_urls", "archive") else 405)
 
 
 @router.get("/checkpoints", response_model_exclude_none=True)

@@ -17,7 +17,9 @@ def client_config(rt: Runtime) -> api.ClientConfigResponse:
     """How the SDK should talk to this server (protocol §8.1): chunks of a large forward_backward
     are sent concurrently and zstd-compressed (the model's queue puts them back in order and runs
     them as one pass); samplers learn of finished requests from the session completion feed;
-    custom losses run here, from an uploaded graph."""
+    custom losses run here, from an uploaded graph. The last three flags steer SDKs 0.22 .. 0.30
+    onto the protocol of 0.38 (which ignores them): protobuf forward_backward, forward() as
+    forward_backward with forward_only, create-from-state as one load_weights."""
     return api.ClientConfigResponse(
         pjwt_auth_enabled=False,
         proto_compress_fwdbwd=True,
@@ -26,6 +28,9 @@ def client_config(rt: Runtime) -> api.ClientConfigResponse:
         custom_loss_server_side=rt.settings.custom_loss_server_side,
         sample_join_sampling_session=False,
         use_pyqwest_transport=True,
+        proto_write_fwdbwd=True,
+        fwd_via_fwdbwd=True,
+        create_model_via_load_weights=True,
     )
 
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated
 
 from fastapi import APIRouter, Request
 
 from gateway.deps import Fingerprint, Rt, TenantId, sequenced_body
+from schemas import legacy
 from schemas import tinker as api
 from schemas.custom_loss import CreateCustomLossRequest
-from schemas.wire import decode_forward_backward_request
+from schemas.wire import ForwardBackwardCall, WireError, decode_forward_backward_request
 from server import custom_losses, training
 
 router = APIRouter()
@@ -19,6 +21,7 @@ OptimStepBody = Annotated[api.OptimStepRequest, sequenced_body(api.OptimStepRequ
 SaveWeightsBody = Annotated[api.SaveWeightsRequest, sequenced_body(api.SaveWeightsRequest)]
 SaveForSamplerBody = Annotated[api.SaveWeightsForSamplerRequest, sequenced_body(api.SaveWeightsForSamplerRequest)]
 LoadWeightsBody = Annotated[api.LoadWeightsRequest, sequenced_body(api.LoadWeightsRequest)]
+SaveExternalBody = Annotated[api.SaveWeightsExternalRequest, sequenced_body(api.SaveWeightsExternalRequest)]
 
 
 @router.post("/create_model", response_model_exclude_none=True)
@@ -33,10 +36,32 @@ async def get_info(req: api.GetInfoRequest, rt: Rt, tenant: TenantId) -> api.Get
 
 @router.post("/forward_backward", response_model_exclude_none=True)
 async def forward_backward(request: Request, rt: Rt, tenant: TenantId, fp: Fingerprint) -> api.UntypedAPIFuture:
-    # Protobuf body (protocol §7); forward() is the same call with forward_only set.
-    body = await request.body()
-    call = decode_forward_backward_request(body, request.headers.get("content-encoding"))
+    # Protobuf body (protocol §7); forward() is the same call with forward_only set. Older SDKs
+    # (0.16 .. 0.24 without proto_write_fwdbwd) send the JSON ForwardBackwardRequest instead.
+    call = await _decode_call(request, rt, tenant, forward_only=False)
     return await training.forward_backward(rt, tenant, call, fp)
+
+
+@router.post("/forward", response_model_exclude_none=True)
+async def forward(request: Request, rt: Rt, tenant: TenantId, fp: Fingerprint) -> api.UntypedAPIFuture:
+    """Older SDKs' forward(): a JSON ForwardRequest (``forward_input``); a protobuf body is read as
+    forward_backward's. Either way it runs forward only, on the same model queue."""
+    call = await _decode_call(request, rt, tenant, forward_only=True)
+    return await training.forward_backward(rt, tenant, call, fp)
+
+
+async def _decode_call(request: Request, rt: Rt, tenant: str, *, forward_only: bool) -> ForwardBackwardCall:
+    body = await request.body()
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        call = decode_forward_backward_request(body, request.headers.get("content-encoding"))
+        return dataclasses.replace(call, forward_only=True) if forward_only else call
+    try:
+        return legacy.decode_forward_backward_json(body, forward_only=forward_only)
+    except WireError:
+        # Refused before it was queued: the model's queue must not wait for its seq_id.
+        await training.release_seq(rt, tenant, *legacy.model_and_seq_of(body))
+        raise
 
 
 @router.post("/optim_step", response_model_exclude_none=True)
@@ -66,3 +91,13 @@ async def create_custom_loss(
     req: CreateCustomLossRequest, rt: Rt, tenant: TenantId, fp: Fingerprint
 ) -> api.UntypedAPIFuture:
     return await custom_losses.create(rt, tenant, req, fp)
+
+
+@router.post("/save_weights_external", response_model_exclude_none=True)
+async def save_weights_external(req: SaveExternalBody, rt: Rt, tenant: TenantId, fp: Fingerprint) -> api.UntypedAPIFuture:
+    return await training.save_weights_external(rt, tenant, req, fp)
+
+
+@router.post("/unload_model", response_model_exclude_none=True)
+async def unload_model(req: api.UnloadModelRequest, rt: Rt, tenant: TenantId, fp: Fingerprint) -> api.UntypedAPIFuture:
+    return await training.unload_model(rt, tenant, req, fp)

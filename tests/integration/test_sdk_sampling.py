@@ -1,5 +1,5 @@
 """Sampling through the unmodified SDK: ephemeral and named sampler weights, the bare base model,
-compute_logprobs, seeds and stop conditions."""
+compute_logprobs, seeds and stop conditions. Every test here also runs against the older SDKs."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import tinker
 from tinker import types
 
 from tests.integration.conftest import make_data
+from tests.integration.sdk_compat import close, resolve, rest_client
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.sdk]
 BASE = "tiny-qwen3"
 
 
@@ -20,7 +21,7 @@ BASE = "tiny-qwen3"
 def trained(server, token_rows):
     """A model after two steps, and its three kinds of sampling client."""
     sc = tinker.ServiceClient(base_url=server.base_url, api_key="tml-sampling")
-    tc = sc.create_lora_training_client(BASE, rank=8, seed=5).result()
+    tc = resolve(sc.create_lora_training_client(BASE, rank=8, seed=5))
     data = make_data(token_rows)
     for _ in range(2):
         fb = tc.forward_backward(data, "cross_entropy")
@@ -28,12 +29,12 @@ def trained(server, token_rows):
         fb.result()
     path = tc.save_weights_for_sampler("after-2").result().path
     clients = {
-        "ephemeral": tc.save_weights_and_get_sampling_client().result(),
-        "named": sc.create_sampling_client(model_path=path).result(),
-        "base": sc.create_sampling_client(base_model=BASE).result(),
+        "ephemeral": resolve(tc.save_weights_and_get_sampling_client()),
+        "named": resolve(sc.create_sampling_client(model_path=path)),
+        "base": resolve(sc.create_sampling_client(base_model=BASE)),
     }
-    yield tc, clients, path
-    sc.close("success").result()
+    yield tc, clients, path, sc
+    close(sc)
 
 
 def check_sequences(result: types.SampleResponse, n: int, max_tokens: int) -> None:
@@ -47,14 +48,14 @@ def check_sequences(result: types.SampleResponse, n: int, max_tokens: int) -> No
 
 @pytest.mark.parametrize("kind", ["ephemeral", "named", "base"])
 def test_each_sampling_client_samples_num_samples_with_logprobs(trained, token_rows, kind) -> None:
-    _, clients, _ = trained
+    _, clients, *_ = trained
     params = types.SamplingParams(max_tokens=12, temperature=1.0, seed=11)
     result = clients[kind].sample(types.ModelInput.from_ints(token_rows[0][:6]), 3, params).result()
     check_sequences(result, 3, 12)
 
 
 def test_same_seed_same_tokens_and_adapter_changes_the_distribution(trained, token_rows) -> None:
-    _, clients, _ = trained
+    _, clients, *_ = trained
     prompt = types.ModelInput.from_ints(token_rows[2][:5])
     params = types.SamplingParams(max_tokens=10, temperature=1.0, seed=1234, stop=[])
     tokens = {k: [s.tokens for s in c.sample(prompt, 2, params).result().sequences] for k, c in clients.items()}
@@ -66,7 +67,7 @@ def test_same_seed_same_tokens_and_adapter_changes_the_distribution(trained, tok
 
 
 def test_compute_logprobs_equals_the_trainers_forward(trained, token_rows) -> None:
-    tc, clients, _ = trained
+    tc, clients, *_ = trained
     row = token_rows[1]
     logprobs = clients["named"].compute_logprobs(types.ModelInput.from_ints(row)).result()
     forward = tc.forward(make_data([row]), "cross_entropy").result()
@@ -76,7 +77,7 @@ def test_compute_logprobs_equals_the_trainers_forward(trained, token_rows) -> No
 
 
 def test_sampled_logprobs_are_the_models_own(trained, token_rows) -> None:
-    _, clients, _ = trained
+    _, clients, *_ = trained
     prompt = token_rows[3][:4]
     seq = clients["named"].sample(
         types.ModelInput.from_ints(prompt), 1, types.SamplingParams(max_tokens=6, temperature=0.7, seed=9, stop=[])
@@ -86,7 +87,7 @@ def test_sampled_logprobs_are_the_models_own(trained, token_rows) -> None:
 
 
 def test_greedy_stop_tokens_and_max_tokens(trained, token_rows) -> None:
-    _, clients, _ = trained
+    _, clients, *_ = trained
     prompt = types.ModelInput.from_ints(token_rows[0][:6])
     greedy = types.SamplingParams(max_tokens=8, temperature=0.0, stop=[])
     first, second = (clients["base"].sample(prompt, 2, greedy).result() for _ in range(2))
@@ -101,9 +102,9 @@ def test_greedy_stop_tokens_and_max_tokens(trained, token_rows) -> None:
 
 
 def test_sampler_reports_its_base_model_and_path(trained, server) -> None:
-    _, clients, path = trained
+    _, clients, path, sc = trained
     assert clients["named"].get_base_model() == BASE
-    rest = tinker.RestClient(base_url=server.base_url, api_key="tml-sampling")
+    rest = rest_client(server, "tml-sampling", sc)
     # The SDK has no public getter for a client's sampler id; RestClient.get_sampler takes one.
     sampler = rest.get_sampler(clients["named"]._sampling_session_id).result()
     assert (sampler.base_model, sampler.model_path) == (BASE, path)

@@ -1,4 +1,5 @@
-"""The unmodified tinker SDK trains a LoRA adapter against a real server process, sync and async."""
+"""The unmodified tinker SDK trains a LoRA adapter against a real server process, sync and async.
+Every test here also runs against the older SDKs (`make test`; `pytest -m sdk --sdk 0.16.1`)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,11 @@ import tinker
 from tinker import types
 
 from tests.integration.conftest import make_data
+from tests.integration.sdk_compat import close, resolve, rest_client, sample_async, service
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.sdk]
 BASE = "tiny-qwen3"
 LR = 3e-3
-
-
-def service(server, key: str = "tml-training") -> tinker.ServiceClient:
-    return tinker.ServiceClient(base_url=server.base_url, api_key=key)
 
 
 def train_step(tc, data) -> float:
@@ -30,8 +28,8 @@ def train_step(tc, data) -> float:
 
 def test_sync_training_learns_and_forward_matches_forward_backward(server, token_rows) -> None:
     data = make_data(token_rows)
-    with service(server) as sc:
-        tc = sc.create_lora_training_client(BASE, rank=8, seed=0).result()
+    with service(server, "tml-training") as sc:
+        tc = resolve(sc.create_lora_training_client(BASE, rank=8, seed=0))
         assert tc.get_info().model_data.model_name == BASE
         losses = []
         for _ in range(10):
@@ -53,7 +51,7 @@ def test_async_training_learns(server, token_rows) -> None:
     data = make_data(token_rows)
 
     async def run() -> list[float]:
-        sc = service(server, key="tml-training-async")
+        sc = tinker.ServiceClient(base_url=server.base_url, api_key="tml-training-async")
         tc = await sc.create_lora_training_client_async(BASE, rank=8, seed=0)
         losses = []
         for step in range(10):
@@ -71,10 +69,10 @@ def test_async_training_learns(server, token_rows) -> None:
         resumed = await sc.create_training_client_from_state_with_optimizer_async(saved.path)
         assert (await resumed.get_info_async()).lora_rank == 8
         sampler = await tc.save_weights_and_get_sampling_client_async()
-        result = await sampler.sample(types.ModelInput.from_ints(data[0].model_input.to_ints()[:4]), 2,
-                                      types.SamplingParams(max_tokens=4, seed=3))
+        result = await sample_async(sampler, types.ModelInput.from_ints(data[0].model_input.to_ints()[:4]), 2,
+                                    types.SamplingParams(max_tokens=4, seed=3))
         assert len(result.sequences) == 2
-        await asyncio.to_thread(lambda: sc.close("success").result())
+        await asyncio.to_thread(close, sc)
         return losses
 
     losses = asyncio.run(run())
@@ -83,34 +81,34 @@ def test_async_training_learns(server, token_rows) -> None:
 
 def test_save_and_resume_matches_an_uninterrupted_run(server, token_rows) -> None:
     data = make_data(token_rows)
-    with service(server, key="tml-resume") as sc:
-        tc = sc.create_lora_training_client(BASE, rank=8, seed=1).result()
+    with service(server, "tml-resume") as sc:
+        tc = resolve(sc.create_lora_training_client(BASE, rank=8, seed=1))
         for _ in range(3):
             train_step(tc, data)
         path = tc.save_state("after-3").result().path
         assert path == f"tinker://{tc.model_id}/weights/after-3"
         uninterrupted = [train_step(tc, data) for _ in range(3)]
 
-        resumed = sc.create_training_client_from_state_with_optimizer(path).result()
+        resumed = resolve(sc.create_training_client_from_state_with_optimizer(path))
         assert resumed.model_id != tc.model_id
         assert [train_step(resumed, data) for _ in range(3)] == pytest.approx(uninterrupted, abs=1e-5)
 
         tc.load_state_with_optimizer(path).result()  # rewinds the original model
         assert [train_step(tc, data) for _ in range(3)] == pytest.approx(uninterrupted, abs=1e-5)
 
-        fresh_optimizer = sc.create_training_client_from_state(path).result()
+        fresh_optimizer = resolve(sc.create_training_client_from_state(path))
         first, second = train_step(fresh_optimizer, data), train_step(fresh_optimizer, data)
         assert first == pytest.approx(uninterrupted[0], abs=1e-5)  # same weights ...
         assert abs(second - uninterrupted[1]) > 1e-3  # ... but Adam started over
 
 
 def test_rest_client_lists_runs_and_checkpoints(server, token_rows) -> None:
-    with service(server, key="tml-rest") as sc:
-        tc = sc.create_lora_training_client(BASE, rank=4, seed=2, user_metadata={"purpose": "rest"}).result()
+    with service(server, "tml-rest") as sc:
+        tc = resolve(sc.create_lora_training_client(BASE, rank=4, seed=2, user_metadata={"purpose": "rest"}))
         tc.save_state("r1").result()
         tc.save_weights_for_sampler("s1").result()
-        tc.save_weights_and_get_sampling_client().result()  # ephemeral: not a listed checkpoint
-        rc = tinker.RestClient(base_url=server.base_url, api_key="tml-rest")
+        resolve(tc.save_weights_and_get_sampling_client())  # ephemeral: not a listed checkpoint
+        rc = rest_client(server, "tml-rest", sc)
         runs = rc.list_training_runs().result()
         assert [r.training_run_id for r in runs.training_runs] == [tc.model_id]
         assert runs.cursor.total_count == 1

@@ -134,3 +134,21 @@ def test_oversized_body_is_413_before_it_is_read(client: TestClient) -> None:
     limit = client.app.state.runtime.settings.max_request_mb * 2**20
     r = client.post("/api/v1/forward_backward", content=b"x", headers={**KEY, "Content-Length": str(limit + 1)})
     assert "exceeds" in error(r, 413)["error"]
+
+
+def test_sample_admissions_are_given_back(client: TestClient) -> None:
+    """The 429 limit counts admitted, unfinished samples: finished, retried and refused requests
+    must all leave the count where it was."""
+    rt = client.app.state.runtime
+    sid = session(client)
+    r = client.post("/api/v1/create_sampling_session",
+                    json={"session_id": sid, "sampling_session_seq_id": 0, "base_model": "tiny-qwen3"}, headers=KEY)
+    body = {"sampling_session_id": r.json()["sampling_session_id"], "seq_id": 7, "num_samples": 2,
+            "prompt": {"chunks": [{"type": "encoded_text", "tokens": [5, 6, 7]}]}, "sampling_params": {"max_tokens": 2}}
+    first = client.post("/api/v1/asample", json=body, headers=KEY).json()["request_id"]
+    retry = client.post("/api/v1/asample", json=body, headers=KEY).json()["request_id"]
+    assert retry == first
+    error(client.post("/api/v1/asample", json={**body, "num_samples": 1000}, headers=KEY), 400)
+    result = client.post("/api/v1/retrieve_future", json={"request_id": first}, headers=KEY)
+    assert result.headers["content-type"].startswith("application/x-protobuf")
+    assert rt.samples_pending == 0

@@ -475,9 +475,12 @@ def test_load_without_optimizer_restarts_adam(trainer: LoraTrainer, names, train
 
 def test_save_without_optimizer_and_before_any_step(trainer: LoraTrainer, make, names, tmp_path: Path) -> None:
     name = make(SPEC_F, perturb=13)
-    trainer.save(name, tmp_path / "fresh", with_optimizer=True)  # no step yet: nothing to save
-    assert json.loads((tmp_path / "fresh" / files.META_FILE).read_text())["has_optimizer"] is False
-    assert not (tmp_path / "fresh" / files.OPTIMIZER_FILE).exists()
+    trainer.save(name, tmp_path / "fresh", with_optimizer=True)  # no step yet: an empty optimizer state
+    assert json.loads((tmp_path / "fresh" / files.META_FILE).read_text())["has_optimizer"] is True
+    assert files.load_tensors(tmp_path / "fresh" / files.OPTIMIZER_FILE) == {}
+    fresh = names()
+    trainer.load(fresh, tmp_path / "fresh", with_optimizer=True)  # loads, and Adam starts afresh
+    assert trainer._adapter(fresh).optimizer is not None and not trainer._adapter(fresh).optimizer.state
     fb(trainer, name, ce_batch(64))
     trainer.optim_step(name, ADAM_F)
     trainer.save(name, tmp_path / "weights-only", with_optimizer=False)
