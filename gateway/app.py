@@ -9,12 +9,13 @@ from fastapi import FastAPI
 
 from gateway import errors
 from gateway.limits import BodySizeLimit
-from gateway.routes import futures, rest, sampling, service, training
+from gateway.routes import admin, futures, rest, sampling, service, training, twinkle
 from server.config import settings_from_env
 from server.logs import setup_logging
 from server.runtime import Runtime
 
 API_PREFIX = "/api/v1"
+TWINKLE_PREFIX = "/twinkle/v1"  # Twinkle's own extensions
 
 
 def create_app(runtime: Runtime) -> FastAPI:
@@ -32,6 +33,8 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=runtime.settings.max_request_mb * 2**20)
     for router in (service.router, training.router, sampling.router, futures.router, rest.router):
         app.include_router(router, prefix=API_PREFIX)
+    app.include_router(admin.router)
+    app.include_router(twinkle.router, prefix=TWINKLE_PREFIX)
     return app
 
 

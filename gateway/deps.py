@@ -1,14 +1,16 @@
-"""FastAPI dependencies: the runtime, the calling tenant, the submission fingerprint."""
+"""FastAPI dependencies: the runtime, the calling tenant, the admin check, the submission fingerprint."""
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Header, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
+from server.errors import NotFound, Unauthorized
 from server.runtime import Runtime
 from server.tenants import tenant_for_key
 from server.training import release_seq
@@ -24,6 +26,21 @@ async def get_tenant(
     request: Request, x_api_key: Annotated[str | None, Header(alias="X-API-Key")] = None
 ) -> str:
     return await tenant_for_key(get_runtime(request), x_api_key)
+
+
+async def require_admin(
+    request: Request, x_admin_key: Annotated[str | None, Header(alias="X-Admin-Key")] = None
+) -> None:
+    """The admin API is for whoever holds the admin key (held here only as its sha256)."""
+    expected = get_runtime(request).settings.admin_key
+    if expected is None:
+        raise NotFound("admin API disabled: start the server with an admin key (TWINKLE_ADMIN_KEY, --admin-key, "
+                       "or admin_key in the config file) to enable it")
+    if not x_admin_key:
+        raise Unauthorized("missing admin key: send it in the X-Admin-Key header")
+    given = "sha256:" + hashlib.sha256(x_admin_key.encode()).hexdigest()
+    if not hmac.compare_digest(given, expected):
+        raise Unauthorized("wrong admin key")
 
 
 async def get_fingerprint(request: Request) -> str:

@@ -30,7 +30,10 @@ def error_body(message: str, *, category: str = "user", field: str | None = None
 def install(app: FastAPI) -> None:
     @app.exception_handler(TwinkleError)
     async def twinkle_error(_: Request, exc: TwinkleError) -> JSONResponse:
-        headers = {"Retry-After": f"{exc.retry_after:g}"} if isinstance(exc, Busy) else None
+        headers = None
+        if isinstance(exc, Busy):
+            # The SDK honours both: Retry-After paces its retries, x-should-retry: false stops them.
+            headers = {"Retry-After": f"{exc.retry_after:g}", "x-should-retry": str(exc.retryable).lower()}
         return JSONResponse(error_body(exc.message, category=exc.category, field=exc.field), STATUS[exc.kind], headers)
 
     @app.exception_handler(WireError)

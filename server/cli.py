@@ -1,13 +1,21 @@
-"""`twinkle` command line."""
+"""`twinkle` command line.
+
+`twinkle tenants ...` and `twinkle keys ...` work on the database directly (the one `serve` would
+use with the same --data-dir / --database-url / --config), also while a server runs on it. Their
+output is for scripts: one JSON object per answer, tables for lists (or JSON with --json), and
+`keys create` prints the new key alone on stdout."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from server.config import RESOLVED_ENV, ConfigError, Settings, load_settings
+from server.config import RESOLVED_ENV, ConfigError, Settings, bind_problem, load_settings
 
 APP_FACTORY = "gateway.app:create_app_from_env"
 
@@ -22,6 +30,67 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite in the data dir; env TWINKLE_DATABASE_URL)")
     p.add_argument("--torch-threads", type=int, help="torch threads of the compute thread (env TWINKLE_TORCH_THREADS)")
     p.add_argument("--log-level", help="debug, info, warning (env TWINKLE_LOG_LEVEL)")
+    p.add_argument(
+        "--auth", choices=("keys", "open"),
+        help="keys: registered API keys only; open: every key is its own tenant, loopback only "
+        "(default open; env TWINKLE_AUTH)",
+    )
+    p.add_argument("--admin-key", help="enables the admin API under /twinkle/v1/admin (env TWINKLE_ADMIN_KEY, "
+                   "which keeps it out of the process list; or 'sha256:<hex>' of it)")
+
+
+def _store_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML file with data_dir / database_url")
+    p.add_argument("--data-dir", type=Path, help="the server's data dir (env TWINKLE_DATA_DIR)")
+    p.add_argument("--database-url", help="the server's database (env TWINKLE_DATABASE_URL)")
+
+
+def _limit(text: str) -> tuple[str, int | float]:
+    name, sep, raw = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    for kind in (int, float):
+        try:
+            return name.strip(), kind(raw)
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"{name}: expected a number, got {raw!r}")
+
+
+def _tenants_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tenants", help="create and list tenants, set their quota overrides")
+    cmds = p.add_subparsers(dest="action", required=True)
+    limit_help = "a quota override, e.g. max_live_models=3 (repeatable; see server/quotas.py for the names)"
+    c = cmds.add_parser("create", help="create a tenant (then give it a key: twinkle keys create --tenant NAME)")
+    c.add_argument("name")
+    c.add_argument("--limit", type=_limit, action="append", default=[], metavar="NAME=VALUE", help=limit_help)
+    ls = cmds.add_parser("list", help="list tenants")
+    ls.add_argument("--json", action="store_true", help="JSON instead of a table")
+    show = cmds.add_parser("show", help="one tenant, as JSON")
+    show.add_argument("name")
+    lim = cmds.add_parser("limits", help="print a tenant's quota overrides; with options, change them first")
+    lim.add_argument("name")
+    lim.add_argument("--limit", type=_limit, action="append", default=[], metavar="NAME=VALUE", help=limit_help)
+    lim.add_argument("--unset", action="append", default=[], metavar="NAME", help="drop an override (repeatable)")
+    lim.add_argument("--clear", action="store_true", help="drop every override first")
+    for q in (c, ls, show, lim):
+        _store_options(q)
+
+
+def _keys_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("keys", help="create, list and revoke API keys")
+    cmds = p.add_subparsers(dest="action", required=True)
+    c = cmds.add_parser("create", help="make a key for a tenant and print it (it is shown this once)")
+    c.add_argument("--tenant", required=True)
+    c.add_argument("--label", help="a note on what the key is for")
+    ls = cmds.add_parser("list", help="list keys (never the keys themselves)")
+    ls.add_argument("--tenant")
+    ls.add_argument("--active", action="store_true", help="leave out revoked keys")
+    ls.add_argument("--json", action="store_true", help="JSON instead of a table")
+    r = cmds.add_parser("revoke", help="revoke a key by its id (key-…); a running server refuses it within seconds")
+    r.add_argument("key_id")
+    for q in (c, ls, r):
+        _store_options(q)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     mp = sub.add_parser("model-path", help="print the local folder (weights + tokenizer) of a base model")
     mp.add_argument("name")
     mp.add_argument("--data-dir", type=Path, help="data dir the model is materialised in (env TWINKLE_DATA_DIR)")
+    _tenants_parser(sub)
+    _keys_parser(sub)
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "name")}
+    options = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
     try:
         settings = load_settings(cli=options, config_file=getattr(args, "config", None))
     except ConfigError as exc:
@@ -41,7 +112,101 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "model-path":
         return _model_path(args.name, settings)
+    if args.command == "tenants":
+        return _store_command(settings, _tenants_action(args))
+    if args.command == "keys":
+        return _store_command(settings, _keys_action(args))
+    if problem := bind_problem(settings):
+        print(f"twinkle: {problem}", file=sys.stderr)
+        return 2
     return _serve(settings)
+
+
+# ----- tenants and keys --------------------------------------------------------------------------
+def _store_command(settings: Settings, action: Callable[[Any], None]) -> int:
+    from server.errors import TwinkleError
+    from server.store.database import Database
+
+    db = Database(settings.resolved_database_url, threads=1)
+    try:
+        db.migrate()
+        db.call(action)
+    except TwinkleError as exc:
+        print(f"twinkle: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        db.close()
+    return 0
+
+
+def _tenants_action(args: argparse.Namespace) -> Callable[[Any], None]:
+    from server import tenants
+
+    def run(s: Any) -> None:
+        if args.action == "create":
+            _print_json(tenants.create_tenant(s, args.name, dict(args.limit)))
+        elif args.action == "list":
+            rows = tenants.list_tenants(s)
+            if args.json:
+                _print_json(rows)
+            else:
+                _print_table(["NAME", "ID", "KEYS", "LIMITS", "CREATED"], [
+                    [t.name, t.id, t.active_keys, json.dumps(t.limits) if t.limits else "-", _when(t.created_at)]
+                    for t in rows
+                ])
+        elif args.action == "show":
+            _print_json(tenants.get_tenant(s, args.name))
+        else:  # limits
+            limits = {} if args.clear else dict(tenants.get_tenant(s, args.name).limits)
+            if args.clear or args.limit or args.unset:
+                for name in args.unset:
+                    limits.pop(name, None)
+                limits = tenants.set_limits(s, args.name, {**limits, **dict(args.limit)}).limits
+            _print_json(limits)
+
+    return run
+
+
+def _keys_action(args: argparse.Namespace) -> Callable[[Any], None]:
+    from server import tenants
+
+    def run(s: Any) -> None:
+        if args.action == "create":
+            made = tenants.create_key(s, args.tenant, args.label)
+            print(made.key)
+            print(f"created {made.id} for tenant {made.tenant}; this is the only time the key is shown",
+                  file=sys.stderr)
+        elif args.action == "list":
+            rows = tenants.list_keys(s, args.tenant, include_revoked=not args.active)
+            if args.json:
+                _print_json(rows)
+            else:
+                _print_table(["ID", "TENANT", "PREFIX", "LABEL", "CREATED", "LAST USED", "STATUS"], [
+                    [k.id, k.tenant, k.prefix or "-", k.label or "-", _when(k.created_at), _when(k.last_used_at),
+                     "revoked " + _when(k.revoked_at) if k.revoked_at else "active"]
+                    for k in rows
+                ])
+        else:  # revoke
+            _print_json(tenants.revoke_key(s, args.key_id))
+
+    return run
+
+
+def _print_json(value: Any) -> None:
+    from pydantic_core import to_json
+
+    print(to_json(value).decode())
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [[str(c) for c in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def _when(at: Any) -> str:
+    return at.strftime("%Y-%m-%d %H:%M:%SZ") if at is not None else "-"
 
 
 def _model_path(name: str, settings: Settings) -> int:
@@ -85,9 +250,10 @@ def _serve(settings: Settings) -> int:
 
 def _print_ready(settings: Settings, port: int) -> None:
     base_url = f"http://{settings.host}:{port}"
-    print(f"Twinkle is ready at {base_url} (base model {settings.base_model})", flush=True)
+    print(f"Twinkle is ready at {base_url} (base model {settings.base_model}, auth {settings.auth})", flush=True)
+    key = "tml-local" if settings.auth == "open" else "$(twinkle keys create --tenant NAME)"
     print(
-        f"  try: TINKER_BASE_URL={base_url} TINKER_API_KEY=tml-local python -c "
+        f"  try: TINKER_BASE_URL={base_url} TINKER_API_KEY={key} python -c "
         f"\"import tinker; tc = tinker.ServiceClient().create_lora_training_client('{settings.base_model}', rank=8); "
         "print(tc.get_info())\"",
         flush=True,

@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from workers.base_models import DEFAULT_BASE_MODEL
 
@@ -18,6 +21,8 @@ ENV_PREFIX = "TWINKLE_"
 # The CLI hands the merged settings to the app factory through this variable (uvicorn imports
 # the gateway by name, so the settings cannot be passed as an argument).
 RESOLVED_ENV = "TWINKLE_RESOLVED_SETTINGS"
+HASHED_SECRET = re.compile(r"sha256:[0-9a-f]{64}")
+MIN_ADMIN_KEY_LENGTH = 16
 
 
 class ConfigError(ValueError):
@@ -49,10 +54,44 @@ class Settings(BaseModel):
     # retrieve_future answers "complete_metadata" first for results larger than this (the SDK then
     # reserves room in its in-flight budget before fetching them).
     metadata_only_bytes: int = Field(1 << 20, ge=0)
+    # Tenant quotas (defaults; a tenant's row may override each, see server/quotas.py).
+    max_live_models: int = Field(16, ge=1)  # adapters a tenant holds at once (create/load; unload frees)
+    max_tokens_per_request: int = Field(1 << 20, ge=1)
+    max_inflight_requests: int = Field(512, ge=1)  # submitted and not finished, per tenant
+    requests_per_second: float = Field(100.0, gt=0)  # submissions, over rate_window_seconds
+    tokens_per_second: float = Field(1e7, gt=0)  # tokens computed, over rate_window_seconds
+    rate_window_seconds: float = Field(10.0, gt=0)
+    # Sessions without a heartbeat for this long are ended: their queued work fails, their adapters
+    # are paged out; the SDK heartbeats every 10 s.
+    session_timeout_seconds: float = Field(300.0, gt=0)
+    # The LoRA pool: adapters kept on the compute device; the least recently used idle ones are
+    # paged out to host memory, and to disk past the host budget. None: no limit.
+    max_resident_adapters: int | None = Field(None, ge=1)
+    host_adapter_budget_mb: int = Field(4096, ge=0)
     # Custom losses run here from an uploaded graph (False: the SDK runs them itself, on top of
     # a cross_entropy forward and backward).
     custom_loss_server_side: bool = True
     log_level: str = "info"
+    # keys: only registered API keys (`twinkle keys create`); open: every distinct key is its own
+    # tenant, made on first use (for local play; allowed only on a loopback address).
+    auth: Literal["keys", "open"] = "open"
+    # The admin API's key. Held only as "sha256:<hex>" (a value given in that form is taken as the
+    # hash already, so a config file need not hold the key itself); None: admin API disabled.
+    admin_key: str | None = None
+
+    @field_validator("admin_key")
+    @classmethod
+    def _hash_admin_key(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if HASHED_SECRET.fullmatch(value):
+            return value
+        if len(value) < MIN_ADMIN_KEY_LENGTH:
+            # The message must not echo the value: it is a secret.
+            raise ValueError(
+                f"must be at least {MIN_ADMIN_KEY_LENGTH} characters (or its hash, 'sha256:' + 64 hex digits)"
+            )
+        return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
 
     @property
     def resolved_database_url(self) -> str:
@@ -60,6 +99,28 @@ class Settings(BaseModel):
 
     def to_env(self) -> str:
         return self.model_dump_json()
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def bind_problem(settings: Settings) -> str | None:
+    """Why these settings must not be served, or None. Open auth lets any caller in (every key is
+    a new tenant), so it is only allowed where no one else can connect."""
+    if settings.auth == "open" and not is_loopback(settings.host):
+        return (
+            f"refusing to serve on {settings.host} with --auth open: in open mode any 'tml-…' key is "
+            "accepted (each becomes its own tenant), so anyone who can reach this address could use the "
+            "server. Either serve with --auth keys (TWINKLE_AUTH=keys) and give out keys made with "
+            "`twinkle tenants create NAME` and `twinkle keys create --tenant NAME`, or bind to 127.0.0.1."
+        )
+    return None
 
 
 def load_settings(

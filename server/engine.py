@@ -17,6 +17,7 @@ from workers.types import (
     CustomLossSpec,
     ForwardBackwardResult,
     LoraSpec,
+    PoolStatus,
     SampleJob,
     SampleOutput,
 )
@@ -50,6 +51,14 @@ class Engine(Protocol):
 
     async def unload(self, model_id: str) -> None:
         """Drop the model's adapter (weights, optimizer state, gradients) from memory."""
+        ...
+
+    async def page_out(self, model_id: str) -> None:
+        """Move the model's adapter off the compute device now; it pages back in when used."""
+        ...
+
+    def pool_status(self) -> PoolStatus | None:
+        """The LoRA pool as of the last compute call (None before the first)."""
         ...
 
     async def sample_batch(self, adapter_dir: Path | None, jobs: list[SampleJob]) -> list[SampleOutput]:

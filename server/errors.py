@@ -37,9 +37,12 @@ class Busy(TwinkleError):
 
     kind = "busy"
 
-    def __init__(self, message: str, *, retry_after: float = 1.0, field: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float = 1.0, retryable: bool = True, field: str | None = None
+    ) -> None:
         super().__init__(message, field=field)
         self.retry_after = retry_after
+        self.retryable = retryable  # False: waiting will not help (the client must act), so say don't retry
 
 
 class Gone(TwinkleError):

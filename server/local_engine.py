@@ -36,6 +36,7 @@ from workers.types import (
     CustomLossSpec,
     ForwardBackwardResult,
     LoraSpec,
+    PoolStatus,
     SampleJob,
     SampleOutput,
 )
@@ -46,13 +47,24 @@ SAMPLING_ADAPTER_CACHE = 8
 
 
 class LocalEngine:
-    def __init__(self, model_dir: Callable[[], Path], base_model_name: str, *, torch_threads: int = 2) -> None:
+    def __init__(
+        self,
+        model_dir: Callable[[], Path],
+        base_model_name: str,
+        *,
+        torch_threads: int = 2,
+        max_resident_adapters: int | None = None,
+        host_budget_bytes: int | None = None,
+        spill_dir: Path | None = None,
+    ) -> None:
         # A callable, resolved on the compute thread: resolving may convert a GGUF file (tens of
         # seconds), which must not block the event loop.
         self._model_dir = model_dir
         self._name = base_model_name
         self._threads = torch_threads
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self._pool_limits = (max_resident_adapters, host_budget_bytes, spill_dir)
+        self._pool_status: PoolStatus | None = None  # a snapshot, refreshed after every compute call
         self._trainer: LoraTrainer | None = None
         self._tokenizer = None
         self._sampling_adapters: OrderedDict[Path, str] = OrderedDict()
@@ -60,7 +72,19 @@ class LocalEngine:
 
     async def _call(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(_user_errors, fn, *args, **kwargs))
+        return await loop.run_in_executor(self._pool, functools.partial(self._run, fn, *args, **kwargs))
+
+    def _run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        """On the compute thread: the call, then a fresh snapshot of the pool for status readers
+        (reading the trainer from another thread while it works would not be safe)."""
+        try:
+            return _user_errors(fn, *args, **kwargs)
+        finally:
+            if self._trainer is not None:
+                self._pool_status = self._trainer.pool_status()
+
+    def pool_status(self) -> PoolStatus | None:
+        return self._pool_status
 
     # ----- lifecycle -----------------------------------------------------------------------
     async def start(self) -> BaseModelInfo:
@@ -81,7 +105,10 @@ class LocalEngine:
             eos_token_ids=_eos_ids(base, self._tokenizer),
         )
         pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
-        self._trainer = LoraTrainer(base, info, pad_token_id=pad)
+        max_resident, host_budget, spill_dir = self._pool_limits
+        self._trainer = LoraTrainer(
+            base, info, pad_token_id=pad, max_resident=max_resident, host_budget_bytes=host_budget, spill_dir=spill_dir
+        )
         log.info("base_model_loaded", extra={"model": self._name, "seconds": round(time.perf_counter() - started, 2)})
         return info
 
@@ -135,6 +162,9 @@ class LocalEngine:
     async def unload(self, model_id: str) -> None:
         await self._call(self.trainer.remove_adapter, _adapter_name(model_id))
 
+    async def page_out(self, model_id: str) -> None:
+        await self._call(self.trainer.page_out, _adapter_name(model_id))
+
     def _require(self, model_id: str) -> str:
         name = _adapter_name(model_id)
         if not self.trainer.has_adapter(name):
@@ -166,7 +196,7 @@ class LocalEngine:
             self._sampling_adapters.move_to_end(adapter_dir)
             return self._sampling_adapters[adapter_dir]
         name = "smp" + hashlib.sha1(str(adapter_dir).encode()).hexdigest()[:16]
-        self.trainer.load(name, adapter_dir, with_optimizer=False)
+        self.trainer.load(name, adapter_dir, with_optimizer=False, pinned=True)  # outside the tenant pool
         self._sampling_adapters[adapter_dir] = name
         if len(self._sampling_adapters) > SAMPLING_ADAPTER_CACHE:
             _, evicted = self._sampling_adapters.popitem(last=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,10 +13,14 @@ from server.config import Settings
 from server.engine import Engine
 from server.feeds import CompletionFeeds
 from server.futures import FutureHub, Submission
+from server.lifecycle import run_session_reaper
 from server.local_engine import LocalEngine
+from server.quotas import Limits, Quotas
 from server.reaper import run_reaper
 from server.scheduler import Batch, Notify, OpRunner, Scheduler
 from server.store.database import Database
+from server.store.tables import Tenant
+from server.tenants import KeyCache
 from workers.base_models import resolve_base_model
 from workers.types import BaseModelInfo
 
@@ -29,11 +34,13 @@ class Runtime:
     hub: FutureHub
     scheduler: Scheduler
     engine: Engine
+    quotas: Quotas
     feeds: CompletionFeeds = field(default_factory=CompletionFeeds)
     samples_pending: int = 0  # sample requests admitted and not finished (the 429 limit counts these)
     _base: BaseModelInfo | None = None
     _background: list[asyncio.Task] = field(default_factory=list)
-    tenant_cache: dict[str, str] = field(default_factory=dict)  # key hash -> tenant id
+    _started_at: float = field(default_factory=time.monotonic)
+    key_cache: KeyCache = field(default_factory=KeyCache)  # key hash -> tenant, for a few seconds
 
     @classmethod
     def build(cls, settings: Settings, engine: Engine | None = None) -> Runtime:
@@ -45,14 +52,21 @@ class Runtime:
             ),
             settings.base_model,
             torch_threads=settings.torch_threads,
+            max_resident_adapters=settings.max_resident_adapters,
+            host_budget_bytes=settings.host_adapter_budget_mb * 2**20,
+            spill_dir=settings.data_dir.resolve() / "lora-spill",
         )
-        scheduler = Scheduler(hub, gap_grace=settings.seq_gap_grace_seconds)
-        return cls(settings=settings, db=db, hub=hub, scheduler=scheduler, engine=engine)
+        quotas = Quotas(settings)
+        scheduler = Scheduler(hub, gap_grace=settings.seq_gap_grace_seconds, throttle=quotas)
+        return cls(settings=settings, db=db, hub=hub, scheduler=scheduler, engine=engine, quotas=quotas)
 
     @property
     def base(self) -> BaseModelInfo:
         assert self._base is not None, "runtime not started"
         return self._base
+
+    def uptime(self) -> float:
+        return time.monotonic() - self._started_at
 
     @property
     def data_dir(self) -> Path:
@@ -71,22 +85,47 @@ class Runtime:
         ordered: bool = False,
         batch: Batch | None = None,
         notify: Notify | None = None,
+        cost: int = 0,
     ) -> Submission:
         """Take a future for a submission and queue its work (under `queue`, default `scope`),
         unless this exact submission was seen before in `scope`: then the earlier future answers
-        and nothing runs twice (SDK retries resend the same body with the same seq_id)."""
+        and nothing runs twice (SDK retries resend the same body with the same seq_id).
+        Counts against the tenant's requests/s and in-flight quotas (429 when over); `cost` (tokens)
+        against its tokens/s budget, which the scheduler enforces."""
+        await self.refresh_limits(tenant_id)
+        self.quotas.admit(tenant_id, time.monotonic())
         if seq_id is None:  # nothing to recognise a retry by: every such submission is new
             fingerprint = ids.new_id("fp")
-        sub = await self.hub.submit(
-            tenant_id=tenant_id, kind=kind, scope=scope, seq_id=-1 if seq_id is None else seq_id,
-            fingerprint=fingerprint,
-        )
-        if sub.is_new:
-            self.scheduler.submit(
-                queue or scope, seq_id=seq_id, request_id=sub.request_id, kind=kind, run=run, batch=batch,
-                ordered=ordered, notify=notify,
+        try:
+            sub = await self.hub.submit(
+                tenant_id=tenant_id, kind=kind, scope=scope, seq_id=-1 if seq_id is None else seq_id,
+                fingerprint=fingerprint,
             )
+        except BaseException:
+            self.quotas.finished(tenant_id)
+            raise
+        if not sub.is_new:  # the original submission holds the in-flight place
+            self.quotas.finished(tenant_id)
+            return sub
+
+        def done(request_id: str, state: str, result: bytes | None) -> None:
+            self.quotas.finished(tenant_id)
+            if notify is not None:
+                notify(request_id, state, result)
+
+        self.scheduler.submit(
+            queue or scope, seq_id=seq_id, request_id=sub.request_id, kind=kind, run=run, tenant=tenant_id,
+            batch=batch, ordered=ordered, notify=done, cost=cost,
+        )
         return sub
+
+    async def refresh_limits(self, tenant_id: str) -> Limits:
+        """The tenant's limits: the settings' defaults with its row's overrides (re-read every few
+        seconds, so a change through the admin API or the CLI takes effect in a running server)."""
+        if self.quotas.limits_stale(tenant_id, time.monotonic()):
+            overrides = await self.db.run(lambda s: getattr(s.get(Tenant, tenant_id), "limits", None))
+            return self.quotas.set_limits(tenant_id, overrides)
+        return self.quotas.limits(tenant_id)
 
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -96,6 +135,7 @@ class Runtime:
         self._base = await self.engine.start()
         self.scheduler.start()
         self._background.append(asyncio.create_task(run_reaper(self), name="reaper"))
+        self._background.append(asyncio.create_task(run_session_reaper(self), name="session-reaper"))
         log.info("runtime_started", extra={"base_model": self._base.name, "data_dir": str(self.data_dir)})
 
     async def stop(self) -> None:

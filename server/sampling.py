@@ -72,6 +72,7 @@ async def _adapter_dir(rt: Runtime, tenant_id: str, req: api.SampleRequest) -> P
 
         def find(s: Session) -> str | None:
             row = owned(s, SamplingSession, tenant_id, req.sampling_session_id, field="sampling_session_id")
+            live_session(s, tenant_id, row.session_id, field="sampling_session_id")  # 410 once it has ended
             if row.checkpoint_id is None:
                 if row.model_path:  # its checkpoint was deleted: resolving the path says so
                     return resolve_checkpoint(s, tenant_id, row.model_path, field="sampling_session_id").storage_dir
@@ -132,7 +133,12 @@ async def sample(rt: Runtime, tenant_id: str, req: api.SampleRequest, fingerprin
     prompt = _prompt_tokens(rt, req)
     job, target = _job(rt, req, prompt)
     adapter_dir = await _adapter_dir(rt, tenant_id, req)
-    queue = f"sample:{adapter_dir or 'base'}"
+    await rt.refresh_limits(tenant_id)
+    tokens = (len(prompt) + job.params.max_tokens) * req.num_samples
+    rt.quotas.check_tokens(tenant_id, tokens, "sampling_params.max_tokens")
+    # One queue per tenant and checkpoint (tenants take turns); the batch key is the checkpoint
+    # alone, so requests of several tenants on one checkpoint still share a pass.
+    queue = f"sample:{tenant_id}:{adapter_dir or 'base'}"
     admit(rt, tenant_id)
 
     async def run_many(payloads: list[tuple[SampleJob, TargetIds | None]]) -> list[OpResult]:
@@ -149,12 +155,12 @@ async def sample(rt: Runtime, tenant_id: str, req: api.SampleRequest, fingerprin
         publish(request_id, state, result)
 
     # Requests on the same checkpoint share one batched prefill and decode (one adapter per pass).
-    batch = Batch(key=queue, size=req.num_samples, budget=rt.settings.sample_batch_rows, payload=(job, target),
-                  run=run_many)
+    batch = Batch(key=f"sample:{adapter_dir or 'base'}", size=req.num_samples, budget=rt.settings.sample_batch_rows,
+                  payload=(job, target), run=run_many)
     try:
         sub = await rt.enqueue(
             tenant_id, kind="sample", scope=f"sampler:{req.sampling_session_id or 'direct'}", seq_id=req.seq_id,
-            fingerprint=fingerprint, run=run, queue=queue, batch=batch, notify=done,
+            fingerprint=fingerprint, run=run, queue=queue, batch=batch, notify=done, cost=tokens,
         )
     except BaseException:
         rt.samples_pending -= 1

@@ -41,7 +41,8 @@ async def create_session(rt: Runtime, tenant_id: str, req: CreateSessionRequest)
 def live_session(s: Session, tenant_id: str, session_id: str, *, field: str = "session_id") -> SessionRow:
     row = owned(s, SessionRow, tenant_id, session_id, field=field)
     if row.finished_at is not None:
-        raise Gone(f"session {session_id!r} has finished; start a new ServiceClient", field=field)
+        how = "expired (no heartbeat)" if row.finish_reason == "expired" else "finished"
+        raise Gone(f"session {session_id!r} has {how}; start a new ServiceClient (checkpoints are kept)", field=field)
     return row
 
 

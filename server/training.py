@@ -42,6 +42,7 @@ async def owned_model(rt: Runtime, tenant_id: str, model_id: str, *, touch: bool
                     f"training run {model_id} is a copy of {model.copied_from} and has no trainable state; "
                     "create a training client from its checkpoint instead", field="model_id",
                 )
+            live_session(s, tenant_id, model.session_id, field="model_id")  # 410 once it has ended
             model.last_request_at = utcnow()
         return model
 
@@ -54,12 +55,12 @@ def model_queue(model_id: str) -> str:
 
 async def _model_op(
     rt: Runtime, tenant_id: str, model: Model, *, kind: str, seq_id: int | None, fingerprint: str, run: OpRunner,
-    batch: Batch | None = None,
+    batch: Batch | None = None, cost: int = 0,
 ) -> api.UntypedAPIFuture:
     """Queue an operation on its model, in the model's seq_id order."""
     sub = await rt.enqueue(
         tenant_id, kind=kind, scope=model_queue(model.id), seq_id=seq_id, fingerprint=fingerprint, run=run,
-        ordered=True, batch=batch,
+        ordered=True, batch=batch, cost=cost,
     )
     return api.UntypedAPIFuture(request_id=sub.request_id, model_id=model.id)
 
@@ -85,15 +86,24 @@ async def release_seq(rt: Runtime, tenant_id: str, model_id: object, seq_id: obj
             rt.scheduler.skip(model_queue(model.id), seq_id)
 
 
+def _claim_model_slot(rt: Runtime, tenant_id: str, model_id: str) -> None:
+    """Checked again when the creation runs (creations run one at a time), so concurrent
+    submissions cannot together exceed the tenant's live-model quota."""
+    try:
+        rt.quotas.check_new_model(tenant_id)
+    except TwinkleError as exc:
+        raise OperationFailed(exc.message) from None
+    rt.quotas.model_loaded(tenant_id, model_id)
+
+
 # ----- model creation ------------------------------------------------------------------------
 async def create_model(rt: Runtime, tenant_id: str, req: api.CreateModelRequest, fingerprint: str) -> api.UntypedAPIFuture:
     await rt.db.run(lambda s: live_session(s, tenant_id, req.session_id))
     _check_base_model(rt, req.base_model)
     lora = req.lora_config or api.LoraConfig(rank=32)
-    if lora.rank > rt.settings.max_lora_rank:
-        raise InvalidRequest(
-            f"rank {lora.rank} exceeds this server's max_lora_rank {rt.settings.max_lora_rank}", field="lora_config.rank"
-        )
+    await rt.refresh_limits(tenant_id)
+    rt.quotas.check_rank(tenant_id, lora.rank)
+    rt.quotas.check_new_model(tenant_id)
     spec = LoraSpec(
         rank=lora.rank,
         seed=lora.seed if lora.seed is not None else random.getrandbits(31),
@@ -107,6 +117,7 @@ async def create_model(rt: Runtime, tenant_id: str, req: api.CreateModelRequest,
     async def run() -> OpResult:
         if await rt.db.run(lambda s: s.get(Model, model_id)) is not None:
             raise OperationFailed(f"model {model_id} already exists (model_seq_id {req.model_seq_id} was used before)")
+        _claim_model_slot(rt, tenant_id, model_id)
         await rt.engine.create_adapter(model_id, spec)
         await rt.db.run(lambda s: _insert_model(s, tenant_id, req.session_id, req.model_seq_id, rt.base.name, spec, req.user_metadata))
         log.info("model_created", extra={"model_id": model_id, "tenant_id": tenant_id, "rank": spec.rank})
@@ -162,6 +173,9 @@ async def forward_backward(
             check_custom_loss_data(call, custom, rt.base)
         else:
             check_forward_backward(call, rt.base)
+        await rt.refresh_limits(tenant_id)
+        tokens = sum(len(d.tokens) for d in call.data)
+        rt.quotas.check_tokens(tenant_id, tokens, "data")
 
     async def run_calls(calls: list[ForwardBackwardCall]) -> list[OpResult]:
         results = await rt.engine.forward_backward(model.id, calls, custom)
@@ -174,14 +188,14 @@ async def forward_backward(
     # add up the same, and a chunked call computes exactly what the unchunked one would.
     batch = Batch(
         key=(call.loss_fn, tuple(sorted(call.loss_fn_config.items())), call.forward_only),
-        size=sum(len(d.tokens) for d in call.data),
+        size=tokens,
         budget=rt.settings.fwdbwd_batch_tokens,
         payload=call,
         run=run_calls,
     )
     kind = "forward" if call.forward_only else "forward_backward"
     return await _model_op(rt, tenant_id, model, kind=kind, seq_id=call.seq_id, fingerprint=fingerprint, run=run,
-                           batch=batch)
+                           batch=batch, cost=tokens)
 
 
 async def optim_step(rt: Runtime, tenant_id: str, req: api.OptimStepRequest, fingerprint: str) -> api.UntypedAPIFuture:
@@ -330,6 +344,7 @@ async def unload_model(rt: Runtime, tenant_id: str, req: api.UnloadModelRequest,
 
     async def run() -> OpResult:
         await rt.engine.unload(model.id)
+        rt.quotas.model_unloaded(tenant_id, model.id)
         log.info("model_unloaded", extra={"model_id": model.id, "tenant_id": tenant_id})
         return json_result(api.UnloadModelResponse(model_id=model.id))
 
@@ -376,11 +391,14 @@ async def _create_from_checkpoint(
     session_id, seq = req.session_id, req.model_seq_id
     await rt.db.run(lambda s: live_session(s, tenant_id, session_id))
     _check_base_model(rt, req.base_model)
+    await rt.refresh_limits(tenant_id)
+    rt.quotas.check_new_model(tenant_id)
     model_id = ids.model_id(session_id, seq)
 
     async def run() -> OpResult:
         if await rt.db.run(lambda s: s.get(Model, model_id)) is not None:
             raise OperationFailed(f"model {model_id} already exists (model_seq_id {seq} was used before)")
+        _claim_model_slot(rt, tenant_id, model_id)
         spec = await rt.engine.load(model_id, folder, with_optimizer=req.optimizer)
         await rt.db.run(lambda s: _insert_model(s, tenant_id, session_id, seq, rt.base.name, spec, req.user_metadata))
         log.info("model_created_from_checkpoint", extra={"model_id": model_id, "tenant_id": tenant_id})

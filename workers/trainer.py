@@ -6,28 +6,43 @@ gradients accumulate across forward_backward calls until that adapter's optim_st
 The model stays in eval mode (LoRA dropout is 0 and the base has no dropout in use), which keeps
 a forward pass bit-identical whether it serves training or sampling.
 
+The LoRA pool: with `max_resident`, at most that many tenant (training) adapters are peft adapters
+in the model at once. Any operation on an adapter first makes it resident, paging out the least
+recently used other tenant adapter when the pool is full. Paging out keeps an adapter's whole
+training state (LoRA weights, the gradients accumulated since its last optim_step, the AdamW
+moments and steps, the LoRA spec) in host memory, or past `host_budget_bytes` in one safetensors
+file per adapter under `spill_dir`; paging in rebuilds the peft adapter and restores it all bit for
+bit, so a paged run computes exactly what an unpaged one does. Pinned adapters (the engine's
+sampling cache) are outside the pool: always resident, never counted, never paged.
+
 Not thread-safe: the engine calls it from one compute thread.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import uuid
 import warnings
+from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from schemas.wire import DatumIn
 from workers import adapter_files as files
 from workers.custom_loss import CustomLoss
 from workers.losses import LossFn
-from workers.types import AdamConfig, BaseModelInfo, ForwardBackwardResult, LoraSpec
+from workers.types import AdamConfig, BaseModelInfo, ForwardBackwardResult, LoraSpec, PoolStatus
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +52,7 @@ UNEMBED_MODULES = ("lm_head",)
 # peft keeps one always-present adapter so that "no adapter" (base-model sampling) is expressible
 # with disable_adapter() even when every tenant adapter has been removed. It is never trained.
 _IDLE_ADAPTER = "idle"
+_SPILL_SUFFIX = ".spill.safetensors"
 
 
 class AdapterError(ValueError):
@@ -48,6 +64,20 @@ class _Adapter:
     spec: LoraSpec
     params: dict[str, torch.nn.Parameter]  # peft state-dict key -> parameter
     optimizer: torch.optim.AdamW | None = None
+    pinned: bool = False  # outside the pool: never paged out, not counted in max_resident
+
+
+@dataclass
+class _Paged:
+    """A paged-out adapter's whole state, as flat tensors keyed "weight/<key>", "grad/<key>" (only
+    the LoRA tensors that had a gradient) and the optimizer's "exp_avg/<key>", "exp_avg_sq/<key>",
+    "step/<key>" (checkpoint keys, see _optimizer_tensors): in host memory, or in a spill file."""
+
+    spec: LoraSpec
+    has_optimizer: bool  # an AdamW existed (perhaps still without state): it comes back as it was
+    tensors: dict[str, torch.Tensor] | None  # None once spilled
+    nbytes: int
+    path: Path | None = None  # the spill file, once spilled
 
 
 def load_base_model(model_dir: Path) -> PreTrainedModel:
@@ -57,45 +87,111 @@ def load_base_model(model_dir: Path) -> PreTrainedModel:
 
 
 class LoraTrainer:
-    def __init__(self, base: PreTrainedModel, info: BaseModelInfo, *, pad_token_id: int = 0) -> None:
+    def __init__(
+        self,
+        base: PreTrainedModel,
+        info: BaseModelInfo,
+        *,
+        pad_token_id: int = 0,
+        max_resident: int | None = None,
+        host_budget_bytes: int | None = None,
+        spill_dir: Path | None = None,
+    ) -> None:
+        """`max_resident`: tenant adapters kept in the model (None: all). `host_budget_bytes`: the
+        paged-out adapters' bytes kept in host memory before the least recently paged ones spill
+        to `spill_dir` (None: no limit). The trainer owns `spill_dir`: spill files left there by
+        an earlier process are deleted (paged state does not outlive the process)."""
+        if max_resident is not None and max_resident < 1:
+            raise ValueError("max_resident must be at least 1")
+        if host_budget_bytes is not None and spill_dir is None:
+            raise ValueError("host_budget_bytes needs a spill_dir")
         self.info = info
         self.pad_token_id = pad_token_id
+        self.max_resident = max_resident
+        self.host_budget_bytes = host_budget_bytes
+        self.spill_dir = spill_dir
+        if spill_dir is not None:
+            spill_dir.mkdir(parents=True, exist_ok=True)
+            for stale in spill_dir.glob(f"*{_SPILL_SUFFIX}*"):
+                stale.unlink()
         self._module_names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
         idle = LoraConfig(r=1, lora_alpha=1, target_modules=[self._targets(LoraSpec(1, 0))[0]])
         with _quiet_peft():
             self.model: PeftModel = get_peft_model(base, idle, adapter_name=_IDLE_ADAPTER)
         self.model.eval()
-        self._adapters: dict[str, _Adapter] = {}
+        self._adapters: OrderedDict[str, _Adapter] = OrderedDict()  # resident, least recently used first
+        self._paged: OrderedDict[str, _Paged] = OrderedDict()  # paged out, least recently paged first
+        self._page_ins = self._page_outs = self._spills = 0
 
     # ----- adapter lifecycle -------------------------------------------------------------
     def has_adapter(self, name: str) -> bool:
-        return name in self._adapters
+        return name in self._adapters or name in self._paged
 
     def adapter_spec(self, name: str) -> LoraSpec:
-        return self._adapter(name).spec
+        """Metadata only: neither pages the adapter in nor counts as a use."""
+        state = self._adapters.get(name) or self._paged.get(name)
+        if state is None:
+            raise AdapterError(f"adapter {name!r} is not loaded")
+        return state.spec
 
-    def create_adapter(self, name: str, spec: LoraSpec) -> None:
-        if name in self._adapters:
+    def create_adapter(self, name: str, spec: LoraSpec, *, pinned: bool = False) -> None:
+        """`pinned`: keep the adapter outside the pool (always resident, not counted); for the
+        sampler's cache, whose size the engine bounds itself."""
+        if self.has_adapter(name):
             raise AdapterError(f"adapter {name!r} already exists")
-        config = LoraConfig(
+        config = self._lora_config(spec)  # checks the spec before anything is paged out
+        if not pinned:
+            self._make_room()
+        self._add_peft_adapter(name, config, spec.seed)
+        self._adapters[name] = _Adapter(spec=spec, params=self._collect_params(name), pinned=pinned)
+
+    def remove_adapter(self, name: str) -> None:
+        paged = self._paged.pop(name, None)
+        if paged is not None and paged.path is not None:
+            paged.path.unlink(missing_ok=True)
+        if self._adapters.pop(name, None) is not None:
+            self._delete_peft_adapter(name)
+
+    def page_out(self, name: str) -> None:
+        """Move a resident tenant adapter out of the model now (e.g. its session ended); it comes
+        back, bit-exact, when next used. No-op for an adapter that is already out."""
+        if name in self._adapters and not self._adapters[name].pinned:
+            self._page_out(name)
+
+    def pool_status(self) -> PoolStatus:
+        paged = self._paged.values()
+        return PoolStatus(
+            max_resident=self.max_resident,
+            resident=tuple(name for name, a in self._adapters.items() if not a.pinned),
+            pinned=sum(a.pinned for a in self._adapters.values()),
+            paged_in_host=sum(p.tensors is not None for p in paged),
+            paged_on_disk=sum(p.tensors is None for p in paged),
+            host_bytes=self._host_bytes(),
+            page_ins=self._page_ins,
+            page_outs=self._page_outs,
+            spills=self._spills,
+        )
+
+    def _lora_config(self, spec: LoraSpec) -> LoraConfig:
+        return LoraConfig(
             r=spec.rank,
             lora_alpha=spec.alpha,
             lora_dropout=0.0,
             target_modules=self._targets(spec),
             bias="none",
         )
+
+    def _add_peft_adapter(self, name: str, config: LoraConfig, seed: int) -> None:
         # peft initialises LoRA A from the global RNG: seed a private fork so the init depends
         # on the spec's seed only and nobody else's random state is disturbed.
         with torch.random.fork_rng(devices=[]), _quiet_peft():
-            torch.manual_seed(spec.seed)
+            torch.manual_seed(seed)
             self.model.add_adapter(name, config)
         self.model.eval()
-        self._adapters[name] = _Adapter(spec=spec, params=self._collect_params(name))
 
-    def remove_adapter(self, name: str) -> None:
-        if self._adapters.pop(name, None) is not None:
-            self.model.set_adapter(_IDLE_ADAPTER)  # deleting the active adapter makes peft warn
-            self.model.delete_adapter(name)
+    def _delete_peft_adapter(self, name: str) -> None:
+        self.model.set_adapter(_IDLE_ADAPTER)  # deleting the active adapter makes peft warn
+        self.model.delete_adapter(name)
 
     def _targets(self, spec: LoraSpec) -> list[str]:
         wanted = (
@@ -117,10 +213,107 @@ class LoraTrainer:
         }
 
     def _adapter(self, name: str) -> _Adapter:
+        """Adapter `name`, resident (paged in if it was out) and now the most recently used."""
+        if name in self._paged:
+            self._page_in(name)
+        if name not in self._adapters:
+            raise AdapterError(f"adapter {name!r} is not loaded")
+        self._touch(name)
+        return self._adapters[name]
+
+    # ----- the pool --------------------------------------------------------------------------
+    def _touch(self, name: str) -> None:
+        self._adapters.move_to_end(name)
+
+    def _make_room(self) -> None:
+        """Page out least recently used tenant adapters until one more fits."""
+        if self.max_resident is None:
+            return
+        tenants = [name for name, adapter in self._adapters.items() if not adapter.pinned]
+        for name in tenants[: max(0, len(tenants) - self.max_resident + 1)]:
+            self._page_out(name)
+
+    def _page_out(self, name: str) -> None:
+        adapter = self._adapters[name]
+        assert not adapter.pinned, name
+        tensors = {f"weight/{key}": p.detach().to("cpu", copy=True) for key, p in adapter.params.items()}
+        tensors.update(
+            {f"grad/{key}": p.grad.to("cpu", copy=True) for key, p in adapter.params.items() if p.grad is not None}
+        )
+        tensors.update({key: t.to("cpu", copy=True) for key, t in self._optimizer_tensors(adapter).items()})
+        self._paged[name] = _Paged(
+            spec=adapter.spec,
+            has_optimizer=adapter.optimizer is not None,
+            tensors=tensors,
+            nbytes=sum(t.nbytes for t in tensors.values()),
+        )
+        del self._adapters[name]
+        self._delete_peft_adapter(name)
+        self._page_outs += 1
+        self._spill_over_budget()
+
+    def _page_in(self, name: str) -> None:
+        paged = self._paged.pop(name)  # out of the spill candidates while room is made for it
+        added = False
         try:
-            return self._adapters[name]
-        except KeyError:
-            raise AdapterError(f"adapter {name!r} is not loaded") from None
+            tensors = paged.tensors if paged.tensors is not None else self._read_spill(name, paged)
+            config = self._lora_config(paged.spec)
+            self._make_room()
+            # The fresh init is overwritten below; the seed only keeps the global RNG out of it.
+            self._add_peft_adapter(name, config, paged.spec.seed)
+            added = True
+            adapter = _Adapter(spec=paged.spec, params=self._collect_params(name))
+            with torch.no_grad():
+                for key, param in adapter.params.items():
+                    param.copy_(tensors[f"weight/{key}"])
+                    grad = tensors.get(f"grad/{key}")
+                    param.grad = None if grad is None else grad.to(param.device, copy=True)
+            if paged.has_optimizer:
+                self._restore_optimizer(adapter, tensors)
+        except BaseException:  # the adapter stays paged out, as it was
+            if added:
+                self._delete_peft_adapter(name)
+            self._paged[name] = paged
+            self._paged.move_to_end(name, last=False)
+            raise
+        self._adapters[name] = adapter
+        if paged.path is not None:
+            paged.path.unlink(missing_ok=True)
+        self._page_ins += 1
+
+    def _host_bytes(self) -> int:
+        return sum(p.nbytes for p in self._paged.values() if p.tensors is not None)
+
+    def _spill_over_budget(self) -> None:
+        """Move the least recently paged adapters from host memory to disk until the rest fit."""
+        if self.host_budget_bytes is None:
+            return
+        for name, paged in self._paged.items():
+            if self._host_bytes() <= self.host_budget_bytes:
+                return
+            if paged.tensors is not None:
+                self._spill(name, paged)
+
+    def _spill(self, name: str, paged: _Paged) -> None:
+        assert self.spill_dir is not None and paged.tensors is not None
+        path = self.spill_dir / f"{uuid.uuid4().hex}{_SPILL_SUFFIX}"
+        tmp = path.with_name(path.name + ".tmp")
+        meta = {"adapter": name, "lora": json.dumps(asdict(paged.spec)), "has_optimizer": str(paged.has_optimizer)}
+        try:
+            save_file({k: t.contiguous() for k, t in paged.tensors.items()}, str(tmp), metadata=meta)
+            os.replace(tmp, path)  # no fsync: the file only has to outlive this process's page-out
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        paged.tensors, paged.path = None, path
+        self._spills += 1
+
+    def _read_spill(self, name: str, paged: _Paged) -> dict[str, torch.Tensor]:
+        assert paged.path is not None
+        with safe_open(str(paged.path), framework="pt", device="cpu") as fh:
+            if fh.metadata().get("adapter") != name:
+                raise RuntimeError(f"spill file {paged.path} does not hold adapter {name!r}")
+            return {key: fh.get_tensor(key) for key in fh.keys()}
 
     @contextmanager
     def using(self, name: str | None) -> Iterator[PeftModel]:
@@ -129,7 +322,7 @@ class LoraTrainer:
             with self.model.disable_adapter():
                 yield self.model
             return
-        self._adapter(name)
+        self._adapter(name)  # pages it in
         self.model.set_adapter(name)
         yield self.model
 
@@ -215,10 +408,11 @@ class LoraTrainer:
             files.write_meta(tmp, base_model=self.info.name, spec=adapter.spec, has_optimizer=with_optimizer)
         return files.folder_size(dest)
 
-    def load(self, name: str, src: Path, *, with_optimizer: bool) -> LoraSpec:
+    def load(self, name: str, src: Path, *, with_optimizer: bool, pinned: bool = False) -> LoraSpec:
         """Load a checkpoint into adapter `name`, creating it (with the checkpoint's LoRA spec) if
-        needed. Without `with_optimizer` the optimizer starts fresh. A load that fails changes
-        nothing: the checkpoint is read and checked in full before the adapter is touched."""
+        needed; `pinned` as in create_adapter, for a new adapter. Without `with_optimizer` the
+        optimizer starts fresh. A load that fails changes nothing: the checkpoint is read and
+        checked in full before the adapter is touched."""
         meta = files.read_meta(src)
         spec = LoraSpec(**meta["lora"])
         if meta["base_model"] != self.info.name:
@@ -226,18 +420,18 @@ class LoraTrainer:
                 f"checkpoint was trained on base model {meta['base_model']!r}, this server serves {self.info.name!r}"
             )
         # The init seed is irrelevant once weights are loaded: only the LoRA's shape must match.
-        existing = self._adapters.get(name)
-        if existing is not None and replace(existing.spec, seed=spec.seed) != spec:
-            raise AdapterError(f"checkpoint has LoRA {spec} but the model was created with {existing.spec}")
+        existing = self.adapter_spec(name) if self.has_adapter(name) else None
+        if existing is not None and replace(existing, seed=spec.seed) != spec:
+            raise AdapterError(f"checkpoint has LoRA {spec} but the model was created with {existing}")
         if with_optimizer and not meta["has_optimizer"]:
             raise AdapterError("checkpoint holds no optimizer state; load it without the optimizer")
         weights = files.load_tensors(src / files.WEIGHTS_FILE)
         opt_tensors = files.load_tensors(src / files.OPTIMIZER_FILE) if with_optimizer else None
         created = existing is None
         if created:
-            self.create_adapter(name, spec)
+            self.create_adapter(name, spec, pinned=pinned)
         try:
-            adapter = self._adapters[name]
+            adapter = self._adapter(name)
             _check_tensors(weights, adapter.params, opt_tensors)
             self._load_weights(name, weights)
         except BaseException:
@@ -270,14 +464,17 @@ class LoraTrainer:
         return out
 
     def _restore_optimizer(self, adapter: _Adapter, tensors: dict[str, torch.Tensor]) -> None:
+        """AdamW with the given state; the hyperparameters are set by every optim_step. The moments
+        go to their parameter's device; `step` stays a host tensor, as AdamW keeps it (not fused or
+        capturable)."""
         adapter.optimizer = torch.optim.AdamW(list(adapter.params.values()), lr=0.0)
         for key, param in adapter.params.items():
             if f"step/{key}" not in tensors:
                 continue
             adapter.optimizer.state[param] = {
-                "step": tensors[f"step/{key}"].reshape(()).clone(),
-                "exp_avg": tensors[f"exp_avg/{key}"].clone(),
-                "exp_avg_sq": tensors[f"exp_avg_sq/{key}"].clone(),
+                "step": tensors[f"step/{key}"].reshape(()).to("cpu", copy=True),
+                "exp_avg": tensors[f"exp_avg/{key}"].to(param.device, copy=True),
+                "exp_avg_sq": tensors[f"exp_avg_sq/{key}"].to(param.device, copy=True),
             }
 
 

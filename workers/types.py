@@ -140,3 +140,19 @@ class CustomLossSpec:
     name: str
     inputs: tuple[tuple[str, int], ...]  # (name, rank), logprobs first
     graph: dict
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    """The LoRA pool of one trainer (LoraTrainer.pool_status). Tenant (training) adapters only,
+    except ``pinned``: the adapters kept outside the pool (the sampler's cache), always resident."""
+
+    max_resident: int | None  # None: no limit, nothing is ever paged out
+    resident: tuple[str, ...]  # tenant adapters in the model, least recently used first
+    pinned: int
+    paged_in_host: int  # paged out, held in host memory
+    paged_on_disk: int  # paged out and spilled to the spill folder
+    host_bytes: int  # bytes of the paged-out adapters held in host memory
+    page_ins: int
+    page_outs: int
+    spills: int  # page-outs that went on to disk

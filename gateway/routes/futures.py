@@ -34,7 +34,9 @@ async def retrieve_future(req: api.FutureRetrieveRequest, request: Request, rt: 
     if view is None:
         raise NotFound(f"request {req.request_id!r} not found", field="request_id")
     if view.state == "pending":
-        body = api.TryAgainResponse(request_id=view.request_id, queue_state="active")
+        # Why it waits, so the SDK can tell its user (a rate limit, or other tenants' work).
+        state, reason = rt.scheduler.state_of(view.request_id, tenant)
+        body = api.TryAgainResponse(request_id=view.request_id, queue_state=state, queue_state_reason=reason)
         return JSONResponse(body.model_dump(mode="json", exclude_none=True))
     if view.state == "failed":
         return JSONResponse(error_body(view.error or "failed", category=view.error_category or "unknown"))

@@ -31,6 +31,7 @@ def fresh_data_dir(tmp_path: Path, tiny_model_dir: Path) -> Path:
 
 def test_runs_and_checkpoints_survive_a_restart(tmp_path, tiny_model_dir, token_rows) -> None:
     data_dir, data = fresh_data_dir(tmp_path, tiny_model_dir), make_data(token_rows)
+    key = {"X-API-Key": "tml-restart"}
     with running_server(data_dir) as server:
         with tinker.ServiceClient(base_url=server.base_url, api_key="tml-restart") as sc:
             tc = sc.create_lora_training_client(BASE, rank=4, seed=3).result()
@@ -38,21 +39,32 @@ def test_runs_and_checkpoints_survive_a_restart(tmp_path, tiny_model_dir, token_
             path = tc.save_state("before-restart").result().path
             expected_next = step(tc, data)
             model_id = tc.model_id
+        # A client still running when the server stops: its session stays open (raw HTTP, so no
+        # SDK is left heartbeating a server that is gone).
+        api = f"{server.base_url}/api/v1"
+        session = httpx.post(f"{api}/create_session", json={"sdk_version": "raw"}, headers=key).json()["session_id"]
+        created = httpx.post(f"{api}/create_model", headers=key, json={
+            "session_id": session, "model_seq_id": 0, "base_model": BASE, "lora_config": {"rank": 2}}).json()
+        live_model = httpx.post(f"{api}/retrieve_future", json={"request_id": created["request_id"]}, headers=key,
+                                timeout=30).json()["model_id"]
     with running_server(data_dir) as server:
         rest = tinker.RestClient(base_url=server.base_url, api_key="tml-restart")
-        assert [r.training_run_id for r in rest.list_training_runs().result().training_runs] == [model_id]
+        assert {r.training_run_id for r in rest.list_training_runs().result().training_runs} == {model_id, live_model}
         assert [c.tinker_path for c in rest.list_checkpoints(model_id).result().checkpoints] == [path]
         with tinker.ServiceClient(base_url=server.base_url, api_key="tml-restart") as sc:
             resumed = sc.create_training_client_from_state_with_optimizer(path).result()
             assert step(resumed, data) == pytest.approx(expected_next, abs=1e-5)
-        # The old model's weights lived in the old process: its next step fails with a user error
-        # that says what to do, instead of silently training a fresh adapter.
-        body = fwdbwd_proto(model_id, data)
-        key = {"X-API-Key": "tml-restart"}
-        submitted = httpx.post(f"{server.base_url}/api/v1/forward_backward", content=body,
-                               headers={**key, "Content-Type": "application/x-protobuf"})
-        result = httpx.post(f"{server.base_url}/api/v1/retrieve_future", headers=key,
-                            json={"request_id": submitted.json()["request_id"]}, timeout=30).json()
+        api = f"{server.base_url}/api/v1"
+        headers = {**key, "Content-Type": "application/x-protobuf"}
+        # The closed session's model: 410, its session has finished.
+        closed = httpx.post(f"{api}/forward_backward", content=fwdbwd_proto(model_id, data), headers=headers)
+        assert closed.status_code == 410 and "finished" in closed.json()["error"]
+        # The open session's model: its weights lived in the old process, so its next step fails
+        # with a user error that says what to do, instead of silently training a fresh adapter.
+        submitted = httpx.post(f"{api}/forward_backward", content=fwdbwd_proto(live_model, data, seq_id=1),
+                               headers=headers)
+        result = httpx.post(f"{api}/retrieve_future", headers=key, json={"request_id": submitted.json()["request_id"]},
+                            timeout=30).json()
         assert result["category"] == "user" and "checkpoint" in result["error"]
 
 

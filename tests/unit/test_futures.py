@@ -36,7 +36,7 @@ def pg_db(make_pg_database: Callable[[], str]) -> Iterator[Database]:
 
 def new_tenant(db: Database) -> str:
     tenant_id = f"ten-{uuid.uuid4().hex[:12]}"
-    db.call(lambda s: s.add(Tenant(id=tenant_id, name=tenant_id, key_hash=uuid.uuid4().hex)))
+    db.call(lambda s: s.add(Tenant(id=tenant_id, name=tenant_id)))
     return tenant_id
 
 

@@ -27,7 +27,7 @@ from server.config import Settings
 from server.errors import InvalidRequest, NotFound
 from server.reaper import reap_expired
 from server.runtime import Runtime
-from server.store.tables import Checkpoint, Model, SamplingSession, Tenant, utcnow
+from server.store.tables import ApiKey, Checkpoint, Model, SamplingSession, utcnow
 from workers.types import BaseModelInfo
 
 KEY = {"X-API-Key": "tml-rest-test"}
@@ -73,7 +73,7 @@ def new_session(client: TestClient, headers: dict = KEY, **fields) -> str:
 
 def tenant_of(client: TestClient, headers: dict) -> str:
     key_hash = ids.hash_key(headers["X-API-Key"])
-    return runtime(client).db.call(lambda s: s.scalar(select(Tenant.id).where(Tenant.key_hash == key_hash)))
+    return runtime(client).db.call(lambda s: s.scalar(select(ApiKey.tenant_id).where(ApiKey.key_hash == key_hash)))
 
 
 def new_run(client: TestClient, headers: dict = KEY) -> tuple[str, str]:

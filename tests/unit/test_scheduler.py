@@ -37,7 +37,7 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
 @pytest.fixture
 def tenant(db: Database) -> str:
     tenant_id = f"ten-{uuid.uuid4().hex[:12]}"
-    db.call(lambda s: s.add(Tenant(id=tenant_id, name=tenant_id, key_hash=uuid.uuid4().hex)))
+    db.call(lambda s: s.add(Tenant(id=tenant_id, name=tenant_id)))
     return tenant_id
 
 
@@ -52,7 +52,8 @@ class Harness:
         self.request_ids: list[str] = []
 
     async def submit(
-        self, key: str, seq_id: int, body: Callable[[], Awaitable[None]] | None = None, kind: str = "forward"
+        self, key: str, seq_id: int, body: Callable[[], Awaitable[None]] | None = None, kind: str = "forward",
+        tenant: str = "", cost: int = 0,
     ) -> str:
         sub = await self.hub.submit(tenant_id=self.tenant, kind=kind, scope=key, seq_id=seq_id, fingerprint="fp")
 
@@ -62,7 +63,8 @@ class Harness:
                 await body()
             return f"{key}#{seq_id}".encode(), "json"
 
-        self.scheduler.submit(key, seq_id=seq_id, request_id=sub.request_id, kind=kind, run=run)
+        self.scheduler.submit(key, seq_id=seq_id, request_id=sub.request_id, kind=kind, run=run, tenant=tenant,
+                              cost=cost)
         self.request_ids.append(sub.request_id)
         return sub.request_id
 
@@ -479,5 +481,123 @@ def test_cancel_takes_a_queued_op_out_and_releases_its_seq_id(db: Database, tena
         await h.result(h.request_ids[2])
         await h.scheduler.stop()
         assert h.calls == [[1], [3]]
+
+    arun(scenario)
+
+
+
+# --------------------------------------------------------------------------------------------
+# Fairness across tenants, cross-tenant batches, why an operation waits
+
+
+def test_a_flooding_tenant_delays_a_light_one_by_at_most_one_call_per_busy_tenant(db: Database, tenant: str) -> None:
+    """Tenant A floods 3 models with 6 ops each; tenant B's one op, arriving while A's first op
+    runs, waits for that op plus at most one more call (one per other busy tenant), no matter how
+    many models or ops A has queued."""
+
+    async def scenario() -> None:
+        h = Harness(db, tenant)
+        gate = asyncio.Event()
+
+        async def slow() -> None:
+            await gate.wait()
+
+        for seq in range(1, 7):
+            for model in ("a1", "a2", "a3"):
+                await h.submit(f"model:{model}", seq, slow if (model, seq) == ("a1", 1) else None, tenant="A")
+        h.scheduler.start()
+        await asyncio.sleep(0.05)
+        assert h.trace == [("model:a1", 1)]  # A's first op is running
+        light = await h.submit("model:b", 1, tenant="B")
+        gate.set()
+        await h.result(light)
+        position = h.trace.index(("model:b", 1))
+        await h.drain()
+        await h.scheduler.stop()
+        assert position <= 2, h.trace  # the running op, then at most one op of the one other busy tenant
+
+    arun(scenario)
+
+
+def test_two_tenants_alternate_whatever_their_queue_lengths(db: Database, tenant: str) -> None:
+    async def scenario() -> None:
+        h = Harness(db, tenant)
+        for seq in range(1, 5):
+            await h.submit("model:x1", seq, tenant="X")
+            await h.submit("model:x2", seq, tenant="X")
+        await h.submit("model:y", 1, tenant="Y")
+        await h.submit("model:y", 2, tenant="Y")
+        h.scheduler.start()
+        await h.drain()
+        await h.scheduler.stop()
+        owners = ["Y" if key == "model:y" else "X" for key, _ in h.trace]
+        assert owners[:4] == ["X", "Y", "X", "Y"], h.trace
+
+    arun(scenario)
+
+
+def test_samples_of_several_tenants_on_one_checkpoint_share_a_call(db: Database, tenant: str) -> None:
+    async def scenario() -> None:
+        h = OrderedHarness(db, tenant)
+        calls: list[list[str]] = []
+
+        async def submit(owner: str, n: int) -> None:
+            sub = await h.hub.submit(tenant_id=tenant, kind="sample", scope=f"s:{owner}", seq_id=n, fingerprint="fp")
+
+            async def run_many(names: list[str]) -> list[tuple[bytes, str]]:
+                calls.append(list(names))
+                return [(name.encode(), "proto") for name in names]
+
+            async def run() -> tuple[bytes, str]:
+                return (await run_many([f"{owner}{n}"]))[0]
+
+            batch = Batch(key="sample:ckpt-1", size=1, budget=8, payload=f"{owner}{n}", run=run_many)
+            h.scheduler.submit(f"sample:{owner}:ckpt-1", seq_id=n, request_id=sub.request_id, kind="sample",
+                               run=run, tenant=owner, batch=batch)
+            h.request_ids.append(sub.request_id)
+
+        for n in range(3):
+            await submit("A", n)
+        await submit("B", 0)
+        h.scheduler.start()
+        await h.drain()
+        await h.scheduler.stop()
+        assert calls == [["A0", "A1", "A2", "B0"]]  # one pass serves both tenants
+
+    arun(scenario)
+
+
+class _OneTokenBudget:
+    """Tenant "slow" may run one op per token it has not spent; "fast" is never throttled."""
+
+    def __init__(self) -> None:
+        self.spent = 0
+
+    def ready_at(self, tenant: str, cost: int, now: float) -> float:
+        return now + 3600 if tenant == "slow" and self.spent >= 1 else now
+
+    def charge(self, tenant: str, cost: int, now: float) -> None:
+        if tenant == "slow":
+            self.spent += cost
+
+    def reason(self, tenant: str, cost: int, now: float) -> str:
+        return "over its tokens/s" if self.ready_at(tenant, cost, now) > now else ""
+
+
+def test_a_throttled_tenant_waits_with_a_reason_and_others_run(db: Database, tenant: str) -> None:
+    async def scenario() -> None:
+        h = Harness(db, tenant)
+        h.scheduler = Scheduler(h.hub, throttle=_OneTokenBudget())
+        first = await h.submit("model:s", 1, tenant="slow", cost=1)
+        second = await h.submit("model:s", 2, tenant="slow", cost=1)
+        other = await h.submit("model:f", 1, tenant="fast", cost=1)
+        h.scheduler.start()
+        await h.result(first)
+        await h.result(other)
+        await asyncio.sleep(0.1)
+        assert h.scheduler.state_of(second, "slow") == ("paused_rate_limit", "over its tokens/s")
+        assert h.scheduler.state_of(other, "fast") == ("active", None)
+        await h.scheduler.stop()
+        assert ("model:s", 2) not in h.trace
 
     arun(scenario)

@@ -9,16 +9,19 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config as AlembicConfig
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, inspect, select, text
+from sqlalchemy.exc import IntegrityError
 
+from server import ids, tenants
 from server.errors import NotFound
 from server.store import queries
 from server.store.database import MIGRATIONS_DIR, Database
-from server.store.tables import Base, Checkpoint, Future, Model, SamplingSession, Tenant
+from server.store.tables import ApiKey, Base, Checkpoint, Future, Model, SamplingSession, Tenant
 from server.store.tables import Session as SessionRow
 
 # --------------------------------------------------------------------------------------------
@@ -119,6 +122,49 @@ def test_sqlite_migrate_creates_missing_parent_dir(tmp_path: Path) -> None:
         database.close()
 
 
+def upgrade_to(engine: Engine, revision: str) -> None:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+
+
+@pytest.mark.parametrize("fresh_url", ["sqlite", "postgresql"], indirect=True)
+def test_migration_0004_moves_key_hashes_to_api_keys(fresh_url: str) -> None:
+    """A 0003 database with open-mode tenants (one key hash each, names not unique) and rows that
+    point at them: after the upgrade every old key still means its tenant, names are unique, the
+    rows that point at tenants are intact (SQLite rebuilds the tenants table), and the schema is
+    exactly the declared one."""
+    database = Database(fresh_url, threads=1)
+    try:
+        upgrade_to(database.engine, "0003")
+        with database.engine.begin() as conn:
+            for i, (name, key) in enumerate([("tenant-a", "tml-a"), ("twin", "tml-b"), ("twin", "tml-c")]):
+                conn.execute(text("INSERT INTO tenants (id, name, key_hash, created_at) VALUES (:id, :n, :h, :at)"),
+                             {"id": f"t{i}", "n": name, "h": ids.hash_key(key), "at": datetime(2025, 1, 1 + i)})
+            conn.execute(text("INSERT INTO sessions (id, tenant_id, tags, user_metadata, created_at, last_heartbeat_at) "
+                              "VALUES ('s', 't2', '[]', '{}', '2025-01-01', '2025-01-01')"))
+        database.migrate()
+        assert schema_differences(database.engine) == []
+        assert alembic_revision(database.engine) == [head_revision()]
+        rows = database.call(lambda s: [(t.id, t.name, t.limits) for t in s.scalars(select(Tenant).order_by(Tenant.id))])
+        assert rows == [("t0", "tenant-a", {}), ("t1", "twin", {}), ("t2", "twin-t2", {})]
+        for i, key in enumerate(["tml-a", "tml-b", "tml-c"]):
+            hit = database.call(lambda s, key=key: tenants.resolve_key(s, ids.hash_key(key)))
+            assert hit is not None and hit.tenant_id == f"t{i}"
+        keys = database.call(lambda s: s.scalars(select(ApiKey).order_by(ApiKey.tenant_id)).all())
+        assert [(k.prefix, k.revoked_at, k.created_at.day) for k in keys] == [(None, None, 1), (None, None, 2), (None, None, 3)]
+        assert database.call(lambda s: s.get(SessionRow, "s").tenant_id) == "t2"
+        with database.engine.connect() as conn:
+            if conn.dialect.name == "sqlite":
+                assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1  # back on after the migration
+        with pytest.raises(IntegrityError):  # names are unique now
+            database.call(lambda s: s.add(Tenant(id="t9", name="twin")))
+    finally:
+        database.close()
+
+
 # --------------------------------------------------------------------------------------------
 # Helpers for the query tests
 
@@ -129,7 +175,7 @@ def new_tenant(database: Database) -> tuple[str, str]:
     session_id = f"sess-{uuid.uuid4().hex[:12]}"
 
     def add(s) -> None:
-        s.add(Tenant(id=tenant_id, name=tenant_id, key_hash=uuid.uuid4().hex))
+        s.add(Tenant(id=tenant_id, name=tenant_id))
         s.flush()
         s.add(SessionRow(id=session_id, tenant_id=tenant_id))
 
@@ -166,7 +212,7 @@ def test_utc_datetime_round_trips_as_aware_utc(db: Database) -> None:
     tenant_id = f"ten-{uuid.uuid4().hex[:12]}"
     ist = timezone(timedelta(hours=5, minutes=30))
     written = datetime(2024, 1, 2, 3, 4, 5, 678901, tzinfo=ist)  # = 2024-01-01 21:34:05.678901 UTC
-    db.call(lambda s: s.add(Tenant(id=tenant_id, name="t", key_hash=uuid.uuid4().hex, created_at=written)))
+    db.call(lambda s: s.add(Tenant(id=tenant_id, name=tenant_id, created_at=written)))
 
     # Read with Core (no identity map handing back the object we wrote).
     with db.engine.connect() as conn:
@@ -191,7 +237,7 @@ def test_utc_datetime_on_postgresql_with_a_non_utc_session_timezone(make_pg_data
         with database.engine.connect() as conn:
             assert conn.execute(text("SHOW TimeZone")).scalar() == "America/New_York"
         written = datetime(2024, 7, 1, 12, 0, tzinfo=UTC)
-        database.call(lambda s: s.add(Tenant(id="t1", name="t", key_hash="h", created_at=written)))
+        database.call(lambda s: s.add(Tenant(id="t1", name="t", created_at=written)))
         with database.engine.connect() as conn:
             read = conn.execute(select(Tenant.created_at)).scalar_one()
             # Stored as the right instant, not as a local wall-clock time.
@@ -207,7 +253,7 @@ def test_utc_datetime_stores_utc_wall_clock_in_sqlite(tmp_path: Path) -> None:
     try:
         database.migrate()
         written = datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=-8)))
-        database.call(lambda s: s.add(Tenant(id="t1", name="t", key_hash="h", created_at=written)))
+        database.call(lambda s: s.add(Tenant(id="t1", name="t", created_at=written)))
         with database.engine.connect() as conn:
             raw = conn.execute(text("SELECT created_at FROM tenants")).scalar_one()
         # Naive UTC text sorts chronologically, which ORDER BY created_at relies on.
@@ -358,7 +404,7 @@ def test_call_commits_on_return_and_rolls_back_on_error(db: Database) -> None:
     tenant_id = f"ten-{uuid.uuid4().hex[:12]}"
 
     def add_then_fail(s) -> None:
-        s.add(Tenant(id=tenant_id, name="t", key_hash=uuid.uuid4().hex))
+        s.add(Tenant(id=tenant_id, name=tenant_id))
         s.flush()
         raise RuntimeError("boom")
 

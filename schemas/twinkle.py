@@ -1,0 +1,39 @@
+"""Bodies of Twinkle's own endpoints (beyond the Tinker API), under /twinkle/v1."""
+
+from __future__ import annotations
+
+from schemas.tinker import ResponseModel
+
+
+class PoolView(ResponseModel):
+    max_resident_adapters: int | None  # None: no limit
+    resident_adapters: int
+    pinned_adapters: int  # the sampler's cached checkpoints, outside the pool
+    paged_in_host: int
+    paged_on_disk: int
+    host_bytes: int
+    page_ins: int
+    page_outs: int
+
+
+class TenantUsage(ResponseModel):
+    """The calling tenant's own usage and limits (never another tenant's)."""
+
+    queue_depth: int
+    inflight_requests: int
+    live_models: int
+    limits: dict[str, float]
+
+
+class CapacityResponse(ResponseModel):
+    pool: PoolView | None  # None until the engine has run something
+    samples_pending: int
+    sample_queue_limit: int
+    tenant: TenantUsage
+
+
+class StatusResponse(ResponseModel):
+    status: str
+    base_model: str
+    uptime_seconds: float
+    capacity: CapacityResponse
