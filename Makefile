@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 OLD_SDKS := 0.16.1 0.24.1
 
-.PHONY: install serve test test-fast test-slow lint bench proto clean
+.PHONY: install serve test test-fast test-slow lint bench bench-pool proto clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/step_overhead.py $(ARGS)
+
+bench-pool: $(STAMP)
+	$(BIN)/python bench/pool_paging.py $(ARGS)
 
 proto: $(STAMP)
 	scripts/gen_proto.sh

@@ -65,8 +65,8 @@ class Settings(BaseModel):
     # are paged out; the SDK heartbeats every 10 s.
     session_timeout_seconds: float = Field(300.0, gt=0)
     # The LoRA pool: adapters kept on the compute device; the least recently used idle ones are
-    # paged out to host memory, and to disk past the host budget. None: no limit.
-    max_resident_adapters: int | None = Field(None, ge=1)
+    # paged out to host memory, and to disk past the host budget (None: no limit).
+    max_resident_adapters: int | None = Field(64, ge=1)
     host_adapter_budget_mb: int = Field(4096, ge=0)
     # Custom losses run here from an uploaded graph (False: the SDK runs them itself, on top of
     # a cross_entropy forward and backward).
