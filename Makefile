@@ -52,6 +52,7 @@ bench: $(STAMP)
 
 bench-pool: $(STAMP)
 	$(BIN)/python bench/pool_paging.py $(ARGS)
+	$(BIN)/python bench/adapter_switch.py $(ARGS)
 
 proto: $(STAMP)
 	scripts/gen_proto.sh

@@ -1,11 +1,16 @@
 """What paging adapters in and out of the LoRA pool costs.
 
 Five tenants (LoRA ranks 1, 4, 8, 16, 32) take turns, one forward_backward + optim_step each per
-turn, in-process on one trainer, three ways: every adapter resident (no limit), two slots with
-paged-out adapters held in host memory, and two slots spilling every paged-out adapter to disk
-(host budget 0). With two slots and five tenants in turn, every step pages one adapter in and
-another out, the worst case. Also times one page-out and the page-in of the next step for the
-rank-32 adapter directly. Prints a table; the ratios are to the all-resident median of the same run.
+turn, in-process, on one trainer per way:
+- every adapter resident (no limit);
+- two slots, paged-out adapters held in host memory;
+- two slots, every paged-out adapter spilled to disk (host budget 0);
+- the last two again without shells (`max_shells=0`): every page-in rebuilds the peft modules,
+  as before shells existed.
+With two slots and five tenants in turn, every step pages one adapter in and another out, the
+worst case. The ways take turns round by round, so drift on a noisy machine hits all alike. Also
+times one page-out and one page-in of the rank-32 adapter (weights, AdamW moments and pending
+gradients) directly. Prints tables; ratios are to the all-resident median of the same run.
 
     .venv/bin/python bench/pool_paging.py [--rounds 6] [--base-model tiny-qwen3] [--batch 4] [--seq 64]
 """
@@ -61,21 +66,23 @@ def step(trainer: LoraTrainer, name: str, data: list[DatumIn]) -> float:
     return time.perf_counter() - start
 
 
-def run_rounds(trainer: LoraTrainer, data: list[DatumIn], rounds: int) -> list[float]:
-    for rank in RANKS:  # warm-up round, not timed
-        step(trainer, f"r{rank}", data)
-    return [step(trainer, f"r{rank}", data) for _ in range(rounds) for rank in RANKS]
+def one_round(trainer: LoraTrainer, data: list[DatumIn]) -> list[float]:
+    return [step(trainer, f"r{rank}", data) for rank in RANKS]
 
 
 def page_costs(trainer: LoraTrainer, data: list[DatumIn], repeats: int) -> tuple[list[float], list[float]]:
-    """Page the rank-32 adapter out, then step it: the step's excess over a resident step is the page-in."""
+    """Time paging the rank-32 adapter out, then back in (activating it pages it in), after a step."""
     outs, ins = [], []
     for _ in range(repeats):
-        resident = step(trainer, "r32", data)
+        step(trainer, "r32", data)  # pending state to carry: moments now, gradients below
+        trainer.forward_backward("r32", data, CE, {})
         start = time.perf_counter()
         trainer.page_out("r32")
         outs.append(time.perf_counter() - start)
-        ins.append(step(trainer, "r32", data) - resident)
+        start = time.perf_counter()
+        with trainer.using("r32"):
+            ins.append(time.perf_counter() - start)
+        trainer.optim_step("r32", ADAM)
     return outs, ins
 
 
@@ -93,16 +100,21 @@ def main() -> None:
             "all resident": {},
             "2 slots, host memory": {"max_resident": 2},
             "2 slots, disk": {"max_resident": 2, "host_budget_bytes": 0, "spill_dir": Path(tmp) / "spill-disk"},
+            # Without shells every page-in rebuilds the adapter's peft modules.
+            "2 slots, host memory, no shells": {"max_resident": 2, "max_shells": 0},
+            "2 slots, disk, no shells": {"max_resident": 2, "max_shells": 0, "host_budget_bytes": 0,
+                                         "spill_dir": Path(tmp) / "spill-disk-ns"},
         }
-        rows, pages = [], {}
-        for way, pool in ways.items():
-            trainer = new_trainer(model_dir, **pool)
-            data = make_data(trainer.info.vocab_size, args.batch, args.seq, seed=0)
-            times = run_rounds(trainer, data, args.rounds)
-            rows.append((way, times, trainer.pool_status()))
-            if way != "all resident":
-                pages[way] = page_costs(trainer, data, repeats=5)
-            del trainer
+        trainers = {way: new_trainer(model_dir, **pool) for way, pool in ways.items()}
+        data = make_data(trainers["all resident"].info.vocab_size, args.batch, args.seq, seed=0)
+        times: dict[str, list[float]] = {way: [] for way in ways}
+        for trainer in trainers.values():
+            one_round(trainer, data)  # warm-up, not timed
+        for _ in range(args.rounds):
+            for way, trainer in trainers.items():
+                times[way] += one_round(trainer, data)
+        rows = [(way, times[way], trainer.pool_status()) for way, trainer in trainers.items()]
+        pages = {way: page_costs(trainer, data, repeats=5) for way, trainer in trainers.items() if way != "all resident"}
     report(args, rows, pages)
 
 
@@ -116,7 +128,7 @@ def report(args: argparse.Namespace, rows: list, pages: dict) -> None:
         median = statistics.median(times)
         table.add_row(way, str(len(times)), f"{median * 1e3:.1f}", f"{median / baseline:.2f}",
                       str(status.page_ins), str(status.page_outs), str(status.spills))
-    costs = Table(title="rank-32 adapter, one page-out and the page-in of its next step (median of 5)")
+    costs = Table(title="rank-32 adapter with moments and gradients: one page-out, one page-in (median of 5)")
     for column in ("way", "page-out ms", "page-in ms"):
         costs.add_column(column, justify="right")
     for way, (outs, ins) in pages.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,13 +210,17 @@ def assert_same_run(got, want) -> None:
         assert len(set(want_losses[t.name])) == STEPS
 
 
-def test_five_tenants_two_slots_match_unlimited(new_trainer, unlimited_run) -> None:
-    trainer = new_trainer(max_resident=2)
+@pytest.mark.parametrize("shells", [0, 1, 64], ids=lambda n: f"{n}-shells")
+def test_five_tenants_two_slots_match_unlimited(new_trainer, unlimited_run, shells: int) -> None:
+    """With no shells every page-in rebuilds the peft adapter; with one, some do; with 64, none."""
+    trainer = new_trainer(max_resident=2, max_shells=shells)
     pending_paged: list[int] = []
 
     def check() -> None:
         status = trainer.pool_status()
         assert len(status.resident) <= 2 and status.paged_on_disk == 0
+        assert sum(p.shell is not None for p in trainer._paged.values()) <= shells
+        assert len(trainer.model.peft_config) <= 1 + len(status.resident) + shells  # idle + resident + shells
         pending_paged.append(sum(any(k.startswith("grad/") for k in p.tensors) for p in trainer._paged.values()))
 
     got = run_tenants(trainer, check)
@@ -255,10 +260,12 @@ def test_five_tenants_spilling_to_disk_match_unlimited(new_trainer, unlimited_ru
 
 
 # ----- page-out and page-in ------------------------------------------------------------------------
+@pytest.mark.parametrize("shells", [0, 64], ids=lambda n: f"{n}-shells")
 @pytest.mark.parametrize("where", ["host", "disk"])
-def test_page_in_restores_weights_grads_and_optimizer_bitwise(new_trainer, tmp_path: Path, where: str) -> None:
+def test_page_in_restores_weights_grads_and_optimizer_bitwise(new_trainer, tmp_path: Path, where: str,
+                                                              shells: int) -> None:
     pool = {"host_budget_bytes": 0, "spill_dir": tmp_path} if where == "disk" else {}
-    trainer = new_trainer(max_resident=1, **pool)
+    trainer = new_trainer(max_resident=1, max_shells=shells, **pool)
     a = fresh(trainer, rank=8)
     train_a_bit(trainer, a, 1)
     before = state_of(trainer, a)
@@ -406,6 +413,71 @@ def test_save_and_load_with_paged_adapters(new_trainer, tmp_path: Path) -> None:
     assert trainer.pool_status().page_ins == ins and other in trainer._paged
 
 
+# ----- shells and adapter switching ------------------------------------------------------------------
+def test_shells_hold_no_tensors_and_the_least_recently_paged_lose_theirs(new_trainer) -> None:
+    trainer = new_trainer(max_resident=1, max_shells=2)
+    a = fresh(trainer)
+    train_a_bit(trainer, a, 5)
+    b, c, d = fresh(trainer), fresh(trainer), fresh(trainer)  # pages out a, then b, then c
+    shells = {name: paged.shell for name, paged in trainer._paged.items()}
+    assert shells[a] is None and shells[b] is not None and shells[c] is not None
+    assert set(trainer.model.peft_config) == {"idle", b, c, d}
+    for param in shells[b].values():
+        assert param.numel() == 0 and param.grad is None
+
+    adds = []
+    add = trainer._add_peft_adapter
+    trainer._add_peft_adapter = lambda *args: (adds.append(args[0]), add(*args))
+    for name in (b, a):  # b comes back through its shell, a is rebuilt
+        trainer.forward_backward(name, ce_data(np.random.default_rng(0), (3,)), CE, {})
+    assert adds == [a]
+    trainer.remove_adapter(c)  # a paged adapter with a shell: its peft modules go too
+    assert c not in trainer.model.peft_config and not trainer.has_adapter(c)
+
+
+def test_the_fast_adapter_switch_computes_what_peft_set_adapter_does(new_trainer, tiny_model_dir: Path) -> None:
+    """LoraTrainer switches adapters without peft's set_adapter (which touches every adapter of
+    every layer); a trainer that uses peft's own switch and disable_adapter computes the same bits."""
+    ours, peft_switch = new_trainer(), new_trainer()
+
+    def peft_using(trainer: LoraTrainer):
+        @contextmanager
+        def using(name):
+            if name is None:
+                with trainer.model.disable_adapter():
+                    yield trainer.model
+                return
+            trainer._adapter(name)
+            trainer.model.set_adapter(name)
+            yield trainer.model
+
+        return using
+
+    peft_switch.using = peft_using(peft_switch)
+    rng = np.random.default_rng(7)
+    prompt = torch.from_numpy(rng.integers(3, VOCAB, (1, 6)))
+    results = []
+    for trainer in (ours, peft_switch):
+        names = [fresh(trainer, rank) for rank in (2, 4, 8)]
+        losses, base_logits = [], []
+        for step in range(3):
+            for i, name in enumerate(names):
+                data = ce_data(np.random.default_rng([step, i]), (4, 3))
+                losses.append(trainer.forward_backward(name, data, CE, {}).metrics["loss:sum"])
+                grads = {n: any(p.grad is not None for p in trainer._adapter(n).params.values()) for n in names}
+                assert grads == {n: n == name for n in names}  # only the active adapter got gradients
+                trainer.optim_step(name, AdamConfig(learning_rate=1e-2))
+            with torch.no_grad(), trainer.using(None) as model:
+                base_logits.append(model(input_ids=prompt).logits)
+        results.append((losses, base_logits, [state_of(trainer, n) for n in names]))
+    (l1, b1, s1), (l2, b2, s2) = results
+    assert l1 == l2 and all(torch.equal(x, y) for x, y in zip(b1, b2))
+    for x, y in zip(s1, s2):
+        assert_bitwise(x, y)
+    with torch.no_grad():  # and "no adapter" is the bare base model
+        assert torch.equal(b1[-1], load_base_model(tiny_model_dir)(input_ids=prompt).logits)
+
+
 # ----- sampler adapters and settings -----------------------------------------------------------------
 def test_pinned_sampler_adapters_are_outside_the_pool(new_trainer, tmp_path: Path) -> None:
     trainer = new_trainer(max_resident=1)
@@ -432,6 +504,8 @@ def test_settings_are_checked_and_stale_spill_files_removed(new_trainer, tmp_pat
         new_trainer(max_resident=0)
     with pytest.raises(ValueError):
         new_trainer(host_budget_bytes=10)
+    with pytest.raises(ValueError):
+        new_trainer(max_shells=-1)
     (tmp_path / "dead.spill.safetensors").write_bytes(b"left by a crashed process")
     (tmp_path / "dead.spill.safetensors.tmp").write_bytes(b"half written")
     (tmp_path / "not-ours.txt").write_text("kept")
