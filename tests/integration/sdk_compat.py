@@ -31,9 +31,10 @@ def resolve(value: Any) -> Any:
 
 
 def close(sc: tinker.ServiceClient) -> None:
-    """Finish the session where the SDK can (0.30+: POST /sessions/{id}/finish)."""
+    """Finish the session where the SDK can (0.30+: POST /sessions/{id}/finish). Bounded, so that a
+    close that never returns fails its test in a minute, with this line in the traceback."""
     if hasattr(sc, "close"):
-        sc.close("success").result()
+        sc.close("success").result(timeout=60)
 
 
 @contextmanager
