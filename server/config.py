@@ -64,6 +64,8 @@ class Settings(BaseModel):
     # Sessions without a heartbeat for this long are ended: their queued work fails, their adapters
     # are paged out; the SDK heartbeats every 10 s.
     session_timeout_seconds: float = Field(300.0, gt=0)
+    # How long an expired session's paged-out adapters are kept before they are freed for good.
+    expired_adapter_retention_seconds: float = Field(600.0, ge=0)
     # The LoRA pool: adapters kept on the compute device; the least recently used idle ones are
     # paged out to host memory, and to disk past the host budget (None: no limit).
     max_resident_adapters: int | None = Field(64, ge=1)

@@ -1,16 +1,23 @@
-"""Sessions that stop heartbeating are ended.
+"""How sessions end, and what ending frees.
 
-The SDK heartbeats every 10 s; SDKs before 0.30 never call `finish`, and a crashed client never
-does. A session silent for `session_timeout_seconds` is finished ("expired"): its queued work
-fails with a `user` error that says why, its models' adapters are paged out of the compute device
-(not deleted) and stop counting against the tenant's live-model quota, and further requests on
-it get 410. Its checkpoints stay: a new client loads them with create_training_client_from_state.
+A session ends when its client finishes it (`POST /sessions/{id}/finish`, from SDK 0.30's
+`close`) or when it stops heartbeating. The SDK heartbeats every 10 s; SDKs before 0.30 never call
+`finish`, and a crashed client never does, so a session silent for `session_timeout_seconds` is
+finished as "expired".
+
+Either way its queued work fails with a `user` error that says why, its models stop counting
+against the tenant's live-model quota, and further requests on it get 410; its checkpoints stay,
+and a new client loads them with create_training_client_from_state. A finished session's adapters
+are freed at once (its client said it is done). An expired session's adapters are paged out of the
+compute device, not deleted, and freed for good after `expired_adapter_retention_seconds`, so that
+neither host memory nor the spill folder grows with every client that disappears.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -28,55 +35,89 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Expired:
+class Ended:
     session_id: str
     tenant_id: str
+    reason: str | None
     model_ids: list[str]
     pending: list[str]  # request ids of its unfinished futures
 
 
-def _expire(s: Session, timeout: float) -> list[Expired]:
+def end_session(s: Session, row: SessionRow, reason: str | None) -> Ended:
+    """Mark the session finished and list what it leaves behind (in the same transaction)."""
+    row.finished_at, row.finish_reason = utcnow(), reason
+    models = list(s.scalars(select(Model.id).where(Model.session_id == row.id)))
+    samplers = list(s.scalars(select(SamplingSession.id).where(SamplingSession.session_id == row.id)))
+    scopes = [f"model:{m}" for m in models] + [f"sampler:{x}" for x in samplers] + [
+        f"session:{row.id}", f"session:{row.id}:custom_loss"]
+    pending = list(s.scalars(select(Future.request_id).where(Future.state == "pending", Future.scope.in_(scopes))))
+    return Ended(row.id, row.tenant_id, reason, models, pending)
+
+
+async def release(rt: Runtime, ended: Ended, message: str) -> None:
+    """Fail the ended session's queued work and free its models (see the module docstring). One
+    failure does not stop the rest: each slot and admission is released whatever happens."""
+    for request_id in ended.pending:
+        try:
+            await rt.fail_queued(request_id, message)
+        except Exception:
+            log.exception("cancel_failed", extra={"request_id": request_id, "session_id": ended.session_id})
+    keep = ended.reason == "expired" and rt.settings.expired_adapter_retention_seconds > 0
+    for model_id in ended.model_ids:
+        rt.quotas.model_unloaded(ended.tenant_id, model_id)
+        try:
+            if keep:
+                rt.retired[model_id] = time.monotonic()  # first: freed later even if the page-out fails
+                await rt.engine.page_out(model_id)
+            else:
+                await rt.engine.unload(model_id)
+        except Exception:
+            log.exception("model_release_failed", extra={"model_id": model_id, "session_id": ended.session_id})
+
+
+def _expire(s: Session, timeout: float) -> list[Ended]:
     cutoff = utcnow() - timedelta(seconds=timeout)
     rows = s.scalars(
         select(SessionRow).where(SessionRow.finished_at.is_(None), SessionRow.last_heartbeat_at < cutoff)
     ).all()
-    expired = []
-    for row in rows:
-        row.finished_at, row.finish_reason = utcnow(), "expired"
-        models = list(s.scalars(select(Model.id).where(Model.session_id == row.id)))
-        samplers = list(s.scalars(select(SamplingSession.id).where(SamplingSession.session_id == row.id)))
-        scopes = [f"model:{m}" for m in models] + [f"sampler:{x}" for x in samplers] + [
-            f"session:{row.id}", f"session:{row.id}:custom_loss"]
-        pending = list(s.scalars(select(Future.request_id).where(Future.state == "pending", Future.scope.in_(scopes))))
-        expired.append(Expired(row.id, row.tenant_id, models, pending))
-    return expired
+    return [end_session(s, row, "expired") for row in rows]
 
 
-async def expire_sessions(rt: Runtime) -> list[Expired]:
+async def expire_sessions(rt: Runtime) -> list[Ended]:
     timeout = rt.settings.session_timeout_seconds
     expired = await rt.db.run(lambda s: _expire(s, timeout))
     for session in expired:
         message = (f"session {session.session_id} expired: no heartbeat for {timeout:g} s, so its queued "
                    "work was cancelled; start a new client (its checkpoints are kept)")
-        for request_id in session.pending:
-            if (op := rt.scheduler.cancel(request_id)) is not None:
-                await rt.hub.fail(request_id, message, "user")
-                if op.notify is not None:
-                    op.notify(request_id, "failed", None)
-        for model_id in session.model_ids:
-            await rt.engine.page_out(model_id)
-            rt.quotas.model_unloaded(session.tenant_id, model_id)
+        await release(rt, session, message)
         log.info("session_expired", extra={"session_id": session.session_id, "tenant_id": session.tenant_id,
                                            "models": len(session.model_ids), "cancelled": len(session.pending)})
     return expired
 
 
+async def free_retired(rt: Runtime) -> list[str]:
+    """Unload the paged-out adapters of expired sessions that have been kept long enough."""
+    cutoff = time.monotonic() - rt.settings.expired_adapter_retention_seconds
+    freed = [model_id for model_id, since in rt.retired.items() if since <= cutoff]
+    for model_id in freed:
+        del rt.retired[model_id]
+        try:
+            await rt.engine.unload(model_id)
+        except Exception:
+            log.exception("model_release_failed", extra={"model_id": model_id})
+    if freed:
+        log.info("retired_adapters_freed", extra={"count": len(freed)})
+    return freed
+
+
 async def run_session_reaper(rt: Runtime, interval: float | None = None) -> None:
-    """Expire sessions forever (cancel the task to stop); a failed round is logged and retried."""
+    """Expire sessions and free retired adapters forever (cancel the task to stop); a failed round
+    is logged and retried."""
     interval = interval or min(rt.settings.session_timeout_seconds / 4, 30.0)
     while True:
         await asyncio.sleep(interval)
         try:
             await expire_sessions(rt)
+            await free_retired(rt)
         except Exception:
             log.exception("session_reap_failed")

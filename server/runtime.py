@@ -41,6 +41,8 @@ class Runtime:
     _background: list[asyncio.Task] = field(default_factory=list)
     _started_at: float = field(default_factory=time.monotonic)
     key_cache: KeyCache = field(default_factory=KeyCache)  # key hash -> tenant, for a few seconds
+    # Models of expired sessions whose adapters are paged out, with when: unloaded after the retention.
+    retired: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def build(cls, settings: Settings, engine: Engine | None = None) -> Runtime:
@@ -118,6 +120,19 @@ class Runtime:
             batch=batch, ordered=ordered, notify=done, cost=cost,
         )
         return sub
+
+    async def fail_queued(self, request_id: str, message: str) -> bool:
+        """Take a queued (not yet running) operation out of its queue and fail its future with a
+        `user` error; False if it is not queued. Its admission is released even if recording fails."""
+        op = self.scheduler.cancel(request_id)
+        if op is None:
+            return False
+        try:
+            await self.hub.fail(request_id, message, "user")
+        finally:
+            if op.notify is not None:
+                op.notify(request_id, "failed", None)
+        return True
 
     async def refresh_limits(self, tenant_id: str) -> Limits:
         """The tenant's limits: the settings' defaults with its row's overrides (re-read every few

@@ -243,9 +243,6 @@ async def cancel(rt: Runtime, tenant_id: str, request_id: str) -> bool:
     view = await rt.hub.get(tenant_id, request_id)
     if view is None:
         raise NotFound(f"request {request_id!r} not found", field="request_id")
-    if view.state != "pending" or (op := rt.scheduler.cancel(request_id)) is None:
+    if view.state != "pending":
         return False
-    await rt.hub.fail(request_id, "cancelled by the client before it ran", "user")
-    if op.notify is not None:
-        op.notify(request_id, "failed", None)
-    return True
+    return await rt.fail_queued(request_id, "cancelled by the client before it ran")

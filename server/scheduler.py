@@ -155,6 +155,8 @@ class Scheduler:
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = _Queue(tenant=tenant, ordered=ordered)
+        elif not queue.tenant:  # made by skip(), which does not know the owner
+            queue.tenant = tenant
         if not queue.ops:
             self._enter(queue.tenant, key)
         seq = NO_SEQ if seq_id is None else seq_id
@@ -323,7 +325,9 @@ class Scheduler:
         )
         for _, key in candidates:
             queue = self._queues[key]
-            while queue.ops and self._joins(False, ops[-1], queue.ops[0], size):
+            # A tenant over its tokens/s budget waits here too, whoever else samples the checkpoint.
+            while (queue.ops and self._joins(False, ops[-1], queue.ops[0], size)
+                   and self._throttle.ready_at(queue.tenant, queue.ops[0].cost, now) <= now):
                 nxt = heapq.heappop(queue.ops)
                 size += nxt.batch.size  # type: ignore[union-attr]
                 ops.append(nxt)

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 from schemas.tinker import CreateSessionRequest, SessionFinishRequest
 from server import ids
 from server.errors import Gone
+from server.lifecycle import Ended, end_session, release
 from server.runtime import Runtime
 from server.store.queries import owned
 from server.store.tables import Session as SessionRow
@@ -54,11 +55,15 @@ async def heartbeat(rt: Runtime, tenant_id: str, session_id: str) -> None:
 
 
 async def finish(rt: Runtime, tenant_id: str, session_id: str, req: SessionFinishRequest) -> None:
-    def close(s: Session) -> None:
-        row = owned(s, SessionRow, tenant_id, session_id)
-        if row.finished_at is None:
-            row.finished_at = utcnow()
-            row.finish_reason = req.reason.type if req.reason else None
+    """End the session (the first reason wins): its queued work fails and its models are freed."""
 
-    await rt.db.run(close)
-    log.info("session_finished", extra={"session_id": session_id, "tenant_id": tenant_id})
+    def close(s: Session) -> Ended | None:
+        row = owned(s, SessionRow, tenant_id, session_id)
+        return end_session(s, row, req.reason.type if req.reason else None) if row.finished_at is None else None
+
+    ended = await rt.db.run(close)
+    if ended is None:
+        return
+    await release(rt, ended, f"session {session_id} was finished by its client before this request ran")
+    log.info("session_finished", extra={"session_id": session_id, "tenant_id": tenant_id,
+                                        "models": len(ended.model_ids), "cancelled": len(ended.pending)})

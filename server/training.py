@@ -7,8 +7,8 @@ import asyncio
 import logging
 import random
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 
 from sqlalchemy.orm import Session
@@ -86,14 +86,25 @@ async def release_seq(rt: Runtime, tenant_id: str, model_id: object, seq_id: obj
             rt.scheduler.skip(model_queue(model.id), seq_id)
 
 
-def _claim_model_slot(rt: Runtime, tenant_id: str, model_id: str) -> None:
-    """Checked again when the creation runs (creations run one at a time), so concurrent
-    submissions cannot together exceed the tenant's live-model quota."""
+@asynccontextmanager
+async def _model_slot(rt: Runtime, tenant_id: str, model_id: str) -> AsyncIterator[None]:
+    """Claim a live-model slot for a model being made in the block. Checked again here, when the
+    creation runs (creations run one at a time), so concurrent submissions cannot together exceed
+    the quota; a creation that fails frees the slot and whatever adapter it made."""
     try:
         rt.quotas.check_new_model(tenant_id)
     except TwinkleError as exc:
         raise OperationFailed(exc.message) from None
     rt.quotas.model_loaded(tenant_id, model_id)
+    try:
+        yield
+    except BaseException:
+        rt.quotas.model_unloaded(tenant_id, model_id)
+        try:
+            await rt.engine.unload(model_id)  # a no-op when no adapter was made
+        except Exception:
+            log.exception("model_release_failed", extra={"model_id": model_id})
+        raise
 
 
 # ----- model creation ------------------------------------------------------------------------
@@ -117,9 +128,10 @@ async def create_model(rt: Runtime, tenant_id: str, req: api.CreateModelRequest,
     async def run() -> OpResult:
         if await rt.db.run(lambda s: s.get(Model, model_id)) is not None:
             raise OperationFailed(f"model {model_id} already exists (model_seq_id {req.model_seq_id} was used before)")
-        _claim_model_slot(rt, tenant_id, model_id)
-        await rt.engine.create_adapter(model_id, spec)
-        await rt.db.run(lambda s: _insert_model(s, tenant_id, req.session_id, req.model_seq_id, rt.base.name, spec, req.user_metadata))
+        async with _model_slot(rt, tenant_id, model_id):
+            await rt.engine.create_adapter(model_id, spec)
+            await rt.db.run(lambda s: _insert_model(s, tenant_id, req.session_id, req.model_seq_id, rt.base.name, spec,
+                                                    req.user_metadata))
         log.info("model_created", extra={"model_id": model_id, "tenant_id": tenant_id, "rank": spec.rank})
         return json_result(api.CreateModelResponse(model_id=model_id))
 
@@ -364,11 +376,11 @@ async def training_checkpoint(rt: Runtime, tenant_id: str, path: str, field: str
 
 async def load_weights(rt: Runtime, tenant_id: str, req: api.LoadWeightsRequest, fingerprint: str) -> api.UntypedAPIFuture:
     if req.creates_model:
-        folder = await _loadable_folder(rt, tenant_id, req)
-        return await _create_from_checkpoint(rt, tenant_id, req, folder, fingerprint)
+        checkpoint = await _loadable_checkpoint(rt, tenant_id, req)
+        return await _create_from_checkpoint(rt, tenant_id, req, checkpoint, fingerprint)
     model = await owned_model(rt, tenant_id, req.model_id)
     with refusing(rt, model, req.seq_id):
-        folder = await _loadable_folder(rt, tenant_id, req)
+        folder = rt.data_dir / (await _loadable_checkpoint(rt, tenant_id, req)).storage_dir
 
     async def run() -> OpResult:
         await rt.engine.load(model.id, folder, with_optimizer=req.optimizer)
@@ -377,30 +389,34 @@ async def load_weights(rt: Runtime, tenant_id: str, req: api.LoadWeightsRequest,
     return await _model_op(rt, tenant_id, model, kind="load_weights", seq_id=req.seq_id, fingerprint=fingerprint, run=run)
 
 
-async def _loadable_folder(rt: Runtime, tenant_id: str, req: api.LoadWeightsRequest) -> Path:
+async def _loadable_checkpoint(rt: Runtime, tenant_id: str, req: api.LoadWeightsRequest) -> Checkpoint:
     checkpoint = await training_checkpoint(rt, tenant_id, req.path)
     if req.optimizer and not checkpoint.has_optimizer:
         raise InvalidRequest(f"{req.path} holds no optimizer state; load it with optimizer=False", field="optimizer")
-    return rt.data_dir / checkpoint.storage_dir
+    return checkpoint
 
 
 async def _create_from_checkpoint(
-    rt: Runtime, tenant_id: str, req: api.LoadWeightsRequest, folder: Path, fingerprint: str
+    rt: Runtime, tenant_id: str, req: api.LoadWeightsRequest, checkpoint: Checkpoint, fingerprint: str
 ) -> api.UntypedAPIFuture:
     assert req.session_id is not None and req.model_seq_id is not None
     session_id, seq = req.session_id, req.model_seq_id
     await rt.db.run(lambda s: live_session(s, tenant_id, session_id))
     _check_base_model(rt, req.base_model)
     await rt.refresh_limits(tenant_id)
+    # A published checkpoint (or one saved before the tenant's limit was lowered) may be bigger.
+    rank = await rt.db.run(lambda s: s.get(Model, checkpoint.model_id).lora_rank)
+    if rank > (cap := rt.quotas.limits(tenant_id).max_lora_rank):
+        raise InvalidRequest(f"{req.path} has LoRA rank {rank}, over this tenant's max_lora_rank {cap}", field="path")
     rt.quotas.check_new_model(tenant_id)
     model_id = ids.model_id(session_id, seq)
 
     async def run() -> OpResult:
         if await rt.db.run(lambda s: s.get(Model, model_id)) is not None:
             raise OperationFailed(f"model {model_id} already exists (model_seq_id {seq} was used before)")
-        _claim_model_slot(rt, tenant_id, model_id)
-        spec = await rt.engine.load(model_id, folder, with_optimizer=req.optimizer)
-        await rt.db.run(lambda s: _insert_model(s, tenant_id, session_id, seq, rt.base.name, spec, req.user_metadata))
+        async with _model_slot(rt, tenant_id, model_id):
+            spec = await rt.engine.load(model_id, rt.data_dir / checkpoint.storage_dir, with_optimizer=req.optimizer)
+            await rt.db.run(lambda s: _insert_model(s, tenant_id, session_id, seq, rt.base.name, spec, req.user_metadata))
         log.info("model_created_from_checkpoint", extra={"model_id": model_id, "tenant_id": tenant_id})
         return json_result(api.LoadWeightsResponse(path=req.path, model_id=model_id))
 

@@ -166,6 +166,63 @@ def test_requests_per_second_makes_the_sdk_back_off_and_succeed(limits_server, t
     assert refused and all(e["limit"] == "requests_per_second" for e in refused)
 
 
+# ----- model slots are given back ---------------------------------------------------------------
+ADMIN_KEY = "multitenant-admin-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def slots_server(tmp_path_factory, tiny_model_dir) -> Iterator[ServerProcess]:
+    with start(tmp_path_factory, tiny_model_dir, "slots", auth="keys", admin_key=ADMIN_KEY,
+               max_live_models="1") as proc:
+        yield proc
+
+
+def tenant_key(server: ServerProcess, name: str, **limits: int) -> str:
+    admin = f"{server.base_url}/twinkle/v1/admin"
+    headers = {"X-Admin-Key": ADMIN_KEY}
+    assert httpx.post(f"{admin}/tenants", json={"name": name, "limits": limits}, headers=headers).status_code == 201
+    return httpx.post(f"{admin}/keys", json={"tenant": name}, headers=headers).json()["key"]
+
+
+def test_closed_clients_and_failed_creations_give_their_model_slots_back(slots_server, token_rows) -> None:
+    key = tenant_key(slots_server, "closer")
+    data = make_data([token_rows[0][:8]])
+    for round_ in range(3):  # one live model allowed: each client's close must free its model
+        with tinker.ServiceClient(base_url=slots_server.base_url, api_key=key) as sc:
+            tc = sc.create_lora_training_client(BASE, rank=2, seed=round_).result()
+            tc.forward_backward(data, "cross_entropy").result()
+    usage = capacity(slots_server, key)
+    assert usage["tenant"]["live_models"] == 0 and usage["pool"]["resident_adapters"] == 0
+    finished = log_events(slots_server, "session_finished")
+    assert len(finished) == 3 and all(e["models"] == 1 for e in finished)
+
+    # A creation that fails in the engine (the SDK itself refuses this config, so it is sent raw).
+    api, headers = f"{slots_server.base_url}/api/v1", {"X-API-Key": key}
+
+    def create(session: str, seq: int, **lora) -> dict:
+        made = httpx.post(f"{api}/create_model", json={"session_id": session, "model_seq_id": seq, "base_model": BASE,
+                                                       "lora_config": {"rank": 2, **lora}}, headers=headers).json()
+        return httpx.post(f"{api}/retrieve_future", json={"request_id": made["request_id"]}, headers=headers,
+                          timeout=30).json()
+
+    session = httpx.post(f"{api}/create_session", json={"sdk_version": "raw", "tags": [], "user_metadata": {}},
+                         headers=headers).json()["session_id"]
+    failed = create(session, 0, train_attn=False, train_mlp=False, train_unembed=False)
+    assert failed["category"] == "user" and "selects no layers" in failed["error"]
+    assert "model_id" in create(session, 1)  # the failed creation left its slot free
+
+
+def test_a_published_checkpoint_over_the_tenants_rank_limit_is_refused(slots_server) -> None:
+    owner, capped = tenant_key(slots_server, "publisher"), tenant_key(slots_server, "capped", max_lora_rank=4)
+    with tinker.ServiceClient(base_url=slots_server.base_url, api_key=owner) as sc:
+        path = sc.create_lora_training_client(BASE, rank=8, seed=0).result().save_state("r8").result().path
+        sc.create_rest_client().publish_checkpoint_from_tinker_path(path).result()
+    with tinker.ServiceClient(base_url=slots_server.base_url, api_key=capped) as sc:
+        with pytest.raises(tinker.BadRequestError, match="rank 8, over this tenant's max_lora_rank 4"):
+            sc.create_training_client_from_state(path).result()
+        assert capacity(slots_server, capped)["tenant"]["live_models"] == 0
+
+
 # ----- sessions that stop heartbeating ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def expiry_server(tmp_path_factory, tiny_model_dir) -> Iterator[ServerProcess]:

@@ -601,3 +601,55 @@ def test_a_throttled_tenant_waits_with_a_reason_and_others_run(db: Database, ten
         assert ("model:s", 2) not in h.trace
 
     arun(scenario)
+
+
+def test_a_queue_first_touched_by_a_refusal_belongs_to_the_tenant_that_submits(db: Database, tenant: str) -> None:
+    """skip() (a refused seq_id) may create a model's queue before any submission; the queue must
+    then still count, and be throttled, as its owner's."""
+
+    async def scenario() -> None:
+        h = Harness(db, tenant)
+        h.scheduler = Scheduler(h.hub, throttle=_OneTokenBudget())
+        h.scheduler.skip("model:s", 1)  # the model's first request was refused
+        first = await h.submit("model:s", 2, tenant="slow", cost=1)
+        second = await h.submit("model:s", 3, tenant="slow", cost=1)
+        assert h.scheduler.tenant_depth("slow") == 2
+        h.scheduler.start()
+        await h.result(first)
+        await asyncio.sleep(0.1)
+        assert h.scheduler.state_of(second, "slow") == ("paused_rate_limit", "over its tokens/s")
+        await h.scheduler.stop()
+        assert ("model:s", 3) not in h.trace
+
+    arun(scenario)
+
+
+def test_a_throttled_tenants_samples_do_not_ride_along_in_another_tenants_batch(db: Database, tenant: str) -> None:
+    async def scenario() -> None:
+        h = Harness(db, tenant)
+        h.scheduler = Scheduler(h.hub, throttle=_OneTokenBudget())
+        calls: list[list[str]] = []
+
+        async def run_many(names: list[str]) -> list[tuple[bytes, str]]:
+            calls.append(list(names))
+            return [(name.encode(), "proto") for name in names]
+
+        async def submit(owner: str, n: int) -> str:
+            sub = await h.hub.submit(tenant_id=tenant, kind="sample", scope=f"s:{owner}", seq_id=n, fingerprint="fp")
+            batch = Batch(key="sample:base", size=1, budget=8, payload=f"{owner}{n}", run=run_many)
+            h.scheduler.submit(f"sample:{owner}:base", seq_id=n, request_id=sub.request_id, kind="sample",
+                               run=lambda: run_many([f"{owner}{n}"]), tenant=owner, batch=batch, cost=1)
+            return sub.request_id
+
+        first = await submit("slow", 0)
+        h.scheduler.start()
+        await h.result(first)  # "slow" has now spent its budget
+        held = [await submit("slow", n) for n in (1, 2)]
+        fast = await submit("fast", 0)
+        await h.result(fast)
+        await asyncio.sleep(0.1)
+        await h.scheduler.stop()
+        assert calls == [["slow0"], ["fast0"]]
+        assert h.scheduler.state_of(held[0], "slow") == ("paused_rate_limit", "over its tokens/s")
+
+    arun(scenario)
