@@ -110,9 +110,14 @@ class Quotas:
         return st
 
     def set_limits(self, tenant: str, overrides: dict[str, Any] | None, now: float | None = None) -> Limits:
+        """Apply the tenant's overrides as read at `now` (default: just now). A read older than the
+        limits held is dropped: a refresh that raced an admin change must not undo it."""
         st = self.state(tenant)
+        now = time.monotonic() if now is None else now
+        if now < st.loaded_at:
+            return st.limits
         st.limits = with_overrides(default_limits(self.settings), overrides)
-        st.loaded_at = time.monotonic() if now is None else now
+        st.loaded_at = now
         return st.limits
 
     def limits_stale(self, tenant: str, now: float, max_age: float = 5.0) -> bool:

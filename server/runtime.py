@@ -137,9 +137,9 @@ class Runtime:
     async def refresh_limits(self, tenant_id: str) -> Limits:
         """The tenant's limits: the settings' defaults with its row's overrides (re-read every few
         seconds, so a change through the admin API or the CLI takes effect in a running server)."""
-        if self.quotas.limits_stale(tenant_id, time.monotonic()):
+        if self.quotas.limits_stale(tenant_id, read_at := time.monotonic()):
             overrides = await self.db.run(lambda s: getattr(s.get(Tenant, tenant_id), "limits", None))
-            return self.quotas.set_limits(tenant_id, overrides)
+            return self.quotas.set_limits(tenant_id, overrides, now=read_at)
         return self.quotas.limits(tenant_id)
 
     async def start(self) -> None:

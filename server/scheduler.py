@@ -21,7 +21,9 @@ when the operation became ready plus one call per other tenant with ready work, 
 operations or models those tenants have queued.
 
 Throttling. A tenant over its tokens-per-second budget (see server/quotas.py) is skipped until
-its window frees up; `state_of` tells retrieve_future why an operation waits.
+its window has room for its oldest ready operation, so a stream of small operations cannot starve
+a big one: that one runs within one turn of each of the tenant's queues once it fits. `state_of`
+tells retrieve_future why an operation waits.
 """
 
 from __future__ import annotations
@@ -192,14 +194,17 @@ class Scheduler:
     def tenant_depth(self, tenant: str) -> int:
         return sum(len(q.ops) for q in self._queues.values() if q.tenant == tenant)
 
-    def state_of(self, request_id: str, tenant: str) -> tuple[str, str | None]:
+    def state_of(self, request_id: str, tenant: str, now: float | None = None) -> tuple[str, str | None]:
         """(queue_state, reason) of a pending operation, as retrieve_future reports it to the SDK."""
         queued = next((op for q in self._queues.values() if q.tenant == tenant for op in q.ops
                        if op.request_id == request_id), None)
         if queued is None:  # running, or not in this process's queues
             return "active", None
-        if reason := self._throttle.reason(tenant, queued.cost, time.monotonic()):
+        now = time.monotonic() if now is None else now
+        if reason := self._throttle.reason(tenant, queued.cost, now):
             return "paused_rate_limit", reason
+        if self._held_until(tenant, now) > now and (oldest := self._oldest_head(tenant, now)) is not None:
+            return "paused_rate_limit", self._throttle.reason(tenant, oldest.cost, now) + " (an earlier request goes first)"
         others = sum(len(q.ops) for q in self._queues.values() if q.tenant != tenant) + len(self._running)
         if others:
             return "paused_capacity", f"waiting for the engine: {others} operations of other tenants are ahead or running"
@@ -276,8 +281,23 @@ class Scheduler:
             return ops, None
         return [], None if soonest is None else max(soonest - now, 0.0)
 
+    def _oldest_head(self, tenant: str, now: float) -> Op | None:
+        """The tenant's longest-waiting operation that could run now but for its budget."""
+        heads = [q.ops[0] for key in self._keys.get(tenant, ()) if (q := self._queues[key]).ops
+                 and q.ready_at(now, self._gap_grace) <= now]
+        return min(heads, key=lambda op: op.arrival, default=None)
+
+    def _held_until(self, tenant: str, now: float) -> float:
+        """When the tenant's tokens/s budget lets its oldest ready operation run (now if it does).
+        Its other operations wait behind that one: otherwise small ones could keep the window
+        full and starve a big one for ever."""
+        oldest = self._oldest_head(tenant, now)
+        return now if oldest is None else self._throttle.ready_at(tenant, oldest.cost, now)
+
     def _ready_key(self, tenant: str, now: float) -> tuple[str | None, float | None]:
         """The tenant's next key whose head may run (rotated to the back), or when one may."""
+        if (held := self._held_until(tenant, now)) > now:
+            return None, held
         keys = self._keys[tenant]
         soonest: float | None = None
         for _ in range(len(keys)):
@@ -327,7 +347,8 @@ class Scheduler:
             queue = self._queues[key]
             # A tenant over its tokens/s budget waits here too, whoever else samples the checkpoint.
             while (queue.ops and self._joins(False, ops[-1], queue.ops[0], size)
-                   and self._throttle.ready_at(queue.tenant, queue.ops[0].cost, now) <= now):
+                   and self._throttle.ready_at(queue.tenant, queue.ops[0].cost, now) <= now
+                   and self._held_until(queue.tenant, now) <= now):
                 nxt = heapq.heappop(queue.ops)
                 size += nxt.batch.size  # type: ignore[union-attr]
                 ops.append(nxt)

@@ -73,6 +73,7 @@ class KeyCache:
 
     seconds: float = CACHE_SECONDS
     _entries: dict[str, tuple[KeyHit, float]] = field(default_factory=dict)
+    generation: int = 0  # bumped by forget_key
 
     def get(self, key_hash: str, now: float) -> KeyHit | None:
         entry = self._entries.get(key_hash)
@@ -80,7 +81,11 @@ class KeyCache:
             return None
         return entry[0]
 
-    def put(self, key_hash: str, hit: KeyHit, now: float) -> None:
+    def put(self, key_hash: str, hit: KeyHit, now: float, generation: int | None = None) -> None:
+        """Cache a lookup; one that began (at `generation`) before a key was forgotten is dropped,
+        since it may have read the key before its revocation."""
+        if generation is not None and generation != self.generation:
+            return
         if len(self._entries) >= CACHE_MAX_ENTRIES:
             self._entries = {h: e for h, e in self._entries.items() if e[1] > now}
             if len(self._entries) >= CACHE_MAX_ENTRIES:
@@ -89,6 +94,7 @@ class KeyCache:
 
     def forget_key(self, key_id: str) -> None:
         self._entries = {h: e for h, e in self._entries.items() if e[0].key_id != key_id}
+        self.generation += 1
 
 
 async def tenant_for_key(rt: Runtime, api_key: str | None) -> str:
@@ -105,13 +111,13 @@ async def tenant_for_key(rt: Runtime, api_key: str | None) -> str:
     cache = rt.key_cache
     if (hit := cache.get(key_hash, time.monotonic())) is not None:
         return hit.tenant_id
-    prefix = shown_prefix(api_key)
+    prefix, generation = shown_prefix(api_key), cache.generation
     hit = await rt.db.run(lambda s: resolve_key(s, key_hash, register=open_mode, prefix=prefix))
     if hit is None:
         raise Unauthorized(
             UNKNOWN_OR_REVOKED if open_mode else f"{UNKNOWN_OR_REVOKED}: this server accepts registered keys only"
         )
-    cache.put(key_hash, hit, time.monotonic())
+    cache.put(key_hash, hit, time.monotonic(), generation)
     return hit.tenant_id
 
 

@@ -23,6 +23,7 @@ from server.scheduler import Batch, OpResult, OpRunner, json_result
 from server.sessions import live_session
 from server.store.queries import checkpoint_by_name, owned
 from server.store.tables import Checkpoint, Model, SamplingSession, utcnow
+from server.store.tables import Session as SessionRow
 from server.validation import check_custom_loss_data, check_forward_backward
 from workers.adapter_files import RecipientError, age_recipients, encrypt_folder
 from workers.types import AdamConfig, LoraSpec
@@ -148,6 +149,11 @@ def _check_base_model(rt: Runtime, name: str | None, field: str = "base_model") 
 
 
 def _insert_model(s: Session, tenant_id: str, session_id: str, seq: int, base: str, spec: LoraSpec, meta: dict | None) -> None:
+    # The session row is locked (PostgreSQL) and checked again: a session that ended while the
+    # adapter was being made gets no model, and one that ends after this commits sees it.
+    session = s.get(SessionRow, session_id, with_for_update=True)
+    if session is None or session.finished_at is not None:
+        raise OperationFailed(f"session {session_id} ended while the model was being created")
     s.add(
         Model(
             id=ids.model_id(session_id, seq),

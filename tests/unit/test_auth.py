@@ -52,6 +52,16 @@ def test_key_cache_expires_forgets_and_stays_bounded(monkeypatch) -> None:
     assert len(cache._entries) <= 3
 
 
+def test_a_lookup_that_raced_a_revocation_is_not_cached() -> None:
+    cache = tenants.KeyCache(seconds=5.0)
+    started = cache.generation  # a lookup reads the key from the database...
+    cache.forget_key("key-1")  # ...while the key is revoked
+    cache.put("h1", tenants.KeyHit("tn-1", "key-1"), now=100.0, generation=started)
+    assert cache.get("h1", 100.0) is None
+    cache.put("h1", tenants.KeyHit("tn-1", "key-1"), now=100.0, generation=cache.generation)
+    assert cache.get("h1", 100.0) is not None
+
+
 # ----- settings ----------------------------------------------------------------------------------
 def test_auth_defaults_to_open_and_comes_from_env_yaml_and_flags(tmp_path: Path) -> None:
     assert Settings().auth == "open" and Settings().admin_key is None

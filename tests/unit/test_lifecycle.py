@@ -1,18 +1,24 @@
-"""What ending a session frees (server/lifecycle.py), around a recording engine: a finished
-session's adapters are unloaded at once, an expired one's paged out and unloaded after the
-retention; every model's quota slot and every queued request is released even when a step fails."""
+"""What ending a session frees (server/lifecycle.py), around engines that record or wait: a
+finished session's adapters are unloaded at once, an expired one's paged out and unloaded after
+the retention; every model's quota slot and every queued request is released even when a step
+fails, and a model whose creation was running when its session ended is released too."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from types import SimpleNamespace
 
 import pytest
+from fastapi.testclient import TestClient
 
+from gateway.app import create_app
 from server.config import Settings
 from server.lifecycle import Ended, free_retired, release
 from server.quotas import Quotas
+from server.runtime import Runtime
+from tests.unit.test_admin import IdleEngine
 
 
 class RecordingEngine:
@@ -95,3 +101,44 @@ def test_one_failure_does_not_stop_the_rest(tmp_path) -> None:
     assert rt.engine.calls == [("page_out", "m1"), ("page_out", "m2")]
     # m1's slot is free even though its page-out failed, and it is still freed after the retention
     assert live(rt) == 0 and set(rt.retired) == {"m1", "m2"}
+
+
+class GatedEngine(IdleEngine):
+    """create_adapter waits for the test to open the gate (from the test's thread)."""
+
+    def __init__(self) -> None:
+        self.entered, self.gate = threading.Event(), threading.Event()
+        self.unloaded: list[str] = []
+
+    async def create_adapter(self, model_id: str, spec) -> None:
+        self.entered.set()
+        while not self.gate.is_set():
+            await asyncio.sleep(0.01)
+
+    async def unload(self, model_id: str) -> None:
+        self.unloaded.append(model_id)
+
+    def pool_status(self) -> None:
+        return None
+
+
+def test_a_model_created_while_its_session_ends_is_released(tmp_path) -> None:
+    engine = GatedEngine()
+    config = Settings(data_dir=tmp_path, base_model="tiny-qwen3", long_poll_seconds=1)
+    with TestClient(create_app(Runtime.build(config, engine=engine))) as client:
+        headers = {"X-API-Key": "tml-lifecycle-race"}
+
+        def post(path: str, **body) -> dict:
+            return client.post(f"/api/v1/{path}", json=body, headers=headers).json()
+
+        session = post("create_session", sdk_version="raw", tags=[], user_metadata={})["session_id"]
+        made = post("create_model", session_id=session, model_seq_id=0, base_model="tiny-qwen3",
+                    lora_config={"rank": 2})
+        assert engine.entered.wait(5)
+        assert post(f"sessions/{session}/finish", reason={"type": "success"}) == {"status": "finished"}
+        engine.gate.set()
+        failed = post("retrieve_future", request_id=made["request_id"])
+        assert "ended while the model was being created" in failed["error"], failed
+        assert engine.unloaded == [made["model_id"]]
+        usage = client.get("/twinkle/v1/capacity", headers=headers).json()
+        assert usage["tenant"]["live_models"] == 0

@@ -75,3 +75,12 @@ def test_tokens_per_second_throttle_waits_and_explains() -> None:
     assert q.ready_at("a", 60, 1) == 10  # 120 > 100: once the first 60 leave the window
     assert "10 tokens/s" in q.reason("a", 60, 1) and "9.0 s" in q.reason("a", 60, 1)
     assert q.ready_at("b", 60, 1) == 1  # per tenant
+
+
+def test_a_refresh_read_before_an_admin_change_does_not_undo_it() -> None:
+    q = Quotas(settings())
+    q.set_limits("a", {"max_lora_rank": 4}, now=10.0)  # the admin API, at t=10
+    q.set_limits("a", {}, now=9.0)  # a refresh whose database read began at t=9 lands later
+    assert q.limits("a").max_lora_rank == 4
+    q.set_limits("a", {}, now=16.0)  # the next refresh reads the row as it is now
+    assert q.limits("a").max_lora_rank == settings().max_lora_rank

@@ -16,8 +16,10 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 
+from server.config import Settings
 from server.errors import OperationFailed
 from server.futures import FutureHub, FutureView
+from server.quotas import Quotas
 from server.scheduler import Batch, Scheduler
 from server.store.database import Database
 from server.store.tables import Tenant
@@ -653,3 +655,31 @@ def test_a_throttled_tenants_samples_do_not_ride_along_in_another_tenants_batch(
         assert h.scheduler.state_of(held[0], "slow") == ("paused_rate_limit", "over its tokens/s")
 
     arun(scenario)
+
+
+def test_a_stream_of_small_ops_cannot_starve_a_big_one_under_the_tokens_budget(db: Database, tenant: str) -> None:
+    """100 tokens per 10 s window; a 90-token forward_backward waits while the tenant's 20-token
+    samples arrive every second. It must run once the window has room for it, and while it waits
+    the samples behind it are told why."""
+    quotas = Quotas(Settings(rate_window_seconds=10))
+    quotas.set_limits("T", {"tokens_per_second": 10}, now=0)
+    scheduler = Scheduler(FutureHub(db), throttle=quotas)
+
+    async def run() -> tuple[bytes, str]:
+        return b"{}", "json"
+
+    scheduler.submit("model:A", seq_id=1, request_id="big", kind="fb", run=run, tenant="T", ordered=True, cost=90)
+    quotas.charge("T", 20, -1)  # something ran just before
+    picked: list[tuple[float, str]] = []
+    for second in range(30):
+        scheduler.submit("sample:T:ckpt", seq_id=None, request_id=f"s{second}", kind="sample", run=run, tenant="T",
+                         cost=20)
+        while ops := scheduler._pick(float(second))[0]:
+            picked += [(second, op.request_id) for op in ops]
+        if second == 3:  # a sample that would fit waits behind the big op, and says so
+            state, reason = scheduler.state_of("s1", "T", now=3.0)
+            assert state == "paused_rate_limit" and reason.endswith("(an earlier request goes first)"), reason
+    assert ("big" in [name for _, name in picked]), picked
+    ran_big = next(t for t, name in picked if name == "big")
+    assert ran_big <= 10  # as soon as the earlier 20 tokens left the window
+    assert all(name != "s0" for t, name in picked if t < ran_big)  # the first sample waited behind it
