@@ -54,9 +54,11 @@ def end_session(s: Session, row: SessionRow, reason: str | None) -> Ended:
     return Ended(row.id, row.tenant_id, reason, models, pending)
 
 
-async def release(rt: Runtime, ended: Ended, message: str) -> None:
+async def release(rt: Runtime, ended: Ended, message: str, *, wait_for_engine: bool = True) -> None:
     """Fail the ended session's queued work and free its models (see the module docstring). One
-    failure does not stop the rest: each slot and admission is released whatever happens."""
+    failure does not stop the rest: each slot and admission is released whatever happens. Without
+    `wait_for_engine` the adapters are freed in the background (the engine may be busy for a while
+    with other tenants' work, and a client closing its session need not wait for that)."""
     for request_id in ended.pending:
         try:
             await rt.fail_queued(request_id, message)
@@ -65,12 +67,19 @@ async def release(rt: Runtime, ended: Ended, message: str) -> None:
     keep = ended.reason == "expired" and rt.settings.expired_adapter_retention_seconds > 0
     for model_id in ended.model_ids:
         rt.quotas.model_unloaded(ended.tenant_id, model_id)
+        if keep:
+            rt.retired[model_id] = time.monotonic()  # freed after the retention, even if the page-out fails
+    freeing = _free_adapters(rt, ended, keep)
+    if wait_for_engine:
+        await freeing
+    else:
+        rt.spawn(freeing, name=f"release-{ended.session_id}")
+
+
+async def _free_adapters(rt: Runtime, ended: Ended, keep: bool) -> None:
+    for model_id in ended.model_ids:
         try:
-            if keep:
-                rt.retired[model_id] = time.monotonic()  # first: freed later even if the page-out fails
-                await rt.engine.page_out(model_id)
-            else:
-                await rt.engine.unload(model_id)
+            await (rt.engine.page_out(model_id) if keep else rt.engine.unload(model_id))
         except Exception:
             log.exception("model_release_failed", extra={"model_id": model_id, "session_id": ended.session_id})
 

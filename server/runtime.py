@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from server import ids
 from server.config import Settings
@@ -153,10 +155,17 @@ class Runtime:
         self._background.append(asyncio.create_task(run_session_reaper(self), name="session-reaper"))
         log.info("runtime_started", extra={"base_model": self._base.name, "data_dir": str(self.data_dir)})
 
+    def spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run `work` in the background, so that a request need not wait for it; stop() cancels it.
+        It must log its own failures."""
+        task = asyncio.create_task(work, name=name)
+        self._background.append(task)
+        task.add_done_callback(lambda done: self._background.remove(done) if done in self._background else None)
+
     async def stop(self) -> None:
-        for task in self._background:
+        for task in list(self._background):
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*list(self._background), return_exceptions=True)
         await self.scheduler.stop()
         await self.engine.stop()
         self.db.close()

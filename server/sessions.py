@@ -64,6 +64,7 @@ async def finish(rt: Runtime, tenant_id: str, session_id: str, req: SessionFinis
     ended = await rt.db.run(close)
     if ended is None:
         return
-    await release(rt, ended, f"session {session_id} was finished by its client before this request ran")
+    await release(rt, ended, f"session {session_id} was finished by its client before this request ran",
+                  wait_for_engine=False)
     log.info("session_finished", extra={"session_id": session_id, "tenant_id": tenant_id,
                                         "models": len(ended.model_ids), "cancelled": len(ended.pending)})

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from schemas import tinker as api
@@ -149,10 +150,15 @@ def _check_base_model(rt: Runtime, name: str | None, field: str = "base_model") 
 
 
 def _insert_model(s: Session, tenant_id: str, session_id: str, seq: int, base: str, spec: LoraSpec, meta: dict | None) -> None:
-    # The session row is locked (PostgreSQL) and checked again: a session that ended while the
-    # adapter was being made gets no model, and one that ends after this commits sees it.
-    session = s.get(SessionRow, session_id, with_for_update=True)
-    if session is None or session.finished_at is not None:
+    # A write to the live session row first: it takes the row lock (PostgreSQL) or the write lock
+    # (SQLite, where a SELECT ... FOR UPDATE locks nothing), so that a session that ended while the
+    # adapter was being made gets no model, and an end that comes later lists this one.
+    touched = s.execute(
+        update(SessionRow)
+        .where(SessionRow.id == session_id, SessionRow.finished_at.is_(None))
+        .values(last_heartbeat_at=SessionRow.last_heartbeat_at)
+    )
+    if touched.rowcount != 1:
         raise OperationFailed(f"session {session_id} ended while the model was being created")
     s.add(
         Model(

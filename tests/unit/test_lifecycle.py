@@ -14,11 +14,16 @@ import pytest
 from fastapi.testclient import TestClient
 
 from gateway.app import create_app
+from server import training
 from server.config import Settings
-from server.lifecycle import Ended, free_retired, release
+from server.lifecycle import Ended, end_session, free_retired, release
 from server.quotas import Quotas
 from server.runtime import Runtime
+from server.store.database import Database
+from server.store.tables import Session as SessionRow
+from server.store.tables import Tenant
 from tests.unit.test_admin import IdleEngine
+from workers.types import LoraSpec
 
 
 class RecordingEngine:
@@ -48,8 +53,13 @@ def runtime(tmp_path, engine: RecordingEngine, **settings) -> SimpleNamespace:
             raise RuntimeError("database gone")
         return True
 
+    spawned: list[asyncio.Task] = []
+
+    def spawn(work, name: str) -> None:
+        spawned.append(asyncio.get_running_loop().create_task(work, name=name))
+
     return SimpleNamespace(settings=config, engine=engine, quotas=Quotas(config), retired={},
-                           fail_queued=fail_queued, failed=failed)
+                           fail_queued=fail_queued, failed=failed, spawn=spawn, spawned=spawned)
 
 
 def ended(reason: str | None, models: list[str], pending: list[str] = ()) -> Ended:
@@ -72,6 +82,19 @@ def test_a_finished_session_unloads_its_adapters_and_frees_its_slots(tmp_path, r
     asyncio.run(release(rt, ended(reason, ["m1", "m2"], ["req-1"]), "finished"))
     assert rt.engine.calls == [("unload", "m1"), ("unload", "m2")]
     assert live(rt) == 0 and rt.retired == {} and rt.failed == ["req-1"]
+
+
+def test_a_closing_client_does_not_wait_for_the_engine(tmp_path) -> None:
+    rt = runtime(tmp_path, RecordingEngine())
+    loaded(rt, ["m1"])
+
+    async def scenario() -> None:
+        await release(rt, ended("success", ["m1"]), "finished", wait_for_engine=False)
+        assert live(rt) == 0 and rt.engine.calls == []  # the slot at once, the adapter in the background
+        await asyncio.gather(*rt.spawned)
+        assert rt.engine.calls == [("unload", "m1")]
+
+    asyncio.run(scenario())
 
 
 def test_an_expired_session_pages_out_then_frees_after_the_retention(tmp_path) -> None:
@@ -142,3 +165,36 @@ def test_a_model_created_while_its_session_ends_is_released(tmp_path) -> None:
         assert engine.unloaded == [made["model_id"]]
         usage = client.get("/twinkle/v1/capacity", headers=headers).json()
         assert usage["tenant"]["live_models"] == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_session_ending_during_the_model_insert_still_lists_the_model(tmp_path, request, backend) -> None:
+    """The interleaving the gated test cannot reach: the session ends between the insert's
+    session check and its INSERT. The end must wait for the insert and then list the model, on
+    both databases (SQLite's SELECT ... FOR UPDATE would lock nothing)."""
+    url = f"sqlite:///{tmp_path / 'twinkle.db'}" if backend == "sqlite" else request.getfixturevalue("make_pg_database")()
+    db = Database(url, threads=1)
+    db.migrate()
+    db.call(lambda s: (s.add(Tenant(id="t1", name="t1")), s.flush(), s.add(SessionRow(id="sess-1", tenant_id="t1"))))
+    ended: dict[str, object] = {}
+
+    def end_it() -> None:
+        ended["what"] = db.call(lambda s: end_session(s, s.get(SessionRow, "sess-1"), "success"))
+
+    real_model = training.Model
+
+    def model_between_check_and_insert(**columns):  # the ending runs (and must block) right here
+        ender = threading.Thread(target=end_it)
+        ender.start()
+        ender.join(1.0)
+        ended["blocked"], ended["thread"] = ender.is_alive(), ender
+        return real_model(**columns)
+
+    training.Model = model_between_check_and_insert
+    try:
+        db.call(lambda s: training._insert_model(s, "t1", "sess-1", 0, "tiny-qwen3", LoraSpec(4, 0), None))
+    finally:
+        training.Model = real_model
+    ended["thread"].join(10)
+    assert ended["blocked"] and ended["what"].model_ids == ["sess-1:train:0"]
+    db.close()
