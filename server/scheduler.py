@@ -157,19 +157,17 @@ class Scheduler:
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = _Queue(tenant=tenant, ordered=ordered)
-        elif not queue.tenant:  # made by skip(), which does not know the owner
-            queue.tenant = tenant
         if not queue.ops:
             self._enter(queue.tenant, key)
         seq = NO_SEQ if seq_id is None else seq_id
         heapq.heappush(queue.ops, Op(seq, next(self._arrivals), request_id, kind, run, batch, notify, cost))
         self._wakeup.set()
 
-    def skip(self, key: str, seq_id: int) -> None:
-        """A submission with this seq_id was refused: the queue must not wait for it."""
+    def skip(self, key: str, seq_id: int, tenant: str) -> None:
+        """A submission with this seq_id was refused: the queue (of `tenant`) must not wait for it."""
         queue = self._queues.get(key)
         if queue is None:
-            queue = self._queues[key] = _Queue(tenant="", ordered=True)
+            queue = self._queues[key] = _Queue(tenant=tenant, ordered=True)
         if seq_id >= queue.expected:
             queue.skipped.add(seq_id)
             self._wakeup.set()
@@ -182,7 +180,7 @@ class Scheduler:
                     queue.ops.pop(i)
                     heapq.heapify(queue.ops)
                     if queue.ordered and op.seq_id != NO_SEQ:
-                        self.skip(key, op.seq_id)
+                        self.skip(key, op.seq_id, queue.tenant)
                     self._leave_if_empty(key)
                     return op
         return None
@@ -203,8 +201,9 @@ class Scheduler:
         now = time.monotonic() if now is None else now
         if reason := self._throttle.reason(tenant, queued.cost, now):
             return "paused_rate_limit", reason
-        if self._held_until(tenant, now) > now and (oldest := self._oldest_head(tenant, now)) is not None:
-            return "paused_rate_limit", self._throttle.reason(tenant, oldest.cost, now) + " (an earlier request goes first)"
+        oldest = self._oldest_head(tenant, now)
+        if oldest is not None and (reason := self._throttle.reason(tenant, oldest.cost, now)):
+            return "paused_rate_limit", reason + " (an earlier request goes first)"
         others = sum(len(q.ops) for q in self._queues.values() if q.tenant != tenant) + len(self._running)
         if others:
             return "paused_capacity", f"waiting for the engine: {others} operations of other tenants are ahead or running"

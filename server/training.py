@@ -75,7 +75,7 @@ def refusing(rt: Runtime, model: Model, seq_id: int | None) -> Iterator[None]:
         yield
     except TwinkleError:
         if seq_id is not None:
-            rt.scheduler.skip(model_queue(model.id), seq_id)
+            rt.scheduler.skip(model_queue(model.id), seq_id, model.tenant_id)
         raise
 
 
@@ -85,7 +85,7 @@ async def release_seq(rt: Runtime, tenant_id: str, model_id: object, seq_id: obj
     if isinstance(model_id, str) and isinstance(seq_id, int):
         with suppress(NotFound):
             model = await owned_model(rt, tenant_id, model_id, touch=False)
-            rt.scheduler.skip(model_queue(model.id), seq_id)
+            rt.scheduler.skip(model_queue(model.id), seq_id, tenant_id)
 
 
 @asynccontextmanager

@@ -16,6 +16,7 @@ from gateway.app import create_app
 from server import tenants
 from server.config import Settings
 from server.runtime import Runtime
+from tests.unit.test_rest import error
 from workers.types import BaseModelInfo
 
 ADMIN_KEY = "admin-key-of-the-unit-tests-0123456789"
@@ -56,14 +57,6 @@ def holder_key(client: TestClient) -> str:
 def open_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     with make_client(tmp_path_factory.mktemp("open")) as c:  # open auth, no admin key
         yield c
-
-
-def error(response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) >= {"error", "category"} and body["category"] == "user"
-    assert "Traceback" not in response.text
-    return body
 
 
 def new_tenant(client: TestClient, name: str, **body) -> dict:

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from schemas.wire import DatumIn
+from tests.unit.test_trainer import perturb_b  # fresh LoRA B is 0 (no gradient for A): randomise it
 from workers import adapter_files as files
 from workers.losses import get_loss
 from workers.trainer import AdapterError, LoraTrainer, load_base_model
@@ -43,15 +44,6 @@ def new_trainer(tiny_model_dir: Path) -> Callable[..., LoraTrainer]:
         return LoraTrainer(load_base_model(tiny_model_dir), INFO, pad_token_id=0, **pool)
 
     return new
-
-
-def perturb_b(trainer: LoraTrainer, name: str, seed: int) -> None:
-    """Fresh LoRA B is 0, which leaves A without gradient: give B random values."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, param in trainer._adapter(name).params.items():
-            if ".lora_B." in key:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
 
 
 def state_of(trainer: LoraTrainer, name: str) -> dict[str, torch.Tensor | None]:

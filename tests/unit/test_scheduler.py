@@ -444,7 +444,7 @@ def test_skip_releases_a_refused_seq_id_at_once(db: Database, tenant: str) -> No
         await asyncio.sleep(0.2)
         assert h.calls == [[1]]  # seq_id 2 is missing
         started = time.monotonic()
-        h.scheduler.skip("model:m", 2)  # ...because its POST was refused
+        h.scheduler.skip("model:m", 2, "")  # ...because its POST was refused
         await h.drain()
         await h.scheduler.stop()
         assert h.calls == [[1], [3]] and time.monotonic() - started < 5
@@ -606,13 +606,13 @@ def test_a_throttled_tenant_waits_with_a_reason_and_others_run(db: Database, ten
 
 
 def test_a_queue_first_touched_by_a_refusal_belongs_to_the_tenant_that_submits(db: Database, tenant: str) -> None:
-    """skip() (a refused seq_id) may create a model's queue before any submission; the queue must
-    then still count, and be throttled, as its owner's."""
+    """skip() (a refused seq_id) may create a model's queue before any submission; the queue is
+    its owner's from the start, so it counts, and is throttled, as the owner's."""
 
     async def scenario() -> None:
         h = Harness(db, tenant)
         h.scheduler = Scheduler(h.hub, throttle=_OneTokenBudget())
-        h.scheduler.skip("model:s", 1)  # the model's first request was refused
+        h.scheduler.skip("model:s", 1, "slow")  # the model's first request was refused
         first = await h.submit("model:s", 2, tenant="slow", cost=1)
         second = await h.submit("model:s", 3, tenant="slow", cost=1)
         assert h.scheduler.tenant_depth("slow") == 2
