@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from gateway import errors
 from gateway.limits import BodySizeLimit
 from gateway.routes import admin, futures, rest, sampling, service, training, twinkle
+from server import boot
 from server.config import settings_from_env
 from server.logs import setup_logging
 from server.runtime import Runtime
@@ -21,11 +22,11 @@ TWINKLE_PREFIX = "/twinkle/v1"  # Twinkle's own extensions
 def create_app(runtime: Runtime) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await runtime.start()
+        await boot.start(runtime)
         try:
             yield
         finally:
-            await runtime.stop()
+            await boot.stop(runtime)
 
     app = FastAPI(title="Twinkle", summary="Tinker-compatible LoRA training server", lifespan=lifespan)
     app.state.runtime = runtime
@@ -42,4 +43,4 @@ def create_app_from_env() -> FastAPI:
     """uvicorn factory (`twinkle serve` names it as a string, so nothing imports the gateway)."""
     settings = settings_from_env()
     setup_logging(settings.log_level)
-    return create_app(Runtime.build(settings))
+    return create_app(boot.build_runtime(settings))

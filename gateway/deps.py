@@ -11,9 +11,9 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from server.errors import NotFound, Unauthorized
+from server.ops.training import release_seq
 from server.runtime import Runtime
-from server.tenants import tenant_for_key
-from server.training import release_seq
+from server.tenancy.keys import tenant_for_key
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -25,7 +25,8 @@ def get_runtime(request: Request) -> Runtime:
 async def get_tenant(
     request: Request, x_api_key: Annotated[str | None, Header(alias="X-API-Key")] = None
 ) -> str:
-    return await tenant_for_key(get_runtime(request), x_api_key)
+    rt = get_runtime(request)
+    return await tenant_for_key(rt.keys, rt.db, x_api_key, open_mode=rt.settings.auth == "open")
 
 
 async def require_admin(

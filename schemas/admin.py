@@ -13,7 +13,7 @@ TENANT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 TENANT_NAME_MAX_LEN = 64
 
 TenantName = Annotated[str, Field(min_length=1, max_length=TENANT_NAME_MAX_LEN, pattern=TENANT_NAME_PATTERN)]
-# Quota overrides by name (server/quotas.py lists the names), e.g. {"max_live_models": 3}.
+# Quota overrides by name (server/tenancy/quotas.py lists the names), e.g. {"max_live_models": 3}.
 Limits = dict[str, StrictInt | StrictFloat]
 
 

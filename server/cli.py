@@ -60,7 +60,7 @@ def _limit(text: str) -> tuple[str, int | float]:
 def _tenants_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tenants", help="create and list tenants, set their quota overrides")
     cmds = p.add_subparsers(dest="action", required=True)
-    limit_help = "a quota override, e.g. max_live_models=3 (repeatable; see server/quotas.py for the names)"
+    limit_help = "a quota override, e.g. max_live_models=3 (repeatable; see server/tenancy/quotas.py for the names)"
     c = cmds.add_parser("create", help="create a tenant (then give it a key: twinkle keys create --tenant NAME)")
     c.add_argument("name")
     c.add_argument("--limit", type=_limit, action="append", default=[], metavar="NAME=VALUE", help=limit_help)
@@ -140,7 +140,7 @@ def _store_command(settings: Settings, action: Callable[[Any], None]) -> int:
 
 
 def _tenants_action(args: argparse.Namespace) -> Callable[[Any], None]:
-    from server import tenants
+    from server.tenancy import tenants
 
     def run(s: Any) -> None:
         if args.action == "create":
@@ -168,7 +168,7 @@ def _tenants_action(args: argparse.Namespace) -> Callable[[Any], None]:
 
 
 def _keys_action(args: argparse.Namespace) -> Callable[[Any], None]:
-    from server import tenants
+    from server.tenancy import tenants
 
     def run(s: Any) -> None:
         if args.action == "create":

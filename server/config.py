@@ -54,7 +54,7 @@ class Settings(BaseModel):
     # retrieve_future answers "complete_metadata" first for results larger than this (the SDK then
     # reserves room in its in-flight budget before fetching them).
     metadata_only_bytes: int = Field(1 << 20, ge=0)
-    # Tenant quotas (defaults; a tenant's row may override each, see server/quotas.py).
+    # Tenant quotas (defaults; a tenant's row may override each, see server/tenancy/quotas.py).
     max_live_models: int = Field(16, ge=1)  # adapters a tenant holds at once (create/load; unload frees)
     max_tokens_per_request: int = Field(1 << 20, ge=1)
     max_inflight_requests: int = Field(512, ge=1)  # submitted and not finished, per tenant

@@ -1,4 +1,6 @@
-"""The composition root: one Runtime holds the parts of a running server and starts and stops them."""
+"""The parts of a running server, shared by every operation: settings, store, queue, tenancy and
+engine. Each part is a class of its own subpackage, which owns its state; a Runtime only holds
+them and starts and stops them. server/boot.py builds one and starts its background tasks."""
 
 from __future__ import annotations
 
@@ -12,18 +14,16 @@ from typing import Any
 
 from server import ids
 from server.config import Settings
-from server.engine import Engine
-from server.feeds import CompletionFeeds
-from server.futures import FutureHub, Submission
-from server.lifecycle import run_session_reaper
-from server.local_engine import LocalEngine
-from server.quotas import Limits, Quotas
-from server.reaper import run_reaper
-from server.scheduler import Batch, Notify, OpRunner, Scheduler
+from server.engine.protocol import Engine
+from server.engine.retention import Retention
+from server.queue.admission import Admission
+from server.queue.feeds import CompletionFeeds
+from server.queue.futures import FutureHub, Submission
+from server.queue.scheduler import Batch, Notify, OpRunner, Scheduler
 from server.store.database import Database
 from server.store.tables import Tenant
-from server.tenants import KeyCache
-from workers.base_models import resolve_base_model
+from server.tenancy.keys import KeyCache
+from server.tenancy.quotas import Limits, Quotas
 from workers.types import BaseModelInfo
 
 log = logging.getLogger(__name__)
@@ -37,32 +37,13 @@ class Runtime:
     scheduler: Scheduler
     engine: Engine
     quotas: Quotas
+    sample_admission: Admission
     feeds: CompletionFeeds = field(default_factory=CompletionFeeds)
-    samples_pending: int = 0  # sample requests admitted and not finished (the 429 limit counts these)
+    keys: KeyCache = field(default_factory=KeyCache)  # key hash -> tenant, for a few seconds
+    retention: Retention = field(default_factory=Retention)  # expired sessions' adapters, freed later
     _base: BaseModelInfo | None = None
     _background: list[asyncio.Task] = field(default_factory=list)
     _started_at: float = field(default_factory=time.monotonic)
-    key_cache: KeyCache = field(default_factory=KeyCache)  # key hash -> tenant, for a few seconds
-    # Models of expired sessions whose adapters are paged out, with when: unloaded after the retention.
-    retired: dict[str, float] = field(default_factory=dict)
-
-    @classmethod
-    def build(cls, settings: Settings, engine: Engine | None = None) -> Runtime:
-        db = Database(settings.resolved_database_url)
-        hub = FutureHub(db)
-        engine = engine or LocalEngine(
-            lambda: resolve_base_model(
-                settings.base_model, settings.data_dir.resolve(), allow_download=settings.allow_download
-            ),
-            settings.base_model,
-            torch_threads=settings.torch_threads,
-            max_resident_adapters=settings.max_resident_adapters,
-            host_budget_bytes=settings.host_adapter_budget_mb * 2**20,
-            spill_dir=settings.data_dir.resolve() / "lora-spill",
-        )
-        quotas = Quotas(settings)
-        scheduler = Scheduler(hub, gap_grace=settings.seq_gap_grace_seconds, throttle=quotas)
-        return cls(settings=settings, db=db, hub=hub, scheduler=scheduler, engine=engine, quotas=quotas)
 
     @property
     def base(self) -> BaseModelInfo:
@@ -145,15 +126,17 @@ class Runtime:
         return self.quotas.limits(tenant_id)
 
     async def start(self) -> None:
+        """Migrate the store, fail what an earlier process left in flight, load the engine and
+        start the scheduler."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(self.db.migrate)
         if failed := await asyncio.to_thread(self.hub.fail_leftovers):
             log.warning("futures_failed_on_restart", extra={"count": failed})
         self._base = await self.engine.start()
         self.scheduler.start()
-        self._background.append(asyncio.create_task(run_reaper(self), name="reaper"))
-        self._background.append(asyncio.create_task(run_session_reaper(self), name="session-reaper"))
-        log.info("runtime_started", extra={"base_model": self._base.name, "data_dir": str(self.data_dir)})
+
+    def log_started(self) -> None:
+        log.info("runtime_started", extra={"base_model": self.base.name, "data_dir": str(self.data_dir)})
 
     def spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         """Run `work` in the background, so that a request need not wait for it; stop() cancels it.

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body, Depends, Query
 
 from gateway.deps import Rt, require_admin
 from schemas import admin as api
-from server import tenants
+from server.tenancy import tenants
 
 PREFIX = "/twinkle/v1/admin"
 router = APIRouter(prefix=PREFIX, dependencies=[Depends(require_admin)], tags=["admin"])
@@ -64,5 +64,5 @@ async def list_keys(
 async def revoke_key(key_id: str, rt: Rt) -> api.ApiKey:
     """Revoke a key; it stops working at once on this server (within a few seconds on others)."""
     revoked = await rt.db.run(lambda s: tenants.revoke_key(s, key_id))
-    rt.key_cache.forget_key(key_id)
+    rt.keys.forget_key(key_id)
     return revoked

@@ -9,8 +9,8 @@ from gateway.deps import Rt, TenantId
 from gateway.errors import error_body
 from schemas import futures, legacy
 from schemas import tinker as api
-from server import sampling
 from server.errors import NotFound
+from server.ops import sampling
 
 router = APIRouter()
 MEDIA = {"proto": "application/x-protobuf", "json": "application/json"}

@@ -17,8 +17,8 @@ from starlette.exceptions import HTTPException
 from gateway.deps import Rt, TenantId
 from gateway.errors import error_body
 from schemas import tinker as api
-from server import catalog, checkpoints, signing
 from server.errors import InvalidRequest
+from server.ops import catalog, checkpoints, signing
 
 router = APIRouter()
 
@@ -146,7 +146,7 @@ async def copy_weights(
 async def signed_download(
     object_path: str, rt: Rt, expires: int = Query(...), signature: str = Query(..., max_length=200)
 ) -> FileResponse:
-    """No API key: the signature is the permission (see server/signing.py)."""
+    """No API key: the signature is the permission (see server/ops/signing.py)."""
     try:
         path = await checkpoints.signed_file(rt, object_path, expires, signature)
     except signing.SignatureRejected as exc:

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from gateway.deps import Fingerprint, Rt, TenantId
 from schemas import tinker as api
-from server import sampling
+from server.ops import sampling
 
 router = APIRouter()
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body
 
 from gateway.deps import Rt, TenantId
 from schemas import tinker as api
-from server import sessions
+from server.ops import sessions
 from server.runtime import Runtime
 
 router = APIRouter()

@@ -12,7 +12,7 @@ from schemas import legacy
 from schemas import tinker as api
 from schemas.custom_loss import CreateCustomLossRequest
 from schemas.wire import ForwardBackwardCall, WireError, decode_forward_backward_request
-from server import custom_losses, training
+from server.ops import custom_losses, training
 
 router = APIRouter()
 

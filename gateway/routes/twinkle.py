@@ -25,7 +25,7 @@ async def capacity(rt: Runtime, tenant: str) -> tw.CapacityResponse:
         queue_depth=rt.scheduler.tenant_depth(tenant), inflight_requests=rt.quotas.inflight(tenant),
         live_models=rt.quotas.live_models(tenant), limits={k: float(v) for k, v in asdict(limits).items()},
     )
-    return tw.CapacityResponse(pool=view, samples_pending=rt.samples_pending,
+    return tw.CapacityResponse(pool=view, samples_pending=rt.sample_admission.pending,
                                sample_queue_limit=rt.settings.sample_queue_limit, tenant=usage)
 
 

@@ -134,10 +134,10 @@ ADMIN_PREFIX = "/twinkle/v1/admin"  # admin-key guarded, tested in tests/unit/te
 
 def test_every_route_is_probed_or_classified(server) -> None:
     from gateway.app import create_app
+    from server.boot import build_runtime
     from server.config import Settings
-    from server.runtime import Runtime
 
-    app = create_app(Runtime.build(Settings(base_model=BASE)))
+    app = create_app(build_runtime(Settings(base_model=BASE)))
     routes = {r.path for r in app.routes}
     probed = {p.route for p in PROBES}
     unclassified = routes - probed - set(NOT_OBJECT_SCOPED) - {r for r in routes if r.startswith(ADMIN_PREFIX)}

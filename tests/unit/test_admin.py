@@ -13,9 +13,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from gateway.app import create_app
-from server import tenants
+from server.boot import build_runtime
 from server.config import Settings
 from server.runtime import Runtime
+from server.tenancy import tenants
 from tests.unit.test_rest import error
 from workers.types import BaseModelInfo
 
@@ -37,7 +38,7 @@ class IdleEngine:
 
 def make_client(data_dir: Path, **settings) -> TestClient:
     config = Settings(data_dir=data_dir, base_model="tiny-qwen3", long_poll_seconds=1, **settings)
-    return TestClient(create_app(Runtime.build(config, engine=IdleEngine())))
+    return TestClient(create_app(build_runtime(config, engine=IdleEngine())))
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +234,7 @@ def test_a_key_revoked_outside_this_process_stops_within_the_cache_ttl(client: T
     rt: Runtime = client.app.state.runtime
     new_tenant(client, "cli-revoked")
     made = new_key(client, "cli-revoked")
-    cache = rt.key_cache
+    cache = rt.keys
     cache.seconds, saved = 0.5, cache.seconds
     try:
         assert create_session(client, made["key"]).status_code == 200
@@ -256,7 +257,7 @@ def test_open_mode_makes_a_tenant_per_key_and_honours_revocation(open_client: Te
     assert set(keys) == {None, long[:12]}  # a short key shows nothing of itself
     assert all(k.tenant.startswith("open-") for k in keys.values())
     rt.db.call(lambda s: tenants.revoke_key(s, keys[None].id))
-    rt.key_cache.forget_key(keys[None].id)
+    rt.keys.forget_key(keys[None].id)
     assert error(create_session(open_client, short), 401)["error"] == "unknown or revoked API key"
     missing = error(open_client.post("/api/v1/create_session", json=SESSION), 401)["error"]
     assert "any 'tml-…' value works here" in missing

@@ -9,56 +9,57 @@ from pathlib import Path
 
 import pytest
 
-from server import ids, tenants
+from server import ids
 from server.cli import main
 from server.config import ConfigError, Settings, bind_problem, is_loopback, load_settings
 from server.errors import Conflict, InvalidRequest, NotFound
 from server.store.database import Database
 from server.store.tables import ApiKey
+from server.tenancy import keys, tenants
 
 ADMIN_KEY = "admin-key-of-the-unit-tests-0123456789"
 
 
 # ----- keys ------------------------------------------------------------------------------------
 def test_new_keys_are_tml_and_256_random_bits() -> None:
-    keys = {tenants.new_key() for _ in range(100)}
-    assert len(keys) == 100
-    for key in keys:
+    made = {keys.new_key() for _ in range(100)}
+    assert len(made) == 100
+    for key in made:
         assert key.startswith("tml-") and len(key) == 4 + 43  # token_urlsafe(32): 43 characters
         assert set(key[4:]) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
 def test_only_long_keys_show_a_prefix_and_only_12_characters() -> None:
-    key = tenants.new_key()
-    assert tenants.shown_prefix(key) == key[:12]
-    assert tenants.shown_prefix("tml-local") is None  # a short key would be shown almost whole
-    assert tenants.shown_prefix("tml-" + "x" * 31) is None
-    assert tenants.shown_prefix("tml-" + "x" * 32) == "tml-xxxxxxxx"
+    key = keys.new_key()
+    assert keys.shown_prefix(key) == key[:12]
+    assert keys.shown_prefix("tml-local") is None  # a short key would be shown almost whole
+    assert keys.shown_prefix("tml-" + "x" * 31) is None
+    assert keys.shown_prefix("tml-" + "x" * 32) == "tml-xxxxxxxx"
 
 
 def test_key_cache_expires_forgets_and_stays_bounded(monkeypatch) -> None:
-    cache = tenants.KeyCache(seconds=5.0)
-    hit = tenants.KeyHit("tn-1", "key-1")
+    cache = keys.KeyCache(seconds=5.0)
+    hit = keys.KeyHit("tn-1", "key-1")
     cache.put("h1", hit, now=100.0)
     assert cache.get("h1", 104.9) == hit
     assert cache.get("h1", 105.0) is None  # expired: the next request asks the database again
     cache.put("h1", hit, now=200.0)
-    cache.put("h2", tenants.KeyHit("tn-1", "key-2"), now=200.0)
+    cache.put("h2", keys.KeyHit("tn-1", "key-2"), now=200.0)
     cache.forget_key("key-1")
     assert cache.get("h1", 200.0) is None and cache.get("h2", 200.0) is not None
-    monkeypatch.setattr(tenants, "CACHE_MAX_ENTRIES", 3)
+    monkeypatch.setattr(keys, "CACHE_MAX_ENTRIES", 3)
     for i in range(10):
         cache.put(f"x{i}", hit, now=300.0)
     assert len(cache._entries) <= 3
 
 
 def test_a_lookup_that_raced_a_revocation_is_not_cached() -> None:
-    cache = tenants.KeyCache(seconds=5.0)
+    cache = keys.KeyCache(seconds=5.0)
     started = cache.generation  # a lookup reads the key from the database...
     cache.forget_key("key-1")  # ...while the key is revoked
-    cache.put("h1", tenants.KeyHit("tn-1", "key-1"), now=100.0, generation=started)
+    cache.put("h1", keys.KeyHit("tn-1", "key-1"), now=100.0, generation=started)
     assert cache.get("h1", 100.0) is None
-    cache.put("h1", tenants.KeyHit("tn-1", "key-1"), now=100.0, generation=cache.generation)
+    cache.put("h1", keys.KeyHit("tn-1", "key-1"), now=100.0, generation=cache.generation)
     assert cache.get("h1", 100.0) is not None
 
 
@@ -162,18 +163,18 @@ def test_keys_are_stored_as_hashes_and_resolve_until_revoked(db: Database) -> No
     assert made.key.startswith("tml-") and made.prefix == made.key[:12] and made.label == "ci"
     row = db.call(lambda s: s.get(ApiKey, made.id))
     assert row.key_hash == ids.hash_key(made.key) and made.key not in (row.key_hash, row.prefix, row.label)
-    hit = db.call(lambda s: tenants.resolve_key(s, ids.hash_key(made.key)))
+    hit = db.call(lambda s: keys.resolve_key(s, ids.hash_key(made.key)))
     assert hit is not None and hit.key_id == made.id
     assert db.call(lambda s: tenants.get_tenant(s, "acme")).active_keys == 1
     assert db.call(lambda s: s.get(ApiKey, made.id)).last_used_at is not None
-    assert db.call(lambda s: tenants.resolve_key(s, ids.hash_key("tml-unknown"))) is None
+    assert db.call(lambda s: keys.resolve_key(s, ids.hash_key("tml-unknown"))) is None
 
     revoked = db.call(lambda s: tenants.revoke_key(s, made.id))
     assert revoked.revoked_at is not None
     assert db.call(lambda s: tenants.revoke_key(s, made.id)).revoked_at == revoked.revoked_at  # idempotent
-    assert db.call(lambda s: tenants.resolve_key(s, ids.hash_key(made.key))) is None
+    assert db.call(lambda s: keys.resolve_key(s, ids.hash_key(made.key))) is None
     # Open mode does not bring a revoked key back as a new tenant.
-    assert db.call(lambda s: tenants.resolve_key(s, ids.hash_key(made.key), register=True)) is None
+    assert db.call(lambda s: keys.resolve_key(s, ids.hash_key(made.key), register=True)) is None
     assert db.call(lambda s: tenants.get_tenant(s, "acme")).active_keys == 0
     with pytest.raises(NotFound):
         db.call(lambda s: tenants.revoke_key(s, "key-nope"))
@@ -183,8 +184,8 @@ def test_keys_are_stored_as_hashes_and_resolve_until_revoked(db: Database) -> No
 
 def test_open_mode_registers_each_new_key_once(db: Database) -> None:
     key_hash = ids.hash_key("tml-open-mode")
-    first = db.call(lambda s: tenants.resolve_key(s, key_hash, register=True, prefix=None))
-    again = db.call(lambda s: tenants.resolve_key(s, key_hash, register=True, prefix=None))
+    first = db.call(lambda s: keys.resolve_key(s, key_hash, register=True, prefix=None))
+    again = db.call(lambda s: keys.resolve_key(s, key_hash, register=True, prefix=None))
     assert first == again
     listed = db.call(lambda s: tenants.list_keys(s))
     assert [(k.id, k.prefix, k.label) for k in listed] == [(first.key_id, None, "open mode")]

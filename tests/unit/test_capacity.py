@@ -11,8 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from gateway.app import create_app
+from server.boot import build_runtime
 from server.config import Settings
-from server.runtime import Runtime
 from tests.unit.test_admin import ADMIN, ADMIN_KEY, IdleEngine, error, new_key, new_tenant
 from workers.types import PoolStatus
 
@@ -38,7 +38,7 @@ def engine() -> PoolEngine:
 def client(tmp_path_factory: pytest.TempPathFactory, engine: PoolEngine) -> Iterator[TestClient]:
     config = Settings(data_dir=Path(tmp_path_factory.mktemp("capacity")), base_model="tiny-qwen3", auth="keys",
                       admin_key=ADMIN_KEY, max_live_models=16, sample_queue_limit=64)
-    with TestClient(create_app(Runtime.build(config, engine=engine))) as c:
+    with TestClient(create_app(build_runtime(config, engine=engine))) as c:
         yield c
 
 

@@ -1,4 +1,4 @@
-"""server.futures.FutureHub against a real store: idempotent submit, long-poll wait, restart cleanup."""
+"""server.queue.futures.FutureHub against a real store: idempotent submit, long-poll wait, restart cleanup."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from server.futures import RESTART_MESSAGE, FutureHub, FutureView
+from server.queue.futures import RESTART_MESSAGE, FutureHub, FutureView
 from server.store.database import Database
 from server.store.tables import Future, Tenant
 from tests.conftest import arun

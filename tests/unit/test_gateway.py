@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from gateway.app import create_app
+from server.boot import build_runtime
 from server.config import Settings
-from server.runtime import Runtime
 
 KEY = {"X-API-Key": "tml-gateway-test"}
 OTHER = {"X-API-Key": "tml-gateway-other"}
@@ -22,7 +22,7 @@ def client(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
     data_dir = tmp_path_factory.mktemp("gateway")
     (data_dir / "models").symlink_to(tiny_model_dir.parent)
     settings = Settings(data_dir=data_dir, base_model="tiny-qwen3", torch_threads=1, long_poll_seconds=2)
-    with TestClient(create_app(Runtime.build(settings))) as c:
+    with TestClient(create_app(build_runtime(settings))) as c:
         yield c
 
 
@@ -151,4 +151,4 @@ def test_sample_admissions_are_given_back(client: TestClient) -> None:
     error(client.post("/api/v1/asample", json={**body, "num_samples": 1000}, headers=KEY), 400)
     result = client.post("/api/v1/retrieve_future", json={"request_id": first}, headers=KEY)
     assert result.headers["content-type"].startswith("application/x-protobuf")
-    assert rt.samples_pending == 0
+    assert rt.sample_admission.pending == 0

@@ -1,4 +1,4 @@
-"""What ending a session frees (server/lifecycle.py), around engines that record or wait: a
+"""What ending a session frees (server/ops/lifecycle.py), around engines that record or wait: a
 finished session's adapters are unloaded at once, an expired one's paged out and unloaded after
 the retention; every model's quota slot and every queued request is released even when a step
 fails, and a model whose creation was running when its session ended is released too."""
@@ -14,14 +14,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 from gateway.app import create_app
-from server import training
+from server.boot import build_runtime
 from server.config import Settings
-from server.lifecycle import Ended, end_session, free_retired, release
-from server.quotas import Quotas
-from server.runtime import Runtime
+from server.engine.retention import Retention
+from server.ops import training
+from server.ops.lifecycle import Ended, end_session, free_retired, release
 from server.store.database import Database
 from server.store.tables import Session as SessionRow
 from server.store.tables import Tenant
+from server.tenancy.quotas import Quotas
 from tests.unit.test_admin import IdleEngine
 from workers.types import LoraSpec
 
@@ -58,7 +59,7 @@ def runtime(tmp_path, engine: RecordingEngine, **settings) -> SimpleNamespace:
     def spawn(work, name: str) -> None:
         spawned.append(asyncio.get_running_loop().create_task(work, name=name))
 
-    return SimpleNamespace(settings=config, engine=engine, quotas=Quotas(config), retired={},
+    return SimpleNamespace(settings=config, engine=engine, quotas=Quotas(config), retention=Retention(),
                            fail_queued=fail_queued, failed=failed, spawn=spawn, spawned=spawned)
 
 
@@ -81,7 +82,7 @@ def test_a_finished_session_unloads_its_adapters_and_frees_its_slots(tmp_path, r
     loaded(rt, ["m1", "m2"])
     asyncio.run(release(rt, ended(reason, ["m1", "m2"], ["req-1"]), "finished"))
     assert rt.engine.calls == [("unload", "m1"), ("unload", "m2")]
-    assert live(rt) == 0 and rt.retired == {} and rt.failed == ["req-1"]
+    assert live(rt) == 0 and rt.retention.held() == {} and rt.failed == ["req-1"]
 
 
 def test_a_closing_client_does_not_wait_for_the_engine(tmp_path) -> None:
@@ -102,18 +103,18 @@ def test_an_expired_session_pages_out_then_frees_after_the_retention(tmp_path) -
     loaded(rt, ["m1", "m2"])
     asyncio.run(release(rt, ended("expired", ["m1", "m2"]), "expired"))
     assert rt.engine.calls == [("page_out", "m1"), ("page_out", "m2")] and live(rt) == 0
-    assert set(rt.retired) == {"m1", "m2"}
+    assert set(rt.retention.held()) == {"m1", "m2"}
     assert asyncio.run(free_retired(rt)) == []  # not yet
-    rt.retired["m1"] = time.monotonic() - 61
+    rt.retention.retire("m1", time.monotonic() - 61)
     assert asyncio.run(free_retired(rt)) == ["m1"]
-    assert rt.engine.calls[-1] == ("unload", "m1") and set(rt.retired) == {"m2"}
+    assert rt.engine.calls[-1] == ("unload", "m1") and set(rt.retention.held()) == {"m2"}
 
 
 def test_with_no_retention_an_expired_session_is_unloaded_at_once(tmp_path) -> None:
     rt = runtime(tmp_path, RecordingEngine(), expired_adapter_retention_seconds=0)
     loaded(rt, ["m1"])
     asyncio.run(release(rt, ended("expired", ["m1"]), "expired"))
-    assert rt.engine.calls == [("unload", "m1")] and rt.retired == {}
+    assert rt.engine.calls == [("unload", "m1")] and rt.retention.held() == {}
 
 
 def test_one_failure_does_not_stop_the_rest(tmp_path) -> None:
@@ -123,7 +124,7 @@ def test_one_failure_does_not_stop_the_rest(tmp_path) -> None:
     assert rt.failed == ["req-broken", "req-2"]
     assert rt.engine.calls == [("page_out", "m1"), ("page_out", "m2")]
     # m1's slot is free even though its page-out failed, and it is still freed after the retention
-    assert live(rt) == 0 and set(rt.retired) == {"m1", "m2"}
+    assert live(rt) == 0 and set(rt.retention.held()) == {"m1", "m2"}
 
 
 class GatedEngine(IdleEngine):
@@ -148,7 +149,7 @@ class GatedEngine(IdleEngine):
 def test_a_model_created_while_its_session_ends_is_released(tmp_path) -> None:
     engine = GatedEngine()
     config = Settings(data_dir=tmp_path, base_model="tiny-qwen3", long_poll_seconds=1)
-    with TestClient(create_app(Runtime.build(config, engine=engine))) as client:
+    with TestClient(create_app(build_runtime(config, engine=engine))) as client:
         headers = {"X-API-Key": "tml-lifecycle-race"}
 
         def post(path: str, **body) -> dict:

@@ -24,7 +24,7 @@ import torch
 
 from schemas.wire import DatumIn, ForwardBackwardCall
 from server.errors import InvalidRequest
-from server.validation import check_forward_backward
+from server.ops.validation import check_forward_backward
 from workers.losses import LOSSES, get_loss
 from workers.types import BaseModelInfo, LoraSpec
 

@@ -1,4 +1,4 @@
-"""server.quotas: sliding windows, per-tenant overrides, admission, live models, the tokens/s throttle."""
+"""server.tenancy.quotas: sliding windows, per-tenant overrides, admission, live models, the tokens/s throttle."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from server.config import Settings
 from server.errors import Busy, InvalidRequest
-from server.quotas import LIMIT_NAMES, Quotas, SlidingWindow, default_limits, with_overrides
+from server.tenancy.quotas import LIMIT_NAMES, Quotas, SlidingWindow, default_limits, with_overrides
 
 
 def settings(**values) -> Settings:

@@ -21,11 +21,13 @@ from tinker import types
 
 from gateway.app import create_app
 from schemas import tinker as s
-from server import ids, signing
-from server.checkpoints import resolve_checkpoint
+from server import ids
+from server.boot import build_runtime
 from server.config import Settings
 from server.errors import InvalidRequest, NotFound
-from server.reaper import reap_expired
+from server.ops import signing
+from server.ops.checkpoints import resolve_checkpoint
+from server.ops.reaper import reap_expired
 from server.runtime import Runtime
 from server.store.tables import ApiKey, Checkpoint, Model, SamplingSession, utcnow
 from workers.types import BaseModelInfo
@@ -48,7 +50,7 @@ class ReportOnlyEngine:
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     settings = Settings(data_dir=tmp_path_factory.mktemp("rest"), base_model="tiny-qwen3", long_poll_seconds=1)
-    with TestClient(create_app(Runtime.build(settings, engine=ReportOnlyEngine()))) as c:
+    with TestClient(create_app(build_runtime(settings, engine=ReportOnlyEngine()))) as c:
         yield c
 
 

@@ -1,4 +1,4 @@
-"""server.scheduler: per-key seq_id order, round-robin across keys, failures become future errors.
+"""server.queue.scheduler: per-key seq_id order, round-robin across keys, failures become future errors.
 
 The fairness bound tested here: once a key has an op queued, it waits for at most the op already
 running when it arrived plus one op per other busy key before its own op runs. With everything
@@ -18,11 +18,11 @@ import pytest
 
 from server.config import Settings
 from server.errors import OperationFailed
-from server.futures import FutureHub, FutureView
-from server.quotas import Quotas
-from server.scheduler import Batch, Scheduler
+from server.queue.futures import FutureHub, FutureView
+from server.queue.scheduler import Batch, Scheduler
 from server.store.database import Database
 from server.store.tables import Tenant
+from server.tenancy.quotas import Quotas
 from tests.conftest import arun
 
 Trace = list[tuple[str, int]]
@@ -259,7 +259,7 @@ def test_crash_is_a_server_error_without_internals_and_the_scheduler_goes_on(
         first = await h.submit("A", 1, body=crash, kind="forward_backward")
         await h.submit("B", 1, body=crash_differently, kind="optim_step")
         after = [await h.submit("A", 2), await h.submit("B", 2), await h.submit("C", 1)]
-        with caplog.at_level(logging.ERROR, logger="server.scheduler"):
+        with caplog.at_level(logging.ERROR, logger="server.queue.scheduler"):
             h.scheduler.start()
             views = await h.drain()
         await h.scheduler.stop()
@@ -465,7 +465,7 @@ def test_a_missing_seq_id_is_waited_for_only_gap_grace_seconds(db: Database, ten
         await h.scheduler.stop()
         assert h.calls == [[1], [2]] and 0.45 <= waited < 3
 
-    with caplog.at_level(logging.WARNING, logger="server.scheduler"):
+    with caplog.at_level(logging.WARNING, logger="server.queue.scheduler"):
         arun(scenario)
     assert any(r.getMessage() == "seq_gap_skipped" for r in caplog.records)
 

@@ -17,12 +17,13 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
-from server import ids, tenants
+from server import ids
 from server.errors import NotFound
 from server.store import queries
 from server.store.database import MIGRATIONS_DIR, Database
 from server.store.tables import ApiKey, Base, Checkpoint, Future, Model, SamplingSession, Tenant
 from server.store.tables import Session as SessionRow
+from server.tenancy import keys
 
 # --------------------------------------------------------------------------------------------
 # Databases (make_pg_database comes from tests/conftest.py)
@@ -151,10 +152,10 @@ def test_migration_0004_moves_key_hashes_to_api_keys(fresh_url: str) -> None:
         rows = database.call(lambda s: [(t.id, t.name, t.limits) for t in s.scalars(select(Tenant).order_by(Tenant.id))])
         assert rows == [("t0", "tenant-a", {}), ("t1", "twin", {}), ("t2", "twin-t2", {})]
         for i, key in enumerate(["tml-a", "tml-b", "tml-c"]):
-            hit = database.call(lambda s, key=key: tenants.resolve_key(s, ids.hash_key(key)))
+            hit = database.call(lambda s, key=key: keys.resolve_key(s, ids.hash_key(key)))
             assert hit is not None and hit.tenant_id == f"t{i}"
-        keys = database.call(lambda s: s.scalars(select(ApiKey).order_by(ApiKey.tenant_id)).all())
-        assert [(k.prefix, k.revoked_at, k.created_at.day) for k in keys] == [(None, None, 1), (None, None, 2), (None, None, 3)]
+        rows = database.call(lambda s: s.scalars(select(ApiKey).order_by(ApiKey.tenant_id)).all())
+        assert [(k.prefix, k.revoked_at, k.created_at.day) for k in rows] == [(None, None, 1), (None, None, 2), (None, None, 3)]
         assert database.call(lambda s: s.get(SessionRow, "s").tenant_id) == "t2"
         with database.engine.connect() as conn:
             if conn.dialect.name == "sqlite":

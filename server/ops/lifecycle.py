@@ -20,16 +20,13 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from server.runtime import Runtime
 from server.store.tables import Future, Model, SamplingSession, utcnow
 from server.store.tables import Session as SessionRow
-
-if TYPE_CHECKING:  # runtime.py starts the session reaper
-    from server.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +65,7 @@ async def release(rt: Runtime, ended: Ended, message: str, *, wait_for_engine: b
     for model_id in ended.model_ids:
         rt.quotas.model_unloaded(ended.tenant_id, model_id)
         if keep:
-            rt.retired[model_id] = time.monotonic()  # freed after the retention, even if the page-out fails
+            rt.retention.retire(model_id, time.monotonic())  # freed after the retention, even if the page-out fails
     freeing = _free_adapters(rt, ended, keep)
     if wait_for_engine:
         await freeing
@@ -107,9 +104,8 @@ async def expire_sessions(rt: Runtime) -> list[Ended]:
 async def free_retired(rt: Runtime) -> list[str]:
     """Unload the paged-out adapters of expired sessions that have been kept long enough."""
     cutoff = time.monotonic() - rt.settings.expired_adapter_retention_seconds
-    freed = [model_id for model_id, since in rt.retired.items() if since <= cutoff]
+    freed = rt.retention.take_due(cutoff)
     for model_id in freed:
-        del rt.retired[model_id]
         try:
             await rt.engine.unload(model_id)
         except Exception:

@@ -7,14 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
 
-from server.checkpoints import ARCHIVES_DIR, TRACES_DIR, forget, remove_folders
+from server.ops.checkpoints import ARCHIVES_DIR, TRACES_DIR, forget, remove_folders
+from server.runtime import Runtime
 from server.store.queries import expired_checkpoints
 from server.store.tables import utcnow
-
-if TYPE_CHECKING:  # runtime.py may import this module (Runtime.start schedules the reaper)
-    from server.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -16,16 +16,17 @@ from sqlalchemy.orm import Session
 
 from schemas import tinker as api
 from schemas.wire import ForwardBackwardCall, encode_forward_backward_output
-from server import custom_losses, ids
-from server.checkpoints import check_ttl, expiry, is_expired, resolve_checkpoint
+from server import ids
 from server.errors import InvalidRequest, NotFound, OperationFailed, TwinkleError
+from server.ops import custom_losses
+from server.ops.checkpoints import check_ttl, expiry, is_expired, resolve_checkpoint
+from server.ops.sessions import live_session
+from server.ops.validation import check_custom_loss_data, check_forward_backward
+from server.queue.scheduler import Batch, OpResult, OpRunner, json_result
 from server.runtime import Runtime
-from server.scheduler import Batch, OpResult, OpRunner, json_result
-from server.sessions import live_session
 from server.store.queries import checkpoint_by_name, owned
 from server.store.tables import Checkpoint, Model, SamplingSession, utcnow
 from server.store.tables import Session as SessionRow
-from server.validation import check_custom_loss_data, check_forward_backward
 from workers.adapter_files import RecipientError, age_recipients, encrypt_folder
 from workers.types import AdamConfig, LoraSpec
 

@@ -17,20 +17,19 @@ import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from schemas import tinker as api
-from server import ids, signing
+from server import ids
 from server.errors import InvalidRequest, NotFound
+from server.ops import signing
+from server.ops.sessions import live_session
+from server.runtime import Runtime
 from server.store.tables import Checkpoint, Model, SamplingSession, utcnow
 from server.store.tables import Session as SessionRow
-
-if TYPE_CHECKING:  # runtime.py may import this module (Runtime.start schedules the reaper)
-    from server.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -317,8 +316,6 @@ async def copy_weights(
     def plan(s: Session) -> tuple[Checkpoint, Model, str | None]:
         source = resolve_checkpoint(s, tenant_id, req.source_path, field="source_path")
         if not new_session:
-            from server.sessions import live_session  # here: sessions imports runtime, which imports us
-
             live_session(s, tenant_id, session_id)
         done = _existing_copy(s, tenant_id, model_id, str(path_of(source)), seq, session_id)
         return source, s.get(Model, source.model_id), done

@@ -20,7 +20,7 @@ take turns. Bound: once a tenant has an operation ready, it waits for at most th
 when the operation became ready plus one call per other tenant with ready work, however many
 operations or models those tenants have queued.
 
-Throttling. A tenant over its tokens-per-second budget (see server/quotas.py) is skipped until
+Throttling. A tenant over its tokens-per-second budget (see server/tenancy/quotas.py) is skipped until
 its window has room for its oldest ready operation, so a stream of small operations cannot starve
 a big one: that one runs within one turn of each of the tenant's queues once it fits. `state_of`
 tells retrieve_future why an operation waits.
@@ -42,7 +42,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel
 
 from server.errors import OperationFailed
-from server.futures import FutureHub
+from server.queue.futures import FutureHub
 
 log = logging.getLogger(__name__)
 

@@ -12,14 +12,16 @@ import os
 import uuid
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from schemas import tinker as api
-from server import ids, signing
-from server.checkpoints import TRACES_DIR, link_expiry
+from server import ids
+from server.ops import signing
+from server.ops.checkpoints import TRACES_DIR, link_expiry
+from server.runtime import Runtime
 from server.store.queries import (
     futures_in_scopes,
     list_checkpoints,
@@ -34,9 +36,6 @@ from server.store.queries import (
 )
 from server.store.tables import Checkpoint, Model, Tenant, utcnow
 from server.store.tables import Session as SessionRow
-
-if TYPE_CHECKING:
-    from server.runtime import Runtime
 
 MAX_PAGE = 1000
 NO_PROJECT = "default"  # what a session outside any project reports as its project_id

@@ -12,9 +12,9 @@ from schemas.custom_loss import CreateCustomLossRequest, CreateCustomLossRespons
 from schemas.tinker import UntypedAPIFuture
 from server import ids
 from server.errors import InvalidRequest, NotFound
+from server.ops.sessions import live_session
+from server.queue.scheduler import OpResult, json_result
 from server.runtime import Runtime
-from server.scheduler import OpResult, json_result
-from server.sessions import live_session
 from server.store.tables import CustomLossRow
 from workers.custom_loss import CustomLossError, compile_graph
 from workers.types import CustomLossSpec

@@ -13,14 +13,14 @@ from schemas.futures import SamplingSessionTarget
 from schemas.tensors import TargetIds, check_sample_options, decode_target_ids
 from schemas.wire import SampledSequenceOut, encode_sample_response
 from server import ids
-from server.checkpoints import readable_by, resolve_checkpoint
 from server.errors import Busy, InvalidRequest, NotFound
+from server.ops.checkpoints import readable_by, resolve_checkpoint
+from server.ops.sessions import live_session
+from server.ops.validation import check_token_ids
+from server.queue.scheduler import Batch, OpResult
 from server.runtime import Runtime
-from server.scheduler import Batch, OpResult
-from server.sessions import live_session
 from server.store.queries import owned
 from server.store.tables import Checkpoint, SamplingSession
-from server.validation import check_token_ids
 from workers.types import PromptScoring, SampleJob, SampleOutput, SampleParams
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ async def sample(rt: Runtime, tenant_id: str, req: api.SampleRequest, fingerprin
     publish = completion_notifier(rt, feed_key(tenant_id, req.sampling_session_id or "direct", req.seq_id))
 
     def done(request_id: str, state: str, result: bytes | None) -> None:
-        rt.samples_pending -= 1
+        rt.sample_admission.release()
         publish(request_id, state, result)
 
     # Requests on the same checkpoint share one batched prefill and decode (one adapter per pass).
@@ -163,10 +163,10 @@ async def sample(rt: Runtime, tenant_id: str, req: api.SampleRequest, fingerprin
             fingerprint=fingerprint, run=run, queue=queue, batch=batch, notify=done, cost=tokens,
         )
     except BaseException:
-        rt.samples_pending -= 1
+        rt.sample_admission.release()
         raise
     if not sub.is_new:  # a retry of a request already admitted: it holds its own place
-        rt.samples_pending -= 1
+        rt.sample_admission.release()
     return api.UntypedAPIFuture(
         request_id=sub.request_id, sample_sequence_ids=[f"{sub.request_id}:{i}" for i in range(req.num_samples)]
     )
@@ -176,10 +176,10 @@ def admit(rt: Runtime, tenant_id: str) -> None:
     """Take a place among the samples admitted and not finished, or shed the request with a 429
     (the SDK backs off and resends, protocol §6.8). Checked and taken with no await in between,
     so concurrent requests cannot all slip past the limit."""
-    if rt.samples_pending >= rt.settings.sample_queue_limit:
-        log.info("sample_refused_busy", extra={"tenant_id": tenant_id, "limit": rt.settings.sample_queue_limit})
-        raise Busy(f"the sampler queue is full ({rt.settings.sample_queue_limit} requests); retry shortly")
-    rt.samples_pending += 1
+    if not rt.sample_admission.take():
+        limit = rt.sample_admission.limit
+        log.info("sample_refused_busy", extra={"tenant_id": tenant_id, "limit": limit})
+        raise Busy(f"the sampler queue is full ({limit} requests); retry shortly")
 
 
 def _job(rt: Runtime, req: api.SampleRequest, prompt: list[int]) -> tuple[SampleJob, TargetIds | None]:

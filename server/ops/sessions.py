@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 from schemas.tinker import CreateSessionRequest, SessionFinishRequest
 from server import ids
 from server.errors import Gone
-from server.lifecycle import Ended, end_session, release
+from server.ops.lifecycle import Ended, end_session, release
 from server.runtime import Runtime
 from server.store.queries import owned
 from server.store.tables import Session as SessionRow

@@ -1,0 +1,59 @@
+"""The composition root: builds a Runtime from settings and starts and stops it with the
+background tasks of the operations (checkpoint reaper, session reaper).
+
+The only module that knows every part: runtime.py knows the parts but no operation, and the
+operations (server/ops) know the Runtime but not how it is built."""
+
+from __future__ import annotations
+
+from server.config import Settings
+from server.engine.local import LocalEngine
+from server.engine.protocol import Engine
+from server.ops.lifecycle import run_session_reaper
+from server.ops.reaper import run_reaper
+from server.queue.admission import Admission
+from server.queue.futures import FutureHub
+from server.queue.scheduler import Scheduler
+from server.runtime import Runtime
+from server.store.database import Database
+from server.tenancy.quotas import Quotas
+from workers.base_models import resolve_base_model
+
+
+def local_engine(settings: Settings) -> LocalEngine:
+    data_dir = settings.data_dir.resolve()
+    return LocalEngine(
+        lambda: resolve_base_model(settings.base_model, data_dir, allow_download=settings.allow_download),
+        settings.base_model,
+        torch_threads=settings.torch_threads,
+        max_resident_adapters=settings.max_resident_adapters,
+        host_budget_bytes=settings.host_adapter_budget_mb * 2**20,
+        spill_dir=data_dir / "lora-spill",
+    )
+
+
+def build_runtime(settings: Settings, engine: Engine | None = None) -> Runtime:
+    """A runtime on the settings' database, with `engine` (default: the local engine)."""
+    db = Database(settings.resolved_database_url)
+    hub = FutureHub(db)
+    quotas = Quotas(settings)
+    return Runtime(
+        settings=settings,
+        db=db,
+        hub=hub,
+        scheduler=Scheduler(hub, gap_grace=settings.seq_gap_grace_seconds, throttle=quotas),
+        engine=engine or local_engine(settings),
+        quotas=quotas,
+        sample_admission=Admission(settings.sample_queue_limit),
+    )
+
+
+async def start(rt: Runtime) -> None:
+    await rt.start()
+    rt.spawn(run_reaper(rt), name="reaper")
+    rt.spawn(run_session_reaper(rt), name="session-reaper")
+    rt.log_started()
+
+
+async def stop(rt: Runtime) -> None:
+    await rt.stop()
