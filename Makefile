@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 OLD_SDKS := 0.16.1 0.24.1
 
-.PHONY: install serve test test-fast test-slow lint bench bench-pool proto clean
+.PHONY: install serve test test-fast test-slow lint bench bench-pool bench-memory proto clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ bench: $(STAMP)
 bench-pool: $(STAMP)
 	$(BIN)/python bench/pool_paging.py $(ARGS)
 	$(BIN)/python bench/adapter_switch.py $(ARGS)
+
+# Peak server RSS for one large forward_backward, each case in a fresh server (cap: --cap-gb 12).
+bench-memory: $(STAMP)
+	$(BIN)/python bench/memory.py $(ARGS)
 
 proto: $(STAMP)
 	scripts/gen_proto.sh

@@ -32,7 +32,8 @@ def install(app: FastAPI) -> None:
     async def twinkle_error(_: Request, exc: TwinkleError) -> JSONResponse:
         headers = None
         if isinstance(exc, Busy):
-            # The SDK honours both: Retry-After paces its retries, x-should-retry: false stops them.
+            # The SDK honours both: Retry-After paces its retries, x-should-retry: false stops them
+            # (docs/tinker-protocol-notes.md, "429 and Retry-After").
             headers = {"Retry-After": f"{exc.retry_after:g}", "x-should-retry": str(exc.retryable).lower()}
         return JSONResponse(error_body(exc.message, category=exc.category, field=exc.field), STATUS[exc.kind], headers)
 

@@ -1,5 +1,6 @@
-"""Bodies of server-side custom losses (protocol §6.10): `create_custom_loss` uploads a torch.fx
-graph that `forward_backward(loss_fn="custom", loss_fn_config={"loss_id": ...})` then runs."""
+"""Bodies of server-side custom losses (docs/tinker-protocol-notes.md, "Server-side custom losses"):
+`create_custom_loss` uploads a torch.fx graph that
+`forward_backward(loss_fn="custom", loss_fn_config={"loss_id": ...})` then runs."""
 
 from __future__ import annotations
 

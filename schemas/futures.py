@@ -1,5 +1,6 @@
 """Bodies of the futures endpoints beyond retrieve_future: the session completion feed
-(`retrieve_futures`, protocol §4.3), metadata-only answers and `cancel_future`."""
+(`retrieve_futures`: docs/tinker-protocol-notes.md, "Completion feed of retrieve_futures"),
+metadata-only answers and `cancel_future`."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """Pydantic models for the JSON bodies of the Tinker API (tinker SDK 0.38.0).
 
 Requests (SDK -> server) use ``extra="ignore"``: newer SDKs keep adding fields, and rejecting
-unknown ones is exactly what breaks old-schema servers (protocol §1.1, §8 #25). The SDK sends
-``model_dump(mode="json", exclude_none=True)``, so ``None`` here always means "absent", and
-fields with defaults arrive with their values. Cheap, obviously-correct checks live here so
+unknown ones is exactly what breaks old-schema servers
+(docs/tinker-protocol-notes.md, "Unknown request fields"). The SDK sends
+``model_dump(mode="json", exclude_none=True)``, so ``None`` here always means "absent", and fields
+with defaults arrive with their values. Cheap, obviously-correct checks live here so
 FastAPI reports the offending field in its 422.
 
 Responses (server -> SDK) use ``extra="forbid"`` to catch typos in server code and must be
@@ -167,9 +168,9 @@ class ClientDynamicConfigRequest(RequestModel):
 
 
 class ClientConfigResponse(ResponseModel):
-    """Feature flags for the SDK. The flags of protocol §8.1 are always sent explicitly (they
-    select the simple protocol paths this server implements); the other knobs are sent only
-    when set, otherwise the SDK's defaults apply."""
+    """Feature flags for the SDK (docs/tinker-protocol-notes.md, "client/config flags"). The flags that
+    choose protocol paths are always sent explicitly (they select the paths this server
+    implements); the other knobs are sent only when set, otherwise the SDK's defaults apply."""
 
     pjwt_auth_enabled: bool = False
     proto_compress_fwdbwd: bool = False
@@ -571,7 +572,8 @@ class SamplingParams(RequestModel):
 
     max_tokens: int | None = Field(default=None, ge=0)  # None: server default
     seed: int | None = None  # may exceed int64; the server folds it into range
-    # None: stop at EOS as usual; []: no stop condition at all, not even EOS (protocol §6.8).
+    # None: stop at EOS as usual; []: no stop condition at all, not even EOS
+    # (docs/tinker-protocol-notes.md, "Stop conditions").
     stop: str | list[str] | list[int] | None = None
     temperature: float = Field(default=1.0, ge=0)
     top_k: int = -1  # -1: no limit

@@ -7,8 +7,9 @@
 
 The SDK packs every array with ``numpy.tobytes()`` in native byte order; all supported clients
 are little-endian, so this module reads and writes explicitly little-endian buffers
-(protocol §7.3). Anything a client can get wrong is reported as a ``WireError`` naming the
-offending field, so the gateway can turn it into a 400 the user can act on. Misuse by server
+(docs/tinker-protocol-notes.md, "Little-endian arrays"). Anything a client can get wrong is reported as a
+``WireError`` naming the offending field, so the gateway can turn it into a 400 the user can act
+on. Misuse by server
 code (e.g. ragged field names in outputs) raises a plain ``ValueError``: that is a bug, not
 bad input.
 """

@@ -18,18 +18,23 @@ from server.runtime import Runtime
 from server.store.database import Database
 from server.tenancy.quotas import Quotas
 from workers.base_models import resolve_base_model
+from workers.types import ComputeOptions
 
 
 def local_engine(settings: Settings) -> LocalEngine:
     data_dir = settings.data_dir.resolve()
-    return LocalEngine(
-        lambda: resolve_base_model(settings.base_model, data_dir, allow_download=settings.allow_download),
-        settings.base_model,
+    options = ComputeOptions(
         torch_threads=settings.torch_threads,
+        device=settings.device,
+        dtype=settings.dtype,
+        max_tokens_per_pass=settings.max_tokens_per_pass,
+        custom_loss_seconds=settings.custom_loss_seconds,
         max_resident_adapters=settings.max_resident_adapters,
         host_budget_bytes=settings.host_adapter_budget_mb * 2**20,
         spill_dir=data_dir / "lora-spill",
     )
+    model = settings.base_model
+    return LocalEngine(lambda: resolve_base_model(model, data_dir, allow_download=settings.allow_download), model, options)
 
 
 def build_runtime(settings: Settings, engine: Engine | None = None) -> Runtime:
@@ -37,12 +42,13 @@ def build_runtime(settings: Settings, engine: Engine | None = None) -> Runtime:
     db = Database(settings.resolved_database_url)
     hub = FutureHub(db)
     quotas = Quotas(settings)
+    engine = engine or local_engine(settings)
     return Runtime(
         settings=settings,
         db=db,
         hub=hub,
-        scheduler=Scheduler(hub, gap_grace=settings.seq_gap_grace_seconds, throttle=quotas),
-        engine=engine or local_engine(settings),
+        scheduler=Scheduler(hub, lanes=engine.lanes, gap_grace=settings.seq_gap_grace_seconds, throttle=quotas),
+        engine=engine,
         quotas=quotas,
         sample_admission=Admission(settings.sample_queue_limit),
     )

@@ -39,6 +39,14 @@ class Settings(BaseModel):
     database_url: str | None = None  # default: SQLite file in data_dir
     allow_download: bool = True  # fall back to the model hub when a base model is not local
     torch_threads: int = Field(2, ge=1)  # the compute thread's torch threads; everything else uses 1
+    # Where the base model runs and in what precision (None: cuda if available, else cpu; bfloat16
+    # on a GPU, float32 on a CPU). LoRA weights, optimizer state, logprobs and losses are float32.
+    device: str | None = Field(None, pattern=r"^(cpu|cuda|cuda:\d+)$")
+    dtype: Literal["float32", "bfloat16"] | None = None
+    # Padded tokens in one forward/backward pass: a larger request runs as several passes, with
+    # gradients accumulated (None: 8192 on a CPU, 32768 on a GPU). Peak memory follows this.
+    max_tokens_per_pass: int | None = Field(None, ge=1)
+    custom_loss_seconds: float = Field(60.0, gt=0)  # wall-clock limit of a custom loss in one call
     long_poll_seconds: float = Field(25.0, gt=0, lt=45)  # the SDK gives up on a poll after 45 s
     lora_alpha: float = Field(32.0, gt=0)
     max_lora_rank: int = Field(128, ge=1)

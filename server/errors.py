@@ -3,10 +3,12 @@ field it is about (when there is one) and a message a person can act on."""
 
 from __future__ import annotations
 
+from server.kinds import ErrorCategory
+
 
 class TwinkleError(Exception):
     kind = "invalid"  # invalid | not_found | conflict | unauthorized | gone | busy
-    category = "user"
+    category = ErrorCategory.USER
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
@@ -54,7 +56,7 @@ class Gone(TwinkleError):
 class OperationFailed(Exception):
     """An operation failed while running; it becomes the future's error."""
 
-    def __init__(self, message: str, category: str = "user") -> None:
+    def __init__(self, message: str, category: ErrorCategory = ErrorCategory.USER) -> None:
         super().__init__(message)
         self.message = message
         self.category = category

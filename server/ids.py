@@ -1,7 +1,9 @@
 """Identifiers and tinker:// paths.
 
 Model ids must be "{session_id}:train:{model_seq_id}": the SDK's create_training_client_from_state
-computes the id itself and never asks the server (protocol §0.9)."""
+computes the id itself and never asks the server
+(docs/tinker-protocol-notes.md, "Model ids the SDK computes"). The grammar of tinker:// paths:
+(docs/tinker-protocol-notes.md, "tinker:// paths")."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from server import ids
 from server.config import Settings
 from server.engine.protocol import Engine
 from server.engine.retention import Retention
+from server.kinds import ErrorCategory, FutureState, OpKind
 from server.queue.admission import Admission
 from server.queue.feeds import CompletionFeeds
 from server.queue.futures import FutureHub, Submission
@@ -61,7 +62,7 @@ class Runtime:
         self,
         tenant_id: str,
         *,
-        kind: str,
+        kind: OpKind,
         scope: str,
         seq_id: int | None,
         fingerprint: str,
@@ -111,10 +112,10 @@ class Runtime:
         if op is None:
             return False
         try:
-            await self.hub.fail(request_id, message, "user")
+            await self.hub.fail(request_id, message, ErrorCategory.USER)
         finally:
             if op.notify is not None:
-                op.notify(request_id, "failed", None)
+                op.notify(request_id, FutureState.FAILED, None)
         return True
 
     async def refresh_limits(self, tenant_id: str) -> Limits:

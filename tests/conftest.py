@@ -1,5 +1,6 @@
 """Shared fixtures. The test process uses one torch thread: the server process under test is the
-one compute-heavy process that gets two (feasibility §7).
+one compute-heavy process that gets two
+(docs/cpu-threads.md, "One compute-heavy process gets two threads").
 
 ``--sdk VERSION`` runs the tests marked ``sdk`` against an older tinker SDK: the package alone,
 installed by ``make install`` into ``.venv-sdk/overlay/VERSION`` (its dependencies are all in the
@@ -10,14 +11,12 @@ those every test not marked ``sdk`` is deselected. The server child process neve
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import secrets
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import psycopg
 import pytest
@@ -93,12 +92,6 @@ def tiny_model_dir(data_dir: Path) -> Path:
 
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-T = TypeVar("T")
-
-
-def arun(fn: Callable[[], Awaitable[T]]) -> T:
-    """Run an async test body (the suite does without pytest-asyncio)."""
-    return asyncio.run(fn())  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session")

@@ -21,8 +21,11 @@ the allow-lists below (FUNCTIONS, METHODS, ATTRIBUTES) and refuses the whole gra
 Devices in a graph are ignored: every tensor is made on the device of the datum's logprobs.
 Runtime guards keep a graph from exhausting the worker: no tensor may exceed
 `max(MAX_ELEMENTS, largest input)` elements (checked before the ops that can grow their input:
-broadcasting, cat/stack, creation), one evaluation may produce at most 16 times that in total,
-Python ints stay below 2**62, and sequences below MAX_SEQUENCE items. Integer-tensor indexing is
+broadcasting, cat/stack, creation); one datum's live values (those a later node or the output
+still needs: the others are freed as soon as their last reader has run) may hold at most 16 times
+that; all datums of one call may produce at most CALL_ELEMENTS elements in all and take at most
+the call's wall-clock limit (an `EvalBudget`); Python ints stay below 2**62, and sequences below
+MAX_SEQUENCE items. Going over any of these is a CustomLossError that names the limit. Integer-tensor indexing is
 refused (an out-of-range index is a device-side assert on CUDA, fatal for the process); use
 `torch.gather`, whose indices are range-checked here.
 
@@ -39,15 +42,17 @@ from __future__ import annotations
 import math
 import operator
 import re
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 MAX_NODES = 2000
 MAX_INPUTS = 16  # logprobs included, as the SDK enforces
-MAX_ELEMENTS = 1 << 24  # per tensor (or the datum's largest input, if bigger); 16x that per evaluation
+MAX_ELEMENTS = 1 << 24  # per tensor (or the datum's largest input, if bigger); 16x that alive per datum
+CALL_ELEMENTS = 1 << 32  # produced by all datums of one call together
 MAX_INT = 1 << 62
 MAX_SEQUENCE = 1024  # items in a list/tuple/dict/str, encoded or computed
 MAX_DEPTH = 16  # nesting of encoded arguments
@@ -236,6 +241,7 @@ class _Step:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     method: bool
+    frees: tuple[str, ...] = ()  # values no node after this one reads: dropped once it has run
 
 
 def _decode(value: Any, known: set[str], where: str, depth: int = 0) -> Any:
@@ -408,7 +414,34 @@ def compile_graph(graph: Any, inputs: Any, name: str = "custom_loss") -> CustomL
                 "in lowercase and be a computed value"
             )
     metrics = {k: v.name for k, v in output[1].items()}
+    steps = _with_frees(steps, [n for n, _ in placeholders], {output[0].name, *metrics.values()})
     return CustomLoss(name, declared, tuple(n for n, _ in placeholders), tuple(steps), output[0].name, metrics)
+
+
+def _refs(value: Any) -> Iterator[str]:
+    if isinstance(value, _Ref):
+        yield value.name
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _refs(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _refs(v)
+    elif isinstance(value, slice):
+        yield from _refs((value.start, value.stop, value.step))
+
+
+def _with_frees(steps: list[_Step], placeholders: list[str], kept: set[str]) -> list[_Step]:
+    """Each step with the values whose last reader it is (never the loss or a metric)."""
+    last: dict[str, int] = {}
+    for i, step in enumerate(steps):
+        for name in _refs((step.args, step.kwargs)):
+            last[name] = i
+    frees: dict[int, list[str]] = {}
+    for name in [*placeholders, *(s.name for s in steps)]:
+        if name not in kept and name in last:
+            frees.setdefault(last[name], []).append(name)
+    return [replace(step, frees=tuple(frees.get(i, ()))) for i, step in enumerate(steps)]
 
 
 # ---- evaluating --------------------------------------------------------------------------------
@@ -436,6 +469,29 @@ def _conform(name: str, t: torch.Tensor, rank: int, device: torch.device) -> tor
     return t
 
 
+@dataclass
+class EvalBudget:
+    """What all datums of one call may spend together: elements produced, and a deadline."""
+
+    elements: int = CALL_ELEMENTS
+    deadline: float = math.inf  # time.monotonic()
+    seconds: float = math.inf  # the limit, for messages
+    spent: int = field(default=0)
+
+    @classmethod
+    def per_call(cls, seconds: float, elements: int = CALL_ELEMENTS) -> EvalBudget:
+        return cls(elements=elements, deadline=time.monotonic() + seconds, seconds=seconds)
+
+    def charge(self, elements: int, where: str) -> None:
+        self.spent += elements
+        if self.spent > self.elements:
+            raise CustomLossError(
+                f"{where}: the loss made more than {self.elements} tensor elements in this call (the per-call limit)"
+            )
+        if time.monotonic() > self.deadline:
+            raise CustomLossError(f"{where}: the loss ran longer than this server's limit of {self.seconds:g} s per call")
+
+
 @dataclass(frozen=True)
 class CustomLoss:
     name: str
@@ -451,10 +507,11 @@ class CustomLoss:
         return tuple(n for n, _ in self.inputs[1:])
 
     def evaluate(
-        self, lp: torch.Tensor, inputs: Mapping[str, torch.Tensor]
+        self, lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], budget: EvalBudget | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Run the graph on one datum: the scalar loss (differentiable in lp) and its metrics as
-        detached 0-d tensors."""
+        detached 0-d tensors. `budget`: the call's, shared by its datums (default: one datum's own)."""
+        budget = budget if budget is not None else EvalBudget()
         device = lp.device
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
@@ -462,8 +519,8 @@ class CustomLoss:
         values = [_conform("logprobs", lp, self.inputs[0][1], device)]
         values += [_conform(f"loss_fn_inputs[{n!r}]", inputs[n], r, device) for n, r in self.inputs[1:]]
         cap = max(MAX_ELEMENTS, *(v.numel() for v in values))
-        budget = 16 * cap
         env: dict[str, Any] = dict(zip(self._placeholders, values))
+        live = sum(v.numel() for v in values)
         for step in self._steps:
             where = f"loss {self.name!r}: node {step.name!r} ({step.label})"
             args = [_resolve(a, env, device) for a in step.args]
@@ -488,16 +545,20 @@ class CustomLoss:
             except Exception as e:  # torch's own errors: shapes, dtypes, ...
                 raise CustomLossError(f"{where} failed: {type(e).__name__}: {e}") from None
             if isinstance(out, torch.Tensor):
-                budget -= out.numel()
                 if out.numel() > cap:
                     raise CustomLossError(f"{where} makes too large a tensor ({out.numel()} elements, at most {cap})")
-                if budget < 0:
-                    raise CustomLossError(f"{where}: the loss makes more than {16 * cap} tensor elements in all")
+                live += out.numel()
+                if live > 16 * cap:
+                    raise CustomLossError(f"{where}: the loss holds more than {16 * cap} tensor elements at once")
+                budget.charge(out.numel(), where)
             elif isinstance(out, int) and abs(out) > MAX_INT:
                 raise CustomLossError(f"{where} makes too large an integer")
             elif isinstance(out, (tuple, list, dict, str)) and len(out) > MAX_SEQUENCE:
                 raise CustomLossError(f"{where} makes too long a sequence")
             env[step.name] = out
+            for name in step.frees:
+                gone = env.pop(name)
+                live -= gone.numel() if isinstance(gone, torch.Tensor) else 0
 
         loss = env[self._loss]
         if not (isinstance(loss, torch.Tensor) and loss.ndim == 0 and loss.is_floating_point()):
@@ -528,8 +589,9 @@ class CustomLoss:
             raise CustomLossError("batch needs one inputs mapping per logprobs tensor, and at least one")
         total: Any = None
         sums: dict[str, torch.Tensor] = {}
+        budget = EvalBudget()
         for lp, x in zip(lps, inputs):
-            loss, metrics = self.evaluate(lp, x)
+            loss, metrics = self.evaluate(lp, x, budget)
             total = loss if total is None else total + loss
             for k, v in metrics.items():
                 sums[k] = sums[k] + v if k in sums else v

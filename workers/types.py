@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -156,3 +157,17 @@ class PoolStatus:
     page_ins: int
     page_outs: int
     spills: int  # page-outs that went on to disk
+
+
+@dataclass(frozen=True)
+class ComputeOptions:
+    """How an engine runs its trainer and sampler. None means: chosen for the device."""
+
+    torch_threads: int = 2
+    device: str | None = None  # "cpu", "cuda", "cuda:N"; None: cuda if available, else cpu
+    dtype: str | None = None  # "float32" or "bfloat16"; None: bfloat16 on a GPU, float32 on a CPU
+    max_tokens_per_pass: int | None = None  # None: 8192 on a CPU, 32768 on a GPU
+    custom_loss_seconds: float = 60.0
+    max_resident_adapters: int | None = None
+    host_budget_bytes: int | None = None
+    spill_dir: Path | None = None

@@ -1,4 +1,5 @@
-"""retrieve_future: the long-poll every SDK future goes through (protocol §4.2)."""
+"""retrieve_future: the long-poll every SDK future goes through
+(docs/tinker-protocol-notes.md, "Long-poll of retrieve_future")."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from gateway.errors import error_body
 from schemas import futures, legacy
 from schemas import tinker as api
 from server.errors import NotFound
+from server.kinds import FutureState, ResultFormat
 from server.ops import sampling
 
 router = APIRouter()
-MEDIA = {"proto": "application/x-protobuf", "json": "application/json"}
+MEDIA = {ResultFormat.PROTO: "application/x-protobuf", ResultFormat.JSON: "application/json"}
 
 
 def accepts_protobuf(accept: str | None) -> bool:
@@ -33,20 +35,20 @@ async def retrieve_future(req: api.FutureRetrieveRequest, request: Request, rt: 
     view = await rt.hub.wait(tenant, req.request_id, rt.settings.long_poll_seconds)
     if view is None:
         raise NotFound(f"request {req.request_id!r} not found", field="request_id")
-    if view.state == "pending":
+    if view.state == FutureState.PENDING:
         # Why it waits, so the SDK can tell its user (a rate limit, or other tenants' work).
         state, reason = rt.scheduler.state_of(view.request_id, tenant)
         body = api.TryAgainResponse(request_id=view.request_id, queue_state=state, queue_state_reason=reason)
         return JSONResponse(body.model_dump(mode="json", exclude_none=True))
-    if view.state == "failed":
+    if view.state == FutureState.FAILED:
         return JSONResponse(error_body(view.error or "failed", category=view.error_category or "unknown"))
-    result, result_format = view.result or b"", view.result_format or "json"
-    if result_format == "proto" and not accepts_protobuf(request.headers.get("accept")):
+    result, result_format = view.result or b"", view.result_format or ResultFormat.JSON
+    if result_format == ResultFormat.PROTO and not accepts_protobuf(request.headers.get("accept")):
         # An old SDK: the same result in the JSON shape it validates (never through JSONResponse,
         # which refuses NaN; legacy writes it as the SDK reads it).
         transcoded = legacy.result_to_json(view.kind, result)
         if transcoded is not None:
-            result, result_format = transcoded, "json"
+            result, result_format = transcoded, ResultFormat.JSON
     size = len(result)
     if req.allow_metadata_only and size > rt.settings.metadata_only_bytes:
         # The SDK reserves room in its in-flight budget, then asks again for the payload.

@@ -14,9 +14,10 @@ from server.runtime import Runtime
 router = APIRouter()
 
 def client_config(rt: Runtime) -> api.ClientConfigResponse:
-    """How the SDK should talk to this server (protocol §8.1): chunks of a large forward_backward
-    are sent concurrently and zstd-compressed (the model's queue puts them back in order and runs
-    them as one pass); samplers learn of finished requests from the session completion feed;
+    """How the SDK should talk to this server (docs/tinker-protocol-notes.md, "client/config flags"): chunks
+    of a large forward_backward are sent concurrently and zstd-compressed (the model's queue puts
+    them back in order and runs them as one pass); samplers learn of finished requests from the
+    session completion feed;
     custom losses run here, from an uploaded graph. The last three flags steer SDKs 0.22 .. 0.30
     onto the protocol of 0.38 (which ignores them): protobuf forward_backward, forward() as
     forward_backward with forward_only, create-from-state as one load_weights."""

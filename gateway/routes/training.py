@@ -36,8 +36,9 @@ async def get_info(req: api.GetInfoRequest, rt: Rt, tenant: TenantId) -> api.Get
 
 @router.post("/forward_backward", response_model_exclude_none=True)
 async def forward_backward(request: Request, rt: Rt, tenant: TenantId, fp: Fingerprint) -> api.UntypedAPIFuture:
-    # Protobuf body (protocol §7); forward() is the same call with forward_only set. Older SDKs
-    # (0.16 .. 0.24 without proto_write_fwdbwd) send the JSON ForwardBackwardRequest instead.
+    # Protobuf body (docs/tinker-protocol-notes.md, "Protobuf bodies"); forward() is the same call with
+    # forward_only set. Older SDKs (0.16 .. 0.24 without proto_write_fwdbwd) send the JSON
+    # ForwardBackwardRequest instead.
     call = await _decode_call(request, rt, tenant, forward_only=False)
     return await training.forward_backward(rt, tenant, call, fp)
 

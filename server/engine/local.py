@@ -2,8 +2,8 @@
 
 Every torch call happens on that thread and never on the event loop, so the server keeps answering
 (long-polls, heartbeats, submissions) while a step runs. The thread gets the configured number of
-torch threads; the rest of the process is kept to one (feasibility §7: two processes that both use
-both cores run slower than one).
+torch threads; the rest of the process is kept to one (two processes that both use both cores run
+slower than one: docs/cpu-threads.md, "One compute-heavy process gets two threads").
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -25,14 +25,16 @@ from transformers.utils import logging as hf_logging
 
 from schemas.wire import ForwardBackwardCall
 from server.errors import OperationFailed
+from server.kinds import Lane
 from workers import sampler
 from workers.adapter_files import CheckpointFormatError
 from workers.custom_loss import CustomLoss, CustomLossError, compile_graph
 from workers.losses import LossFn, get_loss
-from workers.trainer import AdapterError, LoraTrainer, load_base_model
+from workers.trainer import AdapterError, LoraTrainer, load_base_model, resolve_device
 from workers.types import (
     AdamConfig,
     BaseModelInfo,
+    ComputeOptions,
     CustomLossSpec,
     ForwardBackwardResult,
     LoraSpec,
@@ -47,23 +49,18 @@ SAMPLING_ADAPTER_CACHE = 8
 
 
 class LocalEngine:
-    def __init__(
-        self,
-        model_dir: Callable[[], Path],
-        base_model_name: str,
-        *,
-        torch_threads: int = 2,
-        max_resident_adapters: int | None = None,
-        host_budget_bytes: int | None = None,
-        spill_dir: Path | None = None,
-    ) -> None:
+    # One call per lane. The one compute thread still runs them one after the other, but a sample
+    # is handed to it without waiting for its turn behind the training calls queued in the
+    # scheduler: it waits only for the step under way.
+    lanes: Mapping[Lane, int] = {Lane.TRAINING: 1, Lane.SAMPLING: 1}
+
+    def __init__(self, model_dir: Callable[[], Path], base_model_name: str, options: ComputeOptions) -> None:
         # A callable, resolved on the compute thread: resolving may convert a GGUF file (tens of
         # seconds), which must not block the event loop.
         self._model_dir = model_dir
         self._name = base_model_name
-        self._threads = torch_threads
+        self._options = options
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
-        self._pool_limits = (max_resident_adapters, host_budget_bytes, spill_dir)
         self._pool_status: PoolStatus | None = None  # a snapshot, refreshed after every compute call
         self._trainer: LoraTrainer | None = None
         self._tokenizer = None
@@ -92,10 +89,12 @@ class LocalEngine:
 
     def _load(self) -> BaseModelInfo:
         started = time.perf_counter()
-        torch.set_num_threads(self._threads)
+        opts = self._options
+        torch.set_num_threads(opts.torch_threads)
         hf_logging.disable_progress_bar()  # the server logs JSON lines; no tqdm bars in them
+        device, dtype = resolve_device(opts.device, opts.dtype)
         model_dir = self._model_dir()
-        base = load_base_model(model_dir)
+        base = load_base_model(model_dir, device=device, dtype=dtype)
         self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         info = BaseModelInfo(
             name=self._name,
@@ -105,11 +104,15 @@ class LocalEngine:
             eos_token_ids=_eos_ids(base, self._tokenizer),
         )
         pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
-        max_resident, host_budget, spill_dir = self._pool_limits
+        tokens_per_pass = opts.max_tokens_per_pass or (8192 if device.type == "cpu" else 32768)
         self._trainer = LoraTrainer(
-            base, info, pad_token_id=pad, max_resident=max_resident, host_budget_bytes=host_budget, spill_dir=spill_dir
+            base, info, pad_token_id=pad, max_resident=opts.max_resident_adapters,
+            host_budget_bytes=opts.host_budget_bytes, spill_dir=opts.spill_dir, max_tokens_per_pass=tokens_per_pass,
+            custom_loss_seconds=opts.custom_loss_seconds,
         )
-        log.info("base_model_loaded", extra={"model": self._name, "seconds": round(time.perf_counter() - started, 2)})
+        log.info("base_model_loaded", extra={"model": self._name, "device": str(device), "dtype": str(dtype),
+                                             "tokens_per_pass": tokens_per_pass,
+                                             "seconds": round(time.perf_counter() - started, 2)})
         return info
 
     async def stop(self) -> None:

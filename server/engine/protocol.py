@@ -7,10 +7,12 @@ Ray Serve deployments without the callers noticing. Adapters are addressed by mo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
 from schemas.wire import ForwardBackwardCall
+from server.kinds import Lane
 from workers.types import (
     AdamConfig,
     BaseModelInfo,
@@ -24,6 +26,10 @@ from workers.types import (
 
 
 class Engine(Protocol):
+    # How many calls the engine can run at once in each lane (every lane at least one); the
+    # scheduler starts up to that many. A lane's calls may still queue inside the engine.
+    lanes: Mapping[Lane, int]
+
     async def start(self) -> BaseModelInfo: ...
 
     async def stop(self) -> None: ...

@@ -21,6 +21,7 @@ from schemas import tinker as api
 from server import ids
 from server.ops import signing
 from server.ops.checkpoints import TRACES_DIR, link_expiry
+from server.queue.scopes import session_scopes
 from server.runtime import Runtime
 from server.store.queries import (
     futures_in_scopes,
@@ -282,12 +283,13 @@ def _micros(t: datetime) -> float:
 
 def build_trace(s: Session, tenant_id: str, session_id: str) -> dict[str, Any]:
     """The session's operations as a Chrome/Perfetto JSON trace (opens in ui.perfetto.dev): one
-    track per scope (the session, each training run, each sampler), one slice per operation from
-    submission to completion, its args holding request_id, seq_id, state and any error."""
+    track per scope (the session, its custom-loss uploads, each training run, each sampler), one
+    slice per operation from submission to completion, its args holding request_id, seq_id, state
+    and any error."""
     row = owned(s, SessionRow, tenant_id, session_id)
     models = session_models(s, tenant_id, session_id)
     samplers = session_samplers(s, tenant_id, session_id)
-    scopes = [f"session:{session_id}"] + [f"model:{m.id}" for m in models] + [f"sampler:{x.id}" for x in samplers]
+    scopes = session_scopes(session_id, [m.id for m in models], [x.id for x in samplers])
     now = utcnow()
     events: list[dict[str, Any]] = [{"ph": "M", "name": "process_name", "pid": 1, "tid": 0, "args": {"name": f"session {session_id}"}}]
     events += [{"ph": "M", "name": "thread_name", "pid": 1, "tid": i, "args": {"name": scope}} for i, scope in enumerate(scopes)]

@@ -12,8 +12,10 @@ from schemas.custom_loss import CreateCustomLossRequest, CreateCustomLossRespons
 from schemas.tinker import UntypedAPIFuture
 from server import ids
 from server.errors import InvalidRequest, NotFound
+from server.kinds import OpKind
 from server.ops.sessions import live_session
 from server.queue.scheduler import OpResult, json_result
+from server.queue.scopes import custom_loss_scope
 from server.runtime import Runtime
 from server.store.tables import CustomLossRow
 from workers.custom_loss import CustomLossError, compile_graph
@@ -46,7 +48,7 @@ async def create(rt: Runtime, tenant_id: str, req: CreateCustomLossRequest, fing
         return json_result(CreateCustomLossResponse(loss_id=stored))
 
     sub = await rt.enqueue(
-        tenant_id, kind="create_custom_loss", scope=f"session:{req.session_id}:custom_loss",
+        tenant_id, kind=OpKind.CREATE_CUSTOM_LOSS, scope=custom_loss_scope(req.session_id),
         seq_id=req.custom_loss_seq_id, fingerprint=fingerprint, run=run,
     )
     return UntypedAPIFuture(request_id=sub.request_id)

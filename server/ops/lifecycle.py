@@ -24,6 +24,8 @@ from datetime import timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from server.kinds import FutureState
+from server.queue.scopes import session_scopes
 from server.runtime import Runtime
 from server.store.tables import Future, Model, SamplingSession, utcnow
 from server.store.tables import Session as SessionRow
@@ -45,9 +47,9 @@ def end_session(s: Session, row: SessionRow, reason: str | None) -> Ended:
     row.finished_at, row.finish_reason = utcnow(), reason
     models = list(s.scalars(select(Model.id).where(Model.session_id == row.id)))
     samplers = list(s.scalars(select(SamplingSession.id).where(SamplingSession.session_id == row.id)))
-    scopes = [f"model:{m}" for m in models] + [f"sampler:{x}" for x in samplers] + [
-        f"session:{row.id}", f"session:{row.id}:custom_loss"]
-    pending = list(s.scalars(select(Future.request_id).where(Future.state == "pending", Future.scope.in_(scopes))))
+    scopes = session_scopes(row.id, models, samplers)
+    pending = list(s.scalars(
+        select(Future.request_id).where(Future.state == FutureState.PENDING, Future.scope.in_(scopes))))
     return Ended(row.id, row.tenant_id, reason, models, pending)
 
 

@@ -14,10 +14,12 @@ from schemas.tensors import TargetIds, check_sample_options, decode_target_ids
 from schemas.wire import SampledSequenceOut, encode_sample_response
 from server import ids
 from server.errors import Busy, InvalidRequest, NotFound
+from server.kinds import FutureState, OpKind, ResultFormat
 from server.ops.checkpoints import readable_by, resolve_checkpoint
 from server.ops.sessions import live_session
 from server.ops.validation import check_token_ids
 from server.queue.scheduler import Batch, OpResult
+from server.queue.scopes import DIRECT_SAMPLER, sample_batch_key, sample_queue, sampler_scope
 from server.runtime import Runtime
 from server.store.queries import owned
 from server.store.tables import Checkpoint, SamplingSession
@@ -136,9 +138,7 @@ async def sample(rt: Runtime, tenant_id: str, req: api.SampleRequest, fingerprin
     await rt.refresh_limits(tenant_id)
     tokens = (len(prompt) + job.params.max_tokens) * req.num_samples
     rt.quotas.check_tokens(tenant_id, tokens, "sampling_params.max_tokens")
-    # One queue per tenant and checkpoint (tenants take turns); the batch key is the checkpoint
-    # alone, so requests of several tenants on one checkpoint still share a pass.
-    queue = f"sample:{tenant_id}:{adapter_dir or 'base'}"
+    queue = sample_queue(tenant_id, adapter_dir)
     admit(rt, tenant_id)
 
     async def run_many(payloads: list[tuple[SampleJob, TargetIds | None]]) -> list[OpResult]:
@@ -148,18 +148,18 @@ async def sample(rt: Runtime, tenant_id: str, req: api.SampleRequest, fingerprin
     async def run() -> OpResult:
         return (await run_many([(job, target)]))[0]
 
-    publish = completion_notifier(rt, feed_key(tenant_id, req.sampling_session_id or "direct", req.seq_id))
+    publish = completion_notifier(rt, feed_key(tenant_id, req.sampling_session_id or DIRECT_SAMPLER, req.seq_id))
 
     def done(request_id: str, state: str, result: bytes | None) -> None:
         rt.sample_admission.release()
         publish(request_id, state, result)
 
     # Requests on the same checkpoint share one batched prefill and decode (one adapter per pass).
-    batch = Batch(key=f"sample:{adapter_dir or 'base'}", size=req.num_samples, budget=rt.settings.sample_batch_rows,
+    batch = Batch(key=sample_batch_key(adapter_dir), size=req.num_samples, budget=rt.settings.sample_batch_rows,
                   payload=(job, target), run=run_many)
     try:
         sub = await rt.enqueue(
-            tenant_id, kind="sample", scope=f"sampler:{req.sampling_session_id or 'direct'}", seq_id=req.seq_id,
+            tenant_id, kind=OpKind.SAMPLE, scope=sampler_scope(req.sampling_session_id), seq_id=req.seq_id,
             fingerprint=fingerprint, run=run, queue=queue, batch=batch, notify=done, cost=tokens,
         )
     except BaseException:
@@ -174,8 +174,8 @@ async def sample(rt: Runtime, tenant_id: str, req: api.SampleRequest, fingerprin
 
 def admit(rt: Runtime, tenant_id: str) -> None:
     """Take a place among the samples admitted and not finished, or shed the request with a 429
-    (the SDK backs off and resends, protocol §6.8). Checked and taken with no await in between,
-    so concurrent requests cannot all slip past the limit."""
+    (the SDK backs off and resends: docs/tinker-protocol-notes.md, "429 and Retry-After"). Checked and
+    taken with no await in between, so concurrent requests cannot all slip past the limit."""
     if not rt.sample_admission.take():
         limit = rt.sample_admission.limit
         log.info("sample_refused_busy", extra={"tenant_id": tenant_id, "limit": limit})
@@ -209,18 +209,19 @@ def _encode(out: SampleOutput, target: TargetIds | None) -> OpResult:
         target_prompt_logprobs_csr=None if target is None else target.csr,
         prompt_alt_tokens=None if out.alt_tokens is None else (out.alt_tokens, out.alt_logprobs),
     )
-    return body, "proto"
+    return body, ResultFormat.PROTO
 
 
 # ----- completion feed and cancellation ----------------------------------------------------------
 def feed_key(tenant_id: str, sampler_id: str, seq_id: int | None) -> tuple[str, str, int]:
-    # A cloned SamplingClient numbers its requests from 1e9 * clone id (protocol §4.4).
+    # A cloned SamplingClient numbers its requests from 1e9 * clone id
+    # (docs/tinker-protocol-notes.md, "Seq ids of cloned sampling clients").
     return tenant_id, sampler_id, (seq_id or 0) // 1_000_000_000
 
 
 def completion_notifier(rt: Runtime, key: tuple[str, str, int]):  # noqa: ANN201 - a scheduler.Notify
     def notify(request_id: str, state: str, result: bytes | None) -> None:
-        if state == "done":
+        if state == FutureState.DONE:
             event = {"state": "finished", "request_id": request_id, "response_payload_uncompressed_size": len(result or b"")}
         else:
             event = {"state": "failed", "request_id": request_id}
@@ -243,6 +244,6 @@ async def cancel(rt: Runtime, tenant_id: str, request_id: str) -> bool:
     view = await rt.hub.get(tenant_id, request_id)
     if view is None:
         raise NotFound(f"request {request_id!r} not found", field="request_id")
-    if view.state != "pending":
+    if view.state != FutureState.PENDING:
         return False
     return await rt.fail_queued(request_id, "cancelled by the client before it ran")

@@ -18,11 +18,13 @@ from schemas import tinker as api
 from schemas.wire import ForwardBackwardCall, encode_forward_backward_output
 from server import ids
 from server.errors import InvalidRequest, NotFound, OperationFailed, TwinkleError
+from server.kinds import OpKind, ResultFormat
 from server.ops import custom_losses
 from server.ops.checkpoints import check_ttl, expiry, is_expired, resolve_checkpoint
 from server.ops.sessions import live_session
 from server.ops.validation import check_custom_loss_data, check_forward_backward
 from server.queue.scheduler import Batch, OpResult, OpRunner, json_result
+from server.queue.scopes import model_scope, session_scope
 from server.runtime import Runtime
 from server.store.queries import checkpoint_by_name, owned
 from server.store.tables import Checkpoint, Model, SamplingSession, utcnow
@@ -52,17 +54,13 @@ async def owned_model(rt: Runtime, tenant_id: str, model_id: str, *, touch: bool
     return await rt.db.run(read)
 
 
-def model_queue(model_id: str) -> str:
-    return f"model:{model_id}"
-
-
 async def _model_op(
-    rt: Runtime, tenant_id: str, model: Model, *, kind: str, seq_id: int | None, fingerprint: str, run: OpRunner,
+    rt: Runtime, tenant_id: str, model: Model, *, kind: OpKind, seq_id: int | None, fingerprint: str, run: OpRunner,
     batch: Batch | None = None, cost: int = 0,
 ) -> api.UntypedAPIFuture:
     """Queue an operation on its model, in the model's seq_id order."""
     sub = await rt.enqueue(
-        tenant_id, kind=kind, scope=model_queue(model.id), seq_id=seq_id, fingerprint=fingerprint, run=run,
+        tenant_id, kind=kind, scope=model_scope(model.id), seq_id=seq_id, fingerprint=fingerprint, run=run,
         ordered=True, batch=batch, cost=cost,
     )
     return api.UntypedAPIFuture(request_id=sub.request_id, model_id=model.id)
@@ -76,7 +74,7 @@ def refusing(rt: Runtime, model: Model, seq_id: int | None) -> Iterator[None]:
         yield
     except TwinkleError:
         if seq_id is not None:
-            rt.scheduler.skip(model_queue(model.id), seq_id, model.tenant_id)
+            rt.scheduler.skip(model_scope(model.id), seq_id, model.tenant_id)
         raise
 
 
@@ -86,7 +84,7 @@ async def release_seq(rt: Runtime, tenant_id: str, model_id: object, seq_id: obj
     if isinstance(model_id, str) and isinstance(seq_id, int):
         with suppress(NotFound):
             model = await owned_model(rt, tenant_id, model_id, touch=False)
-            rt.scheduler.skip(model_queue(model.id), seq_id, tenant_id)
+            rt.scheduler.skip(model_scope(model.id), seq_id, tenant_id)
 
 
 @asynccontextmanager
@@ -139,7 +137,7 @@ async def create_model(rt: Runtime, tenant_id: str, req: api.CreateModelRequest,
         return json_result(api.CreateModelResponse(model_id=model_id))
 
     sub = await rt.enqueue(
-        tenant_id, kind="create_model", scope=f"session:{req.session_id}", seq_id=req.model_seq_id,
+        tenant_id, kind=OpKind.CREATE_MODEL, scope=session_scope(req.session_id), seq_id=req.model_seq_id,
         fingerprint=fingerprint, run=run,
     )
     return api.UntypedAPIFuture(request_id=sub.request_id, model_id=model_id)
@@ -204,7 +202,7 @@ async def forward_backward(
 
     async def run_calls(calls: list[ForwardBackwardCall]) -> list[OpResult]:
         results = await rt.engine.forward_backward(model.id, calls, custom)
-        return [(encode_forward_backward_output(r.outputs, r.metrics), "proto") for r in results]
+        return [(encode_forward_backward_output(r.outputs, r.metrics), ResultFormat.PROTO) for r in results]
 
     async def run() -> OpResult:
         return (await run_calls([call]))[0]
@@ -218,7 +216,7 @@ async def forward_backward(
         payload=call,
         run=run_calls,
     )
-    kind = "forward" if call.forward_only else "forward_backward"
+    kind = OpKind.FORWARD if call.forward_only else OpKind.FORWARD_BACKWARD
     return await _model_op(rt, tenant_id, model, kind=kind, seq_id=call.seq_id, fingerprint=fingerprint, run=run,
                            batch=batch, cost=tokens)
 
@@ -235,7 +233,7 @@ async def optim_step(rt: Runtime, tenant_id: str, req: api.OptimStepRequest, fin
         metrics = await rt.engine.optim_step(model.id, adam)
         return json_result(api.OptimStepResponse(metrics=metrics))
 
-    return await _model_op(rt, tenant_id, model, kind="optim_step", seq_id=req.seq_id, fingerprint=fingerprint, run=run)
+    return await _model_op(rt, tenant_id, model, kind=OpKind.OPTIM_STEP, seq_id=req.seq_id, fingerprint=fingerprint, run=run)
 
 
 # ----- checkpoints -----------------------------------------------------------------------------
@@ -302,7 +300,7 @@ async def save_weights(rt: Runtime, tenant_id: str, req: api.SaveWeightsRequest,
         )
         return json_result(api.SaveWeightsResponse(path=str(ids.TinkerPath(model.id, "training", name))))
 
-    return await _model_op(rt, tenant_id, model, kind="save_weights", seq_id=req.seq_id, fingerprint=fingerprint, run=run)
+    return await _model_op(rt, tenant_id, model, kind=OpKind.SAVE_WEIGHTS, seq_id=req.seq_id, fingerprint=fingerprint, run=run)
 
 
 async def save_weights_for_sampler(
@@ -336,7 +334,7 @@ async def save_weights_for_sampler(
         )
         return json_result(api.SaveWeightsForSamplerResponse(sampling_session_id=sampler_id))
 
-    return await _model_op(rt, tenant_id, model, kind="save_weights_for_sampler", seq_id=req.seq_id, fingerprint=fingerprint, run=run)
+    return await _model_op(rt, tenant_id, model, kind=OpKind.SAVE_WEIGHTS_FOR_SAMPLER, seq_id=req.seq_id, fingerprint=fingerprint, run=run)
 
 
 async def save_weights_external(
@@ -359,7 +357,7 @@ async def save_weights_external(
         path = str(ids.TinkerPath(model.id, "external", req.path))
         return json_result(api.SaveWeightsExternalResponse(path=path, size_bytes=row.size_bytes))
 
-    return await _model_op(rt, tenant_id, model, kind="save_weights_external", seq_id=req.seq_id,
+    return await _model_op(rt, tenant_id, model, kind=OpKind.SAVE_WEIGHTS_EXTERNAL, seq_id=req.seq_id,
                            fingerprint=fingerprint, run=run)
 
 
@@ -373,7 +371,7 @@ async def unload_model(rt: Runtime, tenant_id: str, req: api.UnloadModelRequest,
         log.info("model_unloaded", extra={"model_id": model.id, "tenant_id": tenant_id})
         return json_result(api.UnloadModelResponse(model_id=model.id))
 
-    return await _model_op(rt, tenant_id, model, kind="unload_model", seq_id=None, fingerprint=fingerprint, run=run)
+    return await _model_op(rt, tenant_id, model, kind=OpKind.UNLOAD_MODEL, seq_id=None, fingerprint=fingerprint, run=run)
 
 
 async def training_checkpoint(rt: Runtime, tenant_id: str, path: str, field: str = "path") -> Checkpoint:
@@ -399,7 +397,7 @@ async def load_weights(rt: Runtime, tenant_id: str, req: api.LoadWeightsRequest,
         await rt.engine.load(model.id, folder, with_optimizer=req.optimizer)
         return json_result(api.LoadWeightsResponse(path=req.path, model_id=model.id))
 
-    return await _model_op(rt, tenant_id, model, kind="load_weights", seq_id=req.seq_id, fingerprint=fingerprint, run=run)
+    return await _model_op(rt, tenant_id, model, kind=OpKind.LOAD_WEIGHTS, seq_id=req.seq_id, fingerprint=fingerprint, run=run)
 
 
 async def _loadable_checkpoint(rt: Runtime, tenant_id: str, req: api.LoadWeightsRequest) -> Checkpoint:
@@ -434,6 +432,6 @@ async def _create_from_checkpoint(
         return json_result(api.LoadWeightsResponse(path=req.path, model_id=model_id))
 
     sub = await rt.enqueue(
-        tenant_id, kind="load_weights", scope=f"session:{session_id}", seq_id=seq, fingerprint=fingerprint, run=run
+        tenant_id, kind=OpKind.LOAD_WEIGHTS, scope=session_scope(session_id), seq_id=seq, fingerprint=fingerprint, run=run
     )
     return api.UntypedAPIFuture(request_id=sub.request_id, model_id=model_id)

@@ -1,4 +1,5 @@
-"""Completion feeds: the session-level stream `retrieve_futures` long-polls (protocol §4.3).
+"""Completion feeds: the session-level stream `retrieve_futures` long-polls
+(docs/tinker-protocol-notes.md, "Completion feed of retrieve_futures").
 
 One feed per (tenant, sampling session, cloned sampler). An event is published once a sample's
 outcome is stored, so the payload can be fetched the moment the client hears of it. Cursors are

@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from server import ids
+from server.kinds import ErrorCategory, FutureState, OpKind, ResultFormat
 from server.store.database import Database
 from server.store.tables import Future, utcnow
 
@@ -30,13 +31,16 @@ class Submission:
 
 @dataclass(frozen=True)
 class FutureView:
+    """A future as stored. The names are kept as read (plain strings equal to their enum members),
+    so that reading a row never fails on a value this version does not know."""
+
     request_id: str
-    kind: str
-    state: str
+    kind: str  # an OpKind
+    state: str  # a FutureState
     result: bytes | None
-    result_format: str | None
+    result_format: str | None  # a ResultFormat
     error: str | None
-    error_category: str | None
+    error_category: str | None  # an ErrorCategory
 
 
 def _view(row: Future) -> FutureView:
@@ -56,7 +60,7 @@ class FutureHub:
         self._db = db
         self._events: dict[str, set[asyncio.Event]] = {}  # request_id -> one event per waiter
 
-    async def submit(self, *, tenant_id: str, kind: str, scope: str, seq_id: int, fingerprint: str) -> Submission:
+    async def submit(self, *, tenant_id: str, kind: OpKind, scope: str, seq_id: int, fingerprint: str) -> Submission:
         request_id = ids.new_id("req")
 
         def insert(s: Session) -> None:
@@ -85,11 +89,11 @@ class FutureHub:
             return Submission(found, is_new=False)
         return Submission(request_id, is_new=True)
 
-    async def resolve(self, request_id: str, result: bytes, result_format: str) -> None:
-        await self._finish(request_id, state="done", result=result, result_format=result_format)
+    async def resolve(self, request_id: str, result: bytes, result_format: ResultFormat) -> None:
+        await self._finish(request_id, state=FutureState.DONE, result=result, result_format=result_format)
 
-    async def fail(self, request_id: str, message: str, category: str) -> None:
-        await self._finish(request_id, state="failed", error=message, error_category=category)
+    async def fail(self, request_id: str, message: str, category: ErrorCategory) -> None:
+        await self._finish(request_id, state=FutureState.FAILED, error=message, error_category=category)
 
     async def _finish(self, request_id: str, **values: object) -> None:
         def write(s: Session) -> None:
@@ -117,7 +121,7 @@ class FutureHub:
         waiters.add(event)
         try:
             view = await self.get(tenant_id, request_id)
-            if view is None or view.state != "pending":
+            if view is None or view.state != FutureState.PENDING:
                 return view
             try:
                 await asyncio.wait_for(event.wait(), timeout)
@@ -135,8 +139,9 @@ class FutureHub:
         def write(s: Session) -> int:
             result = s.execute(
                 update(Future)
-                .where(Future.state == "pending")
-                .values(state="failed", error=RESTART_MESSAGE, error_category="server", finished_at=utcnow())
+                .where(Future.state == FutureState.PENDING)
+                .values(state=FutureState.FAILED, error=RESTART_MESSAGE, error_category=ErrorCategory.SERVER,
+                        finished_at=utcnow())
             )
             return result.rowcount or 0
 

@@ -10,6 +10,8 @@ from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, Larg
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from server.kinds import FutureState
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -105,15 +107,15 @@ class Future(Base):
     )
     request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
-    kind: Mapped[str] = mapped_column(String(40))
-    scope: Mapped[str] = mapped_column(String(260))  # "model:<id>", "sampler:<id>" or "session:<id>"
+    kind: Mapped[str] = mapped_column(String(40))  # an OpKind
+    scope: Mapped[str] = mapped_column(String(260))  # made by server/queue/scopes.py
     seq_id: Mapped[int] = mapped_column(Integer)
     fingerprint: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending | done | failed
+    state: Mapped[str] = mapped_column(String(16), default=FutureState.PENDING)  # a FutureState
     result: Mapped[bytes | None] = mapped_column(LargeBinary)
-    result_format: Mapped[str | None] = mapped_column(String(8))  # json | proto
+    result_format: Mapped[str | None] = mapped_column(String(8))  # a ResultFormat
     error: Mapped[str | None] = mapped_column(Text)
-    error_category: Mapped[str | None] = mapped_column(String(16))
+    error_category: Mapped[str | None] = mapped_column(String(16))  # an ErrorCategory
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
 

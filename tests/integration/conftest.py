@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from server.process import ServerProcess, running_server
@@ -34,16 +33,3 @@ def tokenizer(tiny_model_dir: Path):
 @pytest.fixture(scope="session")
 def token_rows(tokenizer) -> list[list[int]]:
     return [tokenizer.encode(t) for t in TEXTS]
-
-
-def make_data(rows: list[list[int]]):
-    """Next-token datums: model_input = seq[:-1], target_tokens = seq[1:], weight 1 per token."""
-    from tinker import types
-
-    return [
-        types.Datum(
-            model_input=types.ModelInput.from_ints(row[:-1]),
-            loss_fn_inputs={"target_tokens": row[1:], "weights": np.ones(len(row) - 1, dtype=np.float32)},
-        )
-        for row in rows
-    ]

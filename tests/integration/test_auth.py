@@ -19,7 +19,7 @@ from tinker import types
 
 from server import ids
 from server.process import running_server
-from tests.integration.conftest import make_data
+from tests.support.data import make_data
 
 pytestmark = pytest.mark.slow
 BASE = "tiny-qwen3"

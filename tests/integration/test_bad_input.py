@@ -12,8 +12,8 @@ import pytest
 import tinker
 from tinker import types
 
-from tests.integration.conftest import make_data
-from tests.integration.sdk_compat import close, resolve
+from tests.support.data import fwdbwd_proto, make_data
+from tests.support.sdk import close, resolve
 
 pytestmark = pytest.mark.slow
 BASE = "tiny-qwen3"
@@ -31,15 +31,6 @@ def client_a(server):
 def post(server, path: str, key: str, headers: dict | None = None, **kwargs) -> httpx.Response:
     headers = {"X-API-Key": key, **(headers or {})}
     return httpx.post(f"{server.base_url}/api/v1/{path}", headers=headers, timeout=30, **kwargs)
-
-
-def fwdbwd_proto(model_id: str, data, loss_fn: str = "cross_entropy", seq_id: int = 10_000) -> bytes:
-    from tinker.proto.request_conv import forward_backward_request_to_proto  # 0.38 only
-
-    request = types.ForwardBackwardRequest(
-        forward_backward_input=types.ForwardBackwardInput(data=data, loss_fn=loss_fn), model_id=model_id, seq_id=seq_id
-    )
-    return forward_backward_request_to_proto(request).SerializeToString()
 
 
 def assert_json_error(response: httpx.Response, status: int, *needles: str) -> dict:

@@ -1,6 +1,6 @@
 """tinker-cookbook 0.6.1 recipes, unmodified, train tiny-qwen3 on a real server with local data.
 
-Each recipe runs in its own interpreter through tests/integration/cookbook_support.py, which
+Each recipe runs in its own interpreter through tests/support/cookbook.py, which
 registers the tokenizer from `twinkle model-path tiny-qwen3` under the served name and keeps the
 recipes off the internet. One run per recipe (module fixtures); the tests read its log dir and
 ask the server (RestClient) what it stored.
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import tinker
 
-from tests.integration.cookbook_support import DATA, RecipeRun, example_conversations, run_recipe
+from tests.support.cookbook import DATA, RecipeRun, example_conversations, run_recipe
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,7 @@ import tinker
 from tinker import types
 
 from server.process import running_server
-from tests.integration.conftest import make_data
-from tests.integration.test_bad_input import fwdbwd_proto
+from tests.support.data import fwdbwd_proto, make_data
 
 pytestmark = pytest.mark.slow
 BASE = "tiny-qwen3"

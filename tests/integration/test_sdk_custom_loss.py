@@ -12,7 +12,7 @@ import tinker
 import torch
 from tinker import types
 
-from tests.integration.conftest import make_data
+from tests.support.data import make_data
 
 pytestmark = pytest.mark.slow
 BASE = "tiny-qwen3"

@@ -14,8 +14,7 @@ from safetensors.torch import load as load_safetensors
 from tinker import types
 from transformers import AutoModelForCausalLM
 
-from tests.integration.conftest import make_data
-from tests.integration.test_bad_input import fwdbwd_proto
+from tests.support.data import fwdbwd_proto, make_data
 
 pytestmark = pytest.mark.slow
 BASE, KEY = "tiny-qwen3", "tml-export"

@@ -33,9 +33,9 @@ import tinker
 from tinker import types
 from tinker.lib.public_interfaces.rest_client import RestClient
 
-from tests.integration import sdk_compat
-from tests.integration.conftest import make_data
-from tests.integration.sdk_compat import VERSION, resolve, rest_client, service
+from tests.support import sdk
+from tests.support.data import make_data
+from tests.support.sdk import VERSION, resolve, rest_client, service
 
 pytestmark = pytest.mark.slow
 BASE = "tiny-qwen3"
@@ -77,7 +77,7 @@ def both(test: str, name: str, versions: frozenset[str] = ALL, note: str = "") -
 
 SURFACE: dict[str, dict[str, Exercised | ClientSide]] = {
     "ServiceClient": {
-        "close": Exercised(SERVICE, ONLY_38),  # through sdk_compat.service(); POST /sessions/{id}/finish
+        "close": Exercised(SERVICE, ONLY_38),  # through tests/support/sdk.py service(); POST /sessions/{id}/finish
         "copy_weights": Exercised("test_sdk_rest.py::test_checkpoint_management_through_the_sdk", ONLY_38),
         "create_custom_loss": Exercised("test_sdk_custom_loss.py::test_server_side_loss_equals_the_client_side_run",
                                         ONLY_38),
@@ -200,13 +200,13 @@ def test_tests_named_in_other_files_exist_and_call_the_method() -> None:
 
 # ----- recording which methods a test calls ------------------------------------------------------
 
-OUR_FILES = {str(Path(__file__).resolve()), str(Path(sdk_compat.__file__).resolve())}
+OUR_FILES = {str(Path(__file__).resolve()), str(Path(sdk.__file__).resolve())}
 
 
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[set[tuple[str, str]]]:
     """Wraps every public method of the four classes; records (class, method) for calls made from
-    this file or sdk_compat (not the SDK's calls to itself)."""
+    this file or tests/support/sdk.py (not the SDK's calls to itself)."""
     seen: set[tuple[str, str]] = set()
     for cls_name, cls in CLASSES.items():
         for name in public_methods(cls):
@@ -333,7 +333,7 @@ def test_training_client_surface(server, token_rows, calls) -> None:
             weights = (await settle(tc.save_weights_for_sampler_async("tr-async"))).path
             for sampler in (await settle(tc.create_sampling_client_async(weights)),
                             await settle(tc.save_weights_and_get_sampling_client_async())):
-                assert len((await sdk_compat.sample_async(sampler, prompt, 1, params)).sequences) == 1
+                assert len((await sdk.sample_async(sampler, prompt, 1, params)).sequences) == 1
 
         asyncio.run(run())
     assert_called_all(calls, TRAINING)

@@ -10,8 +10,8 @@ import pytest
 import tinker
 from tinker import types
 
-from tests.integration.conftest import make_data
-from tests.integration.sdk_compat import close, resolve, rest_client, sample_async, service
+from tests.support.data import make_data
+from tests.support.sdk import close, resolve, rest_client, sample_async, service
 
 pytestmark = [pytest.mark.slow, pytest.mark.sdk]
 BASE = "tiny-qwen3"

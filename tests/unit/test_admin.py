@@ -17,23 +17,12 @@ from server.boot import build_runtime
 from server.config import Settings
 from server.runtime import Runtime
 from server.tenancy import tenants
-from tests.unit.test_rest import error
-from workers.types import BaseModelInfo
+from tests.support.admin import ADMIN, ADMIN_API, ADMIN_KEY, new_key, new_tenant
+from tests.support.engines import IdleEngine
+from tests.support.http import error
 
-ADMIN_KEY = "admin-key-of-the-unit-tests-0123456789"
-ADMIN = {"X-Admin-Key": ADMIN_KEY}
-A = "/twinkle/v1/admin"
+A = ADMIN_API
 SESSION = {"sdk_version": "0.38.0", "tags": [], "user_metadata": {}}
-
-
-class IdleEngine:
-    """Enough engine for auth: nothing here computes."""
-
-    async def start(self) -> BaseModelInfo:
-        return BaseModelInfo(name="tiny-qwen3", architecture="qwen3", vocab_size=1000, max_context_length=256)
-
-    async def stop(self) -> None:
-        pass
 
 
 def make_client(data_dir: Path, **settings) -> TestClient:
@@ -58,18 +47,6 @@ def holder_key(client: TestClient) -> str:
 def open_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     with make_client(tmp_path_factory.mktemp("open")) as c:  # open auth, no admin key
         yield c
-
-
-def new_tenant(client: TestClient, name: str, **body) -> dict:
-    r = client.post(f"{A}/tenants", json={"name": name, **body}, headers=ADMIN)
-    assert r.status_code == 201, r.text
-    return r.json()
-
-
-def new_key(client: TestClient, tenant: str, **body) -> dict:
-    r = client.post(f"{A}/keys", json={"tenant": tenant, **body}, headers=ADMIN)
-    assert r.status_code == 201, r.text
-    return r.json()
 
 
 def create_session(client: TestClient, key: str):

@@ -13,7 +13,9 @@ from fastapi.testclient import TestClient
 from gateway.app import create_app
 from server.boot import build_runtime
 from server.config import Settings
-from tests.unit.test_admin import ADMIN, ADMIN_KEY, IdleEngine, error, new_key, new_tenant
+from tests.support.admin import ADMIN, ADMIN_KEY, new_key, new_tenant
+from tests.support.engines import IdleEngine
+from tests.support.http import error
 from workers.types import PoolStatus
 
 A = "/twinkle/v1/admin"

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tinker import types
 from tinker.lib.public_interfaces.custom_loss import encode_graph, run_loss_handle, trace_loss
 
-from workers.custom_loss import MAX_NODES, CustomLossError, compile_graph
+from workers.custom_loss import MAX_NODES, CustomLossError, EvalBudget, compile_graph
 
 torch.set_num_threads(1)
 
@@ -415,11 +415,42 @@ def test_graph_devices_are_ignored():
     torch.testing.assert_close(got, dev(lp)[0])
 
 
+def fan(n):
+    """A legal graph whose n products of logprobs are all alive until a chain of adds uses them."""
+    nodes = [{"op": "placeholder", "name": "logprobs", "target": "logprobs", "args": [], "kwargs": {}}]
+    nodes += [call("operator.mul", {"ref": "logprobs"}, 1.0, name=f"a{k}") for k in range(n)]
+    prev = "a0"
+    for k in range(1, n):
+        nodes.append(call("operator.add", {"ref": prev}, {"ref": f"a{k}"}, name=f"s{k}"))
+        prev = f"s{k}"
+    nodes.append(call("sum", {"ref": prev}, op="call_method", name="total"))
+    out = {"tuple": [{"ref": "total"}, {"dict": {}}]}
+    nodes.append({"op": "output", "name": "output", "target": "output", "args": [out], "kwargs": {}})
+    return {"format": 1, "nodes": nodes}, [{"name": "logprobs", "rank": 1}]
+
+
+def test_live_elements_are_bounded_and_dead_values_freed(monkeypatch):
+    monkeypatch.setattr("workers.custom_loss.MAX_ELEMENTS", 100)  # cap 100 per tensor, 1600 alive at once
+    loss, _ = compile_graph(*chain(2000)).per_datum(torch.ones(T), {})  # 1997 x 7 made, few alive at once
+    assert float(loss) == T
+    compile_graph(*fan(200)).per_datum(torch.ones(T), {})  # 200 x 7 alive before the adds free them
+    with pytest.raises(CustomLossError, match="holds more than 1600 tensor elements at once"):
+        compile_graph(*fan(300)).per_datum(torch.ones(T), {})
+
+
+def test_a_call_has_one_budget_of_elements_and_time():
+    loss_fn = compile_graph(*chain(10))
+    budget = EvalBudget(elements=80)
+    loss_fn.evaluate(torch.ones(T), {}, budget)  # 7 x 7 elements and a sum: 50
+    with pytest.raises(CustomLossError, match="more than 80 tensor elements in this call"):
+        loss_fn.evaluate(torch.ones(T), {}, budget)  # the same call's next datum
+    late = EvalBudget.per_call(seconds=0.0)
+    with pytest.raises(CustomLossError, match="longer than this server's limit of 0 s per call"):
+        loss_fn.evaluate(torch.ones(T), {}, late)
+
+
 def test_total_elements_are_bounded(monkeypatch):
-    monkeypatch.setattr("workers.custom_loss.MAX_ELEMENTS", 100)  # cap 100 per tensor, 1600 in all
-    compile_graph(*chain(200)).per_datum(torch.ones(T), {})  # 197 x 7 elements
-    with pytest.raises(CustomLossError, match="more than 1600 tensor elements in all"):
-        compile_graph(*chain(300)).per_datum(torch.ones(T), {})
+    monkeypatch.setattr("workers.custom_loss.MAX_ELEMENTS", 100)
     loss, _ = compile_graph(*chain(5)).per_datum(torch.ones(150), {})  # the largest input raises the cap
     assert float(loss) == 150.0
     with pytest.raises(CustomLossError, match=r"too large \(at most 100\)"):

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from server.queue.futures import RESTART_MESSAGE, FutureHub, FutureView
 from server.store.database import Database
 from server.store.tables import Future, Tenant
-from tests.conftest import arun
+from tests.support.aio import arun
 
 
 @pytest.fixture(scope="module")

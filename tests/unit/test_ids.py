@@ -1,4 +1,5 @@
-"""server.ids: identifiers the SDK computes or parses itself (protocol §6.9), and API-key hashing."""
+"""server.ids: identifiers the SDK computes or parses itself (docs/tinker-protocol-notes.md,
+"Model ids the SDK computes" and "tinker:// paths"), and API-key hashing."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from server.store.database import Database
 from server.store.tables import Session as SessionRow
 from server.store.tables import Tenant
 from server.tenancy.quotas import Quotas
-from tests.unit.test_admin import IdleEngine
+from tests.support.engines import IdleEngine
 from workers.types import LoraSpec
 
 

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from schemas.wire import DatumIn
-from tests.unit.test_trainer import perturb_b  # fresh LoRA B is 0 (no gradient for A): randomise it
+from tests.support.lora import perturb_b
 from workers import adapter_files as files
 from workers.losses import get_loss
 from workers.trainer import AdapterError, LoraTrainer, load_base_model
@@ -211,9 +211,9 @@ def test_five_tenants_two_slots_match_unlimited(new_trainer, unlimited_run, shel
     def check() -> None:
         status = trainer.pool_status()
         assert len(status.resident) <= 2 and status.paged_on_disk == 0
-        assert sum(p.shell is not None for p in trainer._paged.values()) <= shells
+        assert sum(p.shell is not None for p in trainer.pool._paged.values()) <= shells
         assert len(trainer.model.peft_config) <= 1 + len(status.resident) + shells  # idle + resident + shells
-        pending_paged.append(sum(any(k.startswith("grad/") for k in p.tensors) for p in trainer._paged.values()))
+        pending_paged.append(sum(any(k.startswith("grad/") for k in p.tensors) for p in trainer.pool._paged.values()))
 
     got = run_tenants(trainer, check)
     assert_same_run(got, unlimited_run)
@@ -266,13 +266,13 @@ def test_page_in_restores_weights_grads_and_optimizer_bitwise(new_trainer, tmp_p
     b = fresh(trainer)  # pages a out
     assert trainer.pool_status().resident == (b,)
     assert trainer.has_adapter(a) and trainer.adapter_spec(a) == LoraSpec(rank=8, seed=8)
-    assert spill_files(tmp_path) == ([trainer._paged[a].path] if where == "disk" else [])
+    assert spill_files(tmp_path) == ([trainer.pool._paged[a].path] if where == "disk" else [])
     assert trainer.pool_status().page_ins == 0  # has_adapter and adapter_spec do not page in
 
     assert_bitwise(state_of(trainer, a), before)
     assert trainer.pool_status().resident == (a,)
     # a's file was read back and deleted; b, paged out to make room, is the one on disk now
-    assert spill_files(tmp_path) == ([trainer._paged[b].path] if where == "disk" else [])
+    assert spill_files(tmp_path) == ([trainer.pool._paged[b].path] if where == "disk" else [])
 
 
 def test_paged_adapter_continues_exactly(new_trainer) -> None:
@@ -323,12 +323,12 @@ def test_lru_order_and_pool_status_counts(new_trainer, tmp_path: Path) -> None:
     c = fresh(trainer, rank=4)  # pages out b, the least recently used
     status = trainer.pool_status()
     assert status.resident == (a, c) and status.paged_in_host == 1 and status.page_outs == 1
-    assert status.host_bytes == trainer._paged[b].nbytes > 0
+    assert status.host_bytes == trainer.pool._paged[b].nbytes > 0
     with trainer.using(b):  # pages b in, a out
         pass
     status = trainer.pool_status()
     assert status.resident == (c, b) and status.page_ins == 1 and status.page_outs == 2
-    assert status.host_bytes == trainer._paged[a].nbytes
+    assert status.host_bytes == trainer.pool._paged[a].nbytes
     trainer.remove_adapter(c)  # frees a slot: nothing is paged in by it
     assert trainer.pool_status().resident == (b,) and trainer.pool_status().paged_in_host == 1
 
@@ -343,14 +343,14 @@ def test_host_budget_spills_least_recently_paged_first(new_trainer, tmp_path: Pa
     trainer = new_trainer(max_resident=1, host_budget_bytes=10**9, spill_dir=tmp_path)
     names = [fresh(trainer, rank=2) for _ in range(4)]  # all the same size
     assert trainer.pool_status().paged_in_host == 3 and spill_files(tmp_path) == []
-    size = trainer._paged[names[0]].nbytes
-    trainer.host_budget_bytes = 2 * size
+    size = trainer.pool._paged[names[0]].nbytes
+    trainer.pool.host_budget_bytes = 2 * size
     # names[0] comes in, names[3] goes out: names[1], names[2], names[3] paged, in that order, and
     # one of them must go to disk.
     trainer._adapter(names[0])
     status = trainer.pool_status()
     assert status.paged_in_host == 2 and status.paged_on_disk == 1 and status.host_bytes == 2 * size
-    assert trainer._paged[names[1]].path is not None  # least recently paged went to disk
+    assert trainer.pool._paged[names[1]].path is not None  # least recently paged went to disk
     assert len(spill_files(tmp_path)) == 1
 
 
@@ -392,7 +392,7 @@ def test_save_and_load_with_paged_adapters(new_trainer, tmp_path: Path) -> None:
     # Load into an adapter that is paged out, and into a new one (which pages out the resident one).
     target = fresh(trainer, rank=8)
     fresh(trainer)
-    assert target in trainer._paged
+    assert target in trainer.pool._paged
     for name in (target, "brand-new"):
         assert trainer.load(name, tmp_path / "ckpt", with_optimizer=True) == LoraSpec(rank=8, seed=8)
         assert_bitwise(state_of(trainer, name), want)
@@ -402,7 +402,7 @@ def test_save_and_load_with_paged_adapters(new_trainer, tmp_path: Path) -> None:
     ins = trainer.pool_status().page_ins
     with pytest.raises(AdapterError):
         trainer.load(other, tmp_path / "ckpt", with_optimizer=False)
-    assert trainer.pool_status().page_ins == ins and other in trainer._paged
+    assert trainer.pool_status().page_ins == ins and other in trainer.pool._paged
 
 
 # ----- shells and adapter switching ------------------------------------------------------------------
@@ -411,15 +411,15 @@ def test_shells_hold_no_tensors_and_the_least_recently_paged_lose_theirs(new_tra
     a = fresh(trainer)
     train_a_bit(trainer, a, 5)
     b, c, d = fresh(trainer), fresh(trainer), fresh(trainer)  # pages out a, then b, then c
-    shells = {name: paged.shell for name, paged in trainer._paged.items()}
+    shells = {name: paged.shell for name, paged in trainer.pool._paged.items()}
     assert shells[a] is None and shells[b] is not None and shells[c] is not None
     assert set(trainer.model.peft_config) == {"idle", b, c, d}
     for param in shells[b].values():
         assert param.numel() == 0 and param.grad is None
 
     adds = []
-    add = trainer._add_peft_adapter
-    trainer._add_peft_adapter = lambda *args: (adds.append(args[0]), add(*args))
+    add = trainer.host.add
+    trainer.host.add = lambda *args: (adds.append(args[0]), add(*args))[1]
     for name in (b, a):  # b comes back through its shell, a is rebuilt
         trainer.forward_backward(name, ce_data(np.random.default_rng(0), (3,)), CE, {})
     assert adds == [a]
@@ -485,7 +485,7 @@ def test_pinned_sampler_adapters_are_outside_the_pool(new_trainer, tmp_path: Pat
     for name in samplers:  # least recently used of all, yet never paged
         with trainer.using(name):
             pass
-    assert trainer.pool_status().resident == (tenant,) and not set(samplers) & set(trainer._paged)
+    assert trainer.pool_status().resident == (tenant,) and not set(samplers) & set(trainer.pool._paged)
     assert trainer.pool_status().page_outs == 1
     trainer.remove_adapter("smp0")
     assert trainer.pool_status().pinned == 1

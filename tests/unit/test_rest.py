@@ -25,11 +25,13 @@ from server import ids
 from server.boot import build_runtime
 from server.config import Settings
 from server.errors import InvalidRequest, NotFound
+from server.kinds import Lane
 from server.ops import signing
 from server.ops.checkpoints import resolve_checkpoint
 from server.ops.reaper import reap_expired
 from server.runtime import Runtime
 from server.store.tables import ApiKey, Checkpoint, Model, SamplingSession, utcnow
+from tests.support.http import error
 from workers.types import BaseModelInfo
 
 KEY = {"X-API-Key": "tml-rest-test"}
@@ -39,6 +41,8 @@ API = "/api/v1"
 
 class ReportOnlyEngine:
     """Enough engine for the REST endpoints: they never compute."""
+
+    lanes = {Lane.TRAINING: 1, Lane.SAMPLING: 1}
 
     async def start(self) -> BaseModelInfo:
         return BaseModelInfo(name="tiny-qwen3", architecture="qwen3", vocab_size=1000, max_context_length=256)
@@ -56,14 +60,6 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
 
 def runtime(client: TestClient) -> Runtime:
     return client.app.state.runtime
-
-
-def error(response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) >= {"error", "category"} and body["category"] == "user"
-    assert "Traceback" not in response.text
-    return body
 
 
 def new_session(client: TestClient, headers: dict = KEY, **fields) -> str:
@@ -424,6 +420,30 @@ def test_trace_export_lists_the_sessions_operations(client: TestClient) -> None:
     assert op["name"] == "sample" and op["args"]["seq_id"] == 1 and op["args"]["request_id"].startswith("req")
     assert op["args"]["state"] in ("pending", "done", "failed") and op["dur"] >= 0
     assert trace["otherData"]["session_id"] == session_id
+
+
+def test_trace_export_includes_the_sessions_custom_loss_uploads(client: TestClient) -> None:
+    # Uploads have a scope of their own (their seq_ids would collide with model_seq_ids), which
+    # the export once left out.
+    from tinker.lib.public_interfaces.custom_loss import encode_graph, trace_loss
+
+    def neg_ll(logprobs, weights):
+        return -(logprobs * weights).sum(), {}
+
+    session_id = new_session(client)
+    handle = trace_loss(neg_ll, {"logprobs": 1, "weights": 1}, session_id)
+    r = client.post(f"{API}/create_custom_loss", headers=KEY, json={
+        "session_id": session_id, "custom_loss_seq_id": 0, "name": "neg_ll",
+        "inputs": [i.model_dump() for i in handle.inputs], "graph": encode_graph(handle).model_dump(mode="json")})
+    assert r.status_code == 200, r.text
+    request_id = r.json()["request_id"]
+    done = client.post(f"{API}/retrieve_future", json={"request_id": request_id}, headers=KEY)
+    assert done.status_code == 200 and "loss_id" in done.json(), done.text
+    export = client.get(f"{API}/sessions/{session_id}/trace_export", headers=KEY).json()
+    trace = client.get(local(export["url"])).json()
+    (op,) = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert (op["name"], op["args"]["request_id"], op["args"]["state"]) == ("create_custom_loss", request_id, "done")
+    assert op["args"]["scope"] == f"session:{session_id}:custom_loss"
 
 
 # ----- the hosted service's endpoints ------------------------------------------------------------

@@ -16,14 +16,13 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 
-from server.config import Settings
 from server.errors import OperationFailed
+from server.kinds import FutureState, Lane, OpKind
 from server.queue.futures import FutureHub, FutureView
 from server.queue.scheduler import Batch, Scheduler
 from server.store.database import Database
 from server.store.tables import Tenant
-from server.tenancy.quotas import Quotas
-from tests.conftest import arun
+from tests.support.aio import arun
 
 Trace = list[tuple[str, int]]
 
@@ -657,29 +656,73 @@ def test_a_throttled_tenants_samples_do_not_ride_along_in_another_tenants_batch(
     arun(scenario)
 
 
-def test_a_stream_of_small_ops_cannot_starve_a_big_one_under_the_tokens_budget(db: Database, tenant: str) -> None:
-    """100 tokens per 10 s window; a 90-token forward_backward waits while the tenant's 20-token
-    samples arrive every second. It must run once the window has room for it, and while it waits
-    the samples behind it are told why."""
-    quotas = Quotas(Settings(rate_window_seconds=10))
-    quotas.set_limits("T", {"tokens_per_second": 10}, now=0)
-    scheduler = Scheduler(FutureHub(db), throttle=quotas)
+# --------------------------------------------------------------------------------------------
+# Lanes (what pick chooses is tested without a database in tests/unit/test_pick.py)
 
-    async def run() -> tuple[bytes, str]:
-        return b"{}", "json"
 
-    scheduler.submit("model:A", seq_id=1, request_id="big", kind="fb", run=run, tenant="T", ordered=True, cost=90)
-    quotas.charge("T", 20, -1)  # something ran just before
-    picked: list[tuple[float, str]] = []
-    for second in range(30):
-        scheduler.submit("sample:T:ckpt", seq_id=None, request_id=f"s{second}", kind="sample", run=run, tenant="T",
-                         cost=20)
-        while ops := scheduler._pick(float(second))[0]:
-            picked += [(second, op.request_id) for op in ops]
-        if second == 3:  # a sample that would fit waits behind the big op, and says so
-            state, reason = scheduler.state_of("s1", "T", now=3.0)
-            assert state == "paused_rate_limit" and reason.endswith("(an earlier request goes first)"), reason
-    assert ("big" in [name for _, name in picked]), picked
-    ran_big = next(t for t, name in picked if name == "big")
-    assert ran_big <= 10  # as soon as the earlier 20 tokens left the window
-    assert all(name != "s0" for t, name in picked if t < ran_big)  # the first sample waited behind it
+def test_a_sample_completes_while_a_long_training_op_runs(db: Database, tenant: str) -> None:
+    """The engine declares a training lane and a sampling lane: tenant B's sample is not queued
+    behind tenant A's training step."""
+
+    async def scenario() -> None:
+        h = Harness(db, tenant)
+        h.scheduler = Scheduler(h.hub, lanes={Lane.TRAINING: 1, Lane.SAMPLING: 1})
+        gate = asyncio.Event()
+        step = await h.submit("model:a", 1, body=gate.wait, kind=OpKind.FORWARD_BACKWARD, tenant="A")
+        later = await h.submit("model:a", 2, kind=OpKind.OPTIM_STEP, tenant="A")
+        h.scheduler.start()
+        while not h.trace:
+            await asyncio.sleep(0.001)
+        sample = await h.submit("sample:B:base", 1, kind=OpKind.SAMPLE, tenant="B")
+        view = await h.result(sample, timeout=2)
+        assert view.state == FutureState.DONE
+        assert (await h.hub.get(tenant, step)).state == FutureState.PENDING  # still running
+        assert h.scheduler.state_of(step, "A") == ("active", None)
+        assert h.scheduler.state_of(later, "A")[0] == "paused_capacity"  # behind its own model's step
+        gate.set()
+        await h.drain()
+        await h.scheduler.stop()
+        assert h.trace == [("model:a", 1), ("sample:B:base", 1), ("model:a", 2)]
+
+    arun(scenario)
+
+
+def test_with_two_training_slots_models_overlap_but_one_models_ops_never_do(db: Database, tenant: str) -> None:
+    async def scenario() -> None:
+        h = Harness(db, tenant)
+        h.scheduler = Scheduler(h.hub, lanes={Lane.TRAINING: 2, Lane.SAMPLING: 1})
+        gates = {key: asyncio.Event() for key in ("a", "b")}
+        running: set[str] = set()
+        overlapped: list[set[str]] = []
+
+        def body(key: str) -> Callable[[], Awaitable[None]]:
+            async def run() -> None:
+                assert key not in running, f"two ops of model {key} at once"
+                running.add(key)
+                overlapped.append(set(running))
+                await gates[key].wait()
+                running.discard(key)
+
+            return run
+
+        for seq in (1, 2):
+            for key in ("a", "b"):
+                await h.submit(key, seq, body=body(key), tenant=key.upper())
+        h.scheduler.start()
+        while len(running) < 2:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.05)
+        assert h.trace == [("a", 1), ("b", 1)]  # both models run; neither's second op has started
+        for gate in gates.values():
+            gate.set()
+        views = await h.drain()
+        await h.scheduler.stop()
+        assert all(v.state == FutureState.DONE for v in views)
+        assert [s for k, s in h.trace if k == "a"] == [1, 2] and {"a", "b"} in overlapped
+
+    arun(scenario)
+
+
+def test_an_engine_must_allow_a_call_in_every_lane(db: Database) -> None:
+    with pytest.raises(ValueError, match="every lane"):
+        Scheduler(FutureHub(db), lanes={Lane.TRAINING: 1})

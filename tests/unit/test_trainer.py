@@ -21,6 +21,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from schemas.wire import DatumIn
+from tests.support.lora import perturb_b
 from workers import adapter_files as files
 from workers.adapter_files import CheckpointFormatError
 from workers.losses import get_loss
@@ -73,14 +74,6 @@ def make(trainer: LoraTrainer, names):
         return name
 
     return make
-
-
-def perturb_b(trainer: LoraTrainer, name: str, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, param in trainer._adapter(name).params.items():
-            if ".lora_B." in key:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
 
 
 def params_of(trainer: LoraTrainer, name: str) -> dict[str, torch.Tensor]:

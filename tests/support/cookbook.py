@@ -14,7 +14,7 @@ Everything here works from the outside, through the cookbook's public hooks:
 Used as a launcher, so every recipe runs in its own process (the recipes configure logging and
 call `asyncio.run` themselves):
 
-    python -m tests.integration.cookbook_support --data-dir DIR --model-name tiny-qwen3 \
+    python -m tests.support.cookbook --data-dir DIR --model-name tiny-qwen3 \
         RECIPE [key=value ...]
 
 RECIPE is a module run as `__main__` with the chz arguments that follow (e.g.
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-DATA = Path(__file__).resolve().parent / "data"
+DATA = REPO / "tests" / "integration" / "data"
 TINY_MODEL = "tiny-qwen3"
 
 
@@ -187,7 +187,7 @@ def run_recipe(
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
         "PYTHONUNBUFFERED": "1",
     }
-    cmd = [sys.executable, "-m", "tests.integration.cookbook_support", "--data-dir", str(data_dir),
+    cmd = [sys.executable, "-m", "tests.support.cookbook", "--data-dir", str(data_dir),
            recipe, *args, f"log_path={log_path}"]
     # cwd outside the repo: the recipes record `git diff` of their working directory in the log dir.
     proc = subprocess.run(cmd, cwd=log_path.parent, env=env, capture_output=True, text=True, timeout=timeout)

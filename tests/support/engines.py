@@ -1,0 +1,18 @@
+"""Stand-in engines for in-process gateway tests (nothing in them computes)."""
+
+from __future__ import annotations
+
+from server.kinds import Lane
+from workers.types import BaseModelInfo
+
+
+class IdleEngine:
+    """Enough engine for auth: nothing here computes."""
+
+    lanes = {Lane.TRAINING: 1, Lane.SAMPLING: 1}
+
+    async def start(self) -> BaseModelInfo:
+        return BaseModelInfo(name="tiny-qwen3", architecture="qwen3", vocab_size=1000, max_context_length=256)
+
+    async def stop(self) -> None:
+        pass

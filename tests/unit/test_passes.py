@@ -1,0 +1,148 @@
+"""Requests in passes under a token budget (workers/passes.py, LoraTrainer.forward_backward_groups).
+
+The property: whatever the mix of lengths, the loss and the pass budget, a request computed in
+passes gives the loss, the metrics, the logprobs and (after an optim_step) the weights that the
+same request computes in one pass, to 1e-5 in float32."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from schemas.wire import DatumIn
+from tests.support.lora import perturb_b
+from workers.custom_loss import compile_graph
+from workers.losses import LOSSES
+from workers.passes import plan_passes, target_logprobs
+from workers.trainer import LoraTrainer, load_base_model
+from workers.types import AdamConfig, BaseModelInfo, LoraSpec
+
+VOCAB = 4096
+INFO = BaseModelInfo(name="tiny-qwen3", architecture="Qwen3ForCausalLM", vocab_size=VOCAB, max_context_length=4096)
+pytestmark = pytest.mark.filterwarnings("ignore:Adapter .* was active which is now deleted")
+
+
+# ----- planning ---------------------------------------------------------------------------------
+def test_passes_keep_padded_size_within_the_budget_and_cover_every_datum_once() -> None:
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(1, 50) for _ in range(rng.randint(1, 30))]
+        budget = rng.randint(1, 300)
+        passes = plan_passes(lengths, budget)
+        assert sorted(i for p in passes for i in p) == list(range(len(lengths)))
+        for p in passes:
+            padded = len(p) * max(lengths[i] for i in p)
+            assert padded <= budget or len(p) == 1  # a datum longer than the budget goes alone
+
+
+def test_one_pass_when_everything_fits_and_longest_first() -> None:
+    assert plan_passes([3, 5, 4], 100) == [[1, 2, 0]]
+    assert plan_passes([3, 5, 4], 8) == [[1], [2, 0]]
+    assert plan_passes([10], 4) == [[0]]
+
+
+# ----- chunked logprobs -------------------------------------------------------------------------
+@pytest.mark.parametrize("logit_elements", [1, 37 * 11, 10**9])
+def test_chunked_target_logprobs_and_gradients_equal_the_full_log_softmax(logit_elements: int) -> None:
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 5, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 37)
+    targets = torch.randint(0, 37, (3, 5))
+    want = torch.log_softmax(head(hidden), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    got = target_logprobs(hidden, targets, head, 37, logit_elements)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    upstream = torch.randn(3, 5)
+    want_grads = torch.autograd.grad((want * upstream).sum(), [hidden, head.weight])
+    got_grads = torch.autograd.grad((got * upstream).sum(), [hidden, head.weight])
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+
+
+# ----- the property ----------------------------------------------------------------------------
+def custom_loss():
+    """sum(-logprobs * weights), with a :sum and a :mean metric, as the SDK would trace it."""
+    def node(name, target, *args, op="call_function"):
+        return {"op": op, "name": name, "target": target, "args": list(args), "kwargs": {}}
+
+    nodes = [
+        node("logprobs", "logprobs", op="placeholder"),
+        node("weights", "weights", op="placeholder"),
+        node("mul", "operator.mul", {"ref": "logprobs"}, {"ref": "weights"}),
+        node("total", "sum", {"ref": "mul"}, op="call_method"),
+        node("loss", "operator.neg", {"ref": "total"}),
+        node("avg", "mean", {"ref": "logprobs"}, op="call_method"),
+    ]
+    metrics = {"dict": {"custom/nll:sum": {"ref": "loss"}, "custom/lp:mean": {"ref": "avg"}}}
+    nodes.append({"op": "output", "name": "output", "target": "output",
+                  "args": [{"tuple": [{"ref": "loss"}, metrics]}], "kwargs": {}})
+    inputs = [{"name": "logprobs", "rank": 1}, {"name": "weights", "rank": 1}]
+    return compile_graph({"format": 1, "nodes": nodes}, inputs, name="nll")
+
+
+def datum(rng: np.random.Generator, n: int, loss: str) -> DatumIn:
+    tokens = rng.integers(3, VOCAB, size=n + 1)
+    inputs: dict[str, np.ndarray] = {"target_tokens": tokens[1:]}
+    if loss in ("cross_entropy", "custom"):
+        inputs["weights"] = rng.uniform(0, 1, n).astype(np.float32)
+    else:
+        inputs["logprobs"] = rng.uniform(-9, -7, n).astype(np.float32)
+        inputs["advantages"] = rng.normal(size=n).astype(np.float32)
+        if loss == "gspo":
+            inputs["sequence_ratio_mask"] = (rng.uniform(size=n) < 0.7).astype(np.float32)
+    return DatumIn(tokens=tokens[:-1], loss_fn_inputs=inputs)
+
+
+def magnitude(group: list[DatumIn], outputs: list[dict[str, np.ndarray]]) -> float:
+    """A bound on the summed size of a loss's terms before they cancel (RL losses add terms of
+    both signs): a float32 sum is exact only to a small multiple of eps times that, whatever
+    the order of its additions."""
+    total = 0.0
+    for d, out in zip(group, outputs):
+        inputs = sum(np.abs(v) for k, v in d.loss_fn_inputs.items() if k != "target_tokens")
+        total += float(np.sum(np.abs(out["logprobs"]) * (1 + inputs)))
+    return total
+
+
+@pytest.fixture(scope="module")
+def trainer(tiny_model_dir: Path) -> LoraTrainer:
+    # logit_elements small enough that the logprobs of most passes are computed in several chunks
+    return LoraTrainer(load_base_model(tiny_model_dir), INFO, pad_token_id=0, logit_elements=VOCAB * 16)
+
+
+@pytest.mark.parametrize("loss_name", [*LOSSES, "custom"])
+@pytest.mark.parametrize("seed", range(3))
+def test_passes_compute_what_one_pass_computes(trainer: LoraTrainer, loss_name: str, seed: int) -> None:
+    rng = np.random.default_rng(seed * 100 + len(loss_name))
+    loss = custom_loss() if loss_name == "custom" else LOSSES[loss_name]
+    groups = [[datum(rng, int(n), loss_name) for n in rng.integers(1, 40, size=rng.integers(1, 6))]
+              for _ in range(rng.integers(1, 4))]
+    lengths = [len(d.tokens) for g in groups for d in g]
+    budget = int(rng.integers(min(lengths), sum(lengths) + 1))
+    spec = LoraSpec(rank=4, seed=seed)
+    results, weights = {}, {}
+    for name, tokens_per_pass in (("whole", 10**9), ("split", budget)):
+        trainer.create_adapter(name, spec)
+        try:
+            perturb_b(trainer, name, seed)
+            trainer.max_tokens_per_pass = tokens_per_pass
+            forward = trainer.forward_backward_groups(name, groups, loss, {}, forward_only=True)
+            results[name] = (forward, trainer.forward_backward_groups(name, groups, loss, {}))
+            trainer.optim_step(name, AdamConfig(learning_rate=1e-2))
+            weights[name] = {k: p.detach().clone() for k, p in trainer._adapter(name).params.items()}
+        finally:
+            trainer.remove_adapter(name)
+    assert len(plan_passes(lengths, budget)) >= 1
+    for whole, split in zip(*(results[n] for n in ("whole", "split"))):
+        for a, b, group in zip(whole, split, groups):
+            assert a.metrics.keys() == b.metrics.keys()
+            for key in a.metrics:
+                tol = max(1e-5, 1e-6 * magnitude(group, a.outputs))
+                assert b.metrics[key] == pytest.approx(a.metrics[key], rel=1e-5, abs=tol), key
+            for oa, ob in zip(a.outputs, b.outputs):
+                np.testing.assert_allclose(ob["logprobs"], oa["logprobs"], rtol=0, atol=1e-5)
+    for key, w in weights["whole"].items():
+        torch.testing.assert_close(weights["split"][key], w, rtol=1e-5, atol=1e-5)

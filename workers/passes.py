@@ -1,0 +1,113 @@
+"""A forward(_backward) request as passes of bounded size, and target logprobs in bounded memory.
+
+A pass is a group of whole datums whose padded size (datums × longest datum) is at most the pass
+budget; a datum longer than the budget is a pass of its own (it is bounded by the model's context
+length). Datums are sorted longest first before packing, which keeps padding low. Every loss is a
+sum over datums, so the passes' gradients add up to the one-pass gradient.
+
+Target logprobs are `logit[target] - logsumexp(logits)` over at most `logit_elements` logits at a
+time, each chunk under activation checkpointing when gradients are wanted: the backward recomputes
+a chunk's logits instead of keeping them, so no [tokens, vocab] tensor of a whole pass, let alone
+a whole request, is ever alive. They are computed in float32 whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from schemas.wire import DatumIn
+
+
+def plan_passes(lengths: list[int], budget: int) -> list[list[int]]:
+    """Datum indices per pass: longest first, each pass's padded size at most `budget`."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    passes: list[list[int]] = []
+    for i in order:
+        # Sorted longest first, so the pass's first datum sets its padded width.
+        if passes and (len(passes[-1]) + 1) * lengths[passes[-1][0]] <= budget:
+            passes[-1].append(i)
+        else:
+            passes.append([i])
+    return passes
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T] long
+    attention_mask: torch.Tensor | None  # None when every datum has the same length
+    targets: torch.Tensor  # [B, T] long
+    inputs: dict[str, torch.Tensor]  # per-token float inputs, [B, T], zero padded
+    mask: torch.Tensor  # [B, T] float, 1 on real positions
+    lengths: list[int]
+
+    @classmethod
+    def build(
+        cls, data: list[DatumIn], float_inputs: dict[str, float], pad_token_id: int, device: torch.device
+    ) -> Batch:
+        """`float_inputs`: the per-token float inputs to pad, each with the value that fills it for
+        a datum that left it out."""
+        lengths = [len(d.tokens) for d in data]
+        width = max(lengths)
+        mask = torch.zeros(len(data), width)
+        for i, n in enumerate(lengths):
+            mask[i, :n] = 1.0
+        inputs = {
+            key: _pad([d.loss_fn_inputs.get(key) for d in data], lengths, width, 0, torch.float32, missing=fill)
+            for key, fill in float_inputs.items()
+        }
+        return cls(
+            input_ids=_pad([d.tokens for d in data], lengths, width, pad_token_id, torch.long).to(device),
+            attention_mask=None if len(set(lengths)) == 1 else mask.long().to(device),
+            targets=_pad([d.loss_fn_inputs["target_tokens"] for d in data], lengths, width, 0, torch.long).to(device),
+            inputs={k: v.to(device) for k, v in inputs.items()},
+            mask=mask.to(device),
+            lengths=lengths,
+        )
+
+
+def _pad(
+    rows: list[np.ndarray | None],
+    lengths: list[int],
+    width: int,
+    pad: float,
+    dtype: torch.dtype,
+    missing: float = 0.0,
+) -> torch.Tensor:
+    """Right-pad rows to `width`; a missing row (an optional input the client left out) is filled
+    with `missing` over its datum's length."""
+    out = torch.full((len(rows), width), pad, dtype=dtype)
+    for i, (row, n) in enumerate(zip(rows, lengths)):
+        if row is None:
+            out[i, :n] = missing
+        else:
+            out[i, :n] = torch.from_numpy(np.ascontiguousarray(row).reshape(-1)[:n]).to(dtype)
+    return out
+
+
+Head = Callable[[torch.Tensor], torch.Tensor]  # hidden states [N, H] -> logits [N, V]
+
+
+def target_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: Head, vocab: int, logit_elements: int) -> torch.Tensor:
+    """log p(target) for hidden states [..., H] and targets [...], in float32, never holding more
+    than about `logit_elements` logits at once (plus the same again for their gradient)."""
+    shape = targets.shape
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    rows = max(1, logit_elements // max(vocab, 1))
+    if flat_h.shape[0] <= rows:
+        return _chunk_logprobs(head, flat_h, flat_t).view(shape)
+    grad = torch.is_grad_enabled() and flat_h.requires_grad
+    pieces = []
+    for start in range(0, flat_h.shape[0], rows):
+        h, t = flat_h[start : start + rows], flat_t[start : start + rows]
+        pieces.append(checkpoint(_chunk_logprobs, head, h, t, use_reentrant=False) if grad else _chunk_logprobs(head, h, t))
+    return torch.cat(pieces).view(shape)
+
+
+def _chunk_logprobs(head: Head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)

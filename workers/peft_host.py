@@ -1,0 +1,130 @@
+"""The base model with its peft LoRA adapters: adding and deleting adapters, and switching the
+active one in O(layers).
+
+Only the active adapter takes part in a forward pass. The model stays in eval mode (LoRA dropout
+is 0 and the base has no dropout in use), which keeps a forward pass bit-identical whether it
+serves training or sampling. Not thread-safe: one compute thread uses it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from transformers import PreTrainedModel
+
+from workers.types import LoraSpec
+
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+UNEMBED_MODULES = ("lm_head",)
+# peft keeps one always-present adapter so that "no adapter" (base-model sampling) is expressible
+# by disabling the LoRA layers even when every tenant adapter has been removed. It is never trained.
+IDLE_ADAPTER = "idle"
+
+Params = dict[str, torch.nn.Parameter]  # peft state-dict key -> parameter
+
+
+class AdapterError(ValueError):
+    """A request that cannot be applied to this adapter (user error)."""
+
+
+class PeftHost:
+    """A PeftModel over `base` and the peft side of its adapters."""
+
+    def __init__(self, base: PreTrainedModel) -> None:
+        self._module_names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+        idle = LoraConfig(r=1, lora_alpha=1, target_modules=[self.targets(LoraSpec(1, 0))[0]])
+        with quiet_peft():
+            self.model: PeftModel = get_peft_model(base, idle, adapter_name=IDLE_ADAPTER)
+        self.model.eval()
+        self._layers: list[BaseTunerLayer] | None = None  # the model's LoRA layers; None: to be listed
+
+    @property
+    def causal_lm(self) -> PreTrainedModel:
+        """The transformers model inside peft's wrappers (its LoRA layers included)."""
+        return self.model.base_model.model
+
+    def targets(self, spec: LoraSpec) -> list[str]:
+        wanted = (
+            (ATTN_MODULES if spec.train_attn else ())
+            + (MLP_MODULES if spec.train_mlp else ())
+            + (UNEMBED_MODULES if spec.train_unembed else ())
+        )
+        targets = [m for m in wanted if m in self._module_names]
+        if not targets:
+            raise AdapterError("LoRA config selects no layers: enable train_attn, train_mlp or train_unembed")
+        return targets
+
+    def lora_config(self, spec: LoraSpec) -> LoraConfig:
+        """The peft config of a spec; raises AdapterError for a spec that selects nothing."""
+        return LoraConfig(
+            r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0, target_modules=self.targets(spec), bias="none"
+        )
+
+    def add(self, name: str, spec: LoraSpec) -> Params:
+        """Inject adapter `name`'s LoRA modules; returns its parameters."""
+        config = self.lora_config(spec)
+        # peft initialises LoRA A from the global RNG: seed a private fork so the init depends
+        # on the spec's seed only and nobody else's random state is disturbed.
+        with torch.random.fork_rng(devices=[]), quiet_peft():
+            torch.manual_seed(spec.seed)
+            self.model.add_adapter(name, config)
+        self.model.eval()
+        self._layers = None  # a new target module type adds LoRA layers
+        return self.params(name)
+
+    def delete(self, name: str) -> None:
+        self.activate(IDLE_ADAPTER)  # deleting the active adapter makes peft warn
+        self.model.delete_adapter(name)
+        self._layers = None
+
+    def params(self, name: str) -> Params:
+        marker = f".{name}."
+        return {
+            param_name.replace(marker, "."): param
+            for param_name, param in self.model.named_parameters()
+            if marker in param_name and ".lora_" in param_name
+        }
+
+    def activate(self, name: str, params: Params | None = None) -> None:
+        """peft's set_adapter in O(layers). peft's also sets requires_grad on every adapter of every
+        layer, O(layers × adapters): 300 ms a switch with 64 adapters on SmolLM2. An inactive adapter
+        takes no part in a forward pass, so its flags don't matter; the active one's (`params`) must
+        be on."""
+        for layer in self._lora_layers():
+            layer._active_adapter = [name]
+        self.model.active_adapter = self.model.base_model.active_adapter = name
+        for param in (params or {}).values():
+            param.requires_grad_(True)
+
+    @contextmanager
+    def disabled(self) -> Iterator[PeftModel]:
+        """The bare base model: peft's disable_adapter(), but O(layers) for the reason in activate."""
+        layers = self._lora_layers()
+        for layer in layers:
+            layer._disable_adapters = True
+        try:
+            yield self.model
+        finally:
+            for layer in layers:
+                layer._disable_adapters = False
+
+    def _lora_layers(self) -> list[BaseTunerLayer]:
+        if self._layers is None:
+            self._layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        return self._layers
+
+
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    # peft warns that lm_head is tied to the embeddings; the LoRA delta applies to the output
+    # projection only, which is what Tinker's train_unembed means.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+        warnings.filterwarnings("ignore", message=".*should not be contained in the prefix.*")
+        yield
