@@ -86,7 +86,7 @@ class Row:
     growth_bytes: int | None = None
     sampled_peak_bytes: int | None = None
     hwm_bytes: int | None = None  # None: not readable (or the server was killed first)
-    seconds: float | None = None  # wall time of the big forward_backward
+    seconds: float | None = None  # wall time of the big forward_backward (killed: until the kill)
     requests: int | None = None  # HTTP requests the SDK split it into
     max_request_tokens: int | None = None
     max_request_est_bytes: int | None = None
@@ -237,6 +237,7 @@ def run_case(case: Case, args: argparse.Namespace) -> Row:
         lines_of(server.stdout, "server", events)
         base_url = None
         client_done = False
+        go_at = None
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -246,6 +247,9 @@ def run_case(case: Case, args: argparse.Namespace) -> Row:
                 row.outcome = "> cap (killed)"
                 row.peak_bytes = row.sampled_peak_bytes = monitor.peak
                 row.detail = f"RSS {monitor.killed_at / GIB:.2f} GiB > cap {args.cap_gb:g} GiB"
+                if go_at is not None:  # how long the big call ran before it passed the cap
+                    row.seconds = time.monotonic() - go_at
+                    row.detail += f" after {row.seconds:.1f} s of the big forward_backward"
                 break
             try:
                 tag, line = events.get(timeout=min(left, 0.2))
@@ -261,17 +265,18 @@ def run_case(case: Case, args: argparse.Namespace) -> Row:
                     continue
                 if base_url is None and (m := READY.search(line)):
                     base_url = m.group(1)
-                    client = subprocess.Popen(
-                        [sys.executable, str(Path(__file__).resolve()), "_client", base_url, case.base_model,
-                         str(case.datums), str(case.seq)],
-                        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
+                    with open(run_dir / "client.log", "ab") as client_log:  # the SDK's retry chatter
+                        client = subprocess.Popen(
+                            [sys.executable, str(Path(__file__).resolve()), "_client", base_url, case.base_model,
+                             str(case.datums), str(case.seq)],
+                            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=client_log, text=True,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
                     lines_of(client.stdout, "client", events)
                 continue
             if line is None:  # the client's stdout closed
                 if not client_done:
                     client.wait()
-                    row.detail = f"client exited with {client.returncode} (its stderr is above)"
+                    row.detail = f"client exited with {client.returncode}: " + tail(run_dir / "client.log")
                     break
                 continue
             if not line.startswith("{"):
@@ -282,6 +287,7 @@ def run_case(case: Case, args: argparse.Namespace) -> Row:
                 row.baseline_bytes = proc_status(server.pid).get("VmRSS")
                 hwm_ok = reset_hwm(server.pid)
                 monitor.reset_peak()
+                go_at = time.monotonic()
                 try:
                     client.stdin.write("go\n")
                     client.stdin.flush()
@@ -393,7 +399,8 @@ def report(rows: list[Row], args: argparse.Namespace) -> None:
         table.add_row(r.case, shape, reqs, gib(r.baseline_bytes),
                       ("> " if r.outcome.startswith(">") else "") + gib(r.peak_bytes),
                       ("> " if r.outcome.startswith(">") else "") + gib(r.growth_bytes),
-                      "-" if r.seconds is None else f"{r.seconds:.1f}", r.outcome)
+                      "-" if r.seconds is None else f"{r.seconds:.1f}" + (" (killed)" if r.outcome.startswith(">") else ""),
+                      r.outcome)
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
     console.print(f"cap {args.cap_gb:g} GiB, timeout {args.timeout:g} s, RSS sampled every {args.interval * 1e3:.0f} ms"

@@ -127,12 +127,23 @@ def check_sample_options(
     topk_prompt_logprobs: int = 0,
     topk_sample_logprobs: int = 0,
     prompt_alt_tokens_k: int = 0,
+    num_samples: int = 1,
+    max_tokens: int = 1,
     max_cells: int = DEFAULT_MAX_CELLS,
 ) -> None:
-    """The bounds of the SampleRequest options that depend on the prompt or the model.
+    """The bounds of the SampleRequest options that depend on the prompt or the model. Every
+    bound is on the real size of what would be computed and sent back: top-k of sampled tokens is
+    num_samples x max_tokens rows of k cells, and the samples themselves num_samples x max_tokens
+    tokens.
 
     (``target_prompt_logprobs`` is checked by ``decode_target_ids``.)
     """
+    if num_samples * max(max_tokens, 1) > max_cells:
+        raise WireError(
+            "num_samples",
+            f"num_samples x max_tokens = {num_samples} x {max_tokens} = {num_samples * max_tokens} tokens is over "
+            f"the server's limit of {max_cells}",
+        )
     if prompt_len < 1:
         raise WireError("prompt", "the prompt has no tokens")
     if prompt_logprobs_last_n is not None:
@@ -146,10 +157,11 @@ def check_sample_options(
                 f"must be between 1 and len(prompt) - 1 = {prompt_len - 1}, got "
                 f"{prompt_logprobs_last_n}",
             )
-    for name, k, rows in (
-        ("topk_prompt_logprobs", topk_prompt_logprobs, prompt_len),
-        ("topk_sample_logprobs", topk_sample_logprobs, 1),
-        ("prompt_alt_tokens_k", prompt_alt_tokens_k, prompt_len - 1),
+    sampled = num_samples * max(max_tokens, 1)
+    for name, k, rows, what in (
+        ("topk_prompt_logprobs", topk_prompt_logprobs, prompt_len, "len(prompt)"),
+        ("topk_sample_logprobs", topk_sample_logprobs, sampled, "num_samples x max_tokens"),
+        ("prompt_alt_tokens_k", prompt_alt_tokens_k, prompt_len - 1, "len(prompt) - 1"),
     ):
         if k < 0:
             raise WireError(name, f"must be 0 or greater, got {k}")
@@ -157,7 +169,7 @@ def check_sample_options(
             raise WireError(name, f"{k} is larger than the model's vocabulary ({vocab_size} tokens)")
         if rows * k > max_cells:
             raise WireError(
-                name, f"len(prompt) x {k} = {rows * k} is over the server's limit of {max_cells}"
+                name, f"{what} x {k} = {rows * k} is over the server's limit of {max_cells}"
             )
 
 

@@ -39,6 +39,8 @@ from workers.types import (
 )
 
 Decode = Callable[[list[int]], str]
+# Prompt logits a batched prefill may keep for all its jobs together (float elements).
+SHARED_PROMPT_LOGITS = 1 << 25
 
 
 @torch.no_grad()
@@ -85,7 +87,11 @@ def sample_batch(
 
     states = [_JobState.start(job, eos_token_ids, device) for job in jobs]
     logits_last, cache, attn, scoring_logits = _prefill(model, states, device, pad_token_id)
-    outputs_prompt = [_score_prompt(st, scoring_logits[j]) for j, st in enumerate(states)]
+    outputs_prompt = []
+    for j, st in enumerate(states):  # one job's prompt logits at a time
+        logits = scoring_logits[j] if scoring_logits[j] is not None else _own_prompt_logits(model, st, device)
+        outputs_prompt.append(_score_prompt(st, logits))
+        scoring_logits[j] = logits = None  # freed before the next job's
     del scoring_logits  # the prompt logits are freed before decoding
     _decode_loop(model, states, logits_last, cache, attn, decode)
     return [st.output(*prompt_out) for st, prompt_out in zip(states, outputs_prompt)]
@@ -200,7 +206,7 @@ def _check_job(job: SampleJob, vocab: int, where: str) -> None:
 
 def _prefill(
     model: torch.nn.Module, states: list[_JobState], device: torch.device, pad_token_id: int
-) -> tuple[torch.Tensor, object, torch.Tensor, list[torch.Tensor]]:
+) -> tuple[torch.Tensor, object, torch.Tensor, list[torch.Tensor | None]]:
     """One left-padded forward over every prompt. Returns the last position's logits [J, V], the
     cache, the attention mask [J, Lmax], and per job the logits of the positions it scores."""
     lengths = [len(st.prompt) for st in states]
@@ -212,14 +218,27 @@ def _prefill(
         attn[j, width - lengths[j] :] = 1
     position_ids = (attn.cumsum(-1) - 1).clamp_min(0)
     keep = max(st.need for st in states)
+    # Every job gets the logits of the most positions any job scores: fine while that is small,
+    # otherwise the jobs that score their prompt get their logits from a forward of their own.
+    shared = len(states) == 1 or len(states) * keep * _vocab_size(model) <= SHARED_PROMPT_LOGITS
+    if not shared:
+        keep = 1
     ids, attn, position_ids = ids.to(device), attn.to(device), position_ids.to(device)
     out = model(
         input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=True, logits_to_keep=keep
     )
     logits = out.logits  # [J, keep, V]
-    scoring = [logits[j, keep - st.need :] for j, st in enumerate(states)]
+    scoring: list[torch.Tensor | None] = [
+        logits[j, keep - st.need :] if shared or st.need == 1 else None for j, st in enumerate(states)
+    ]
     # clone: a float32 slice would otherwise keep every prompt position's logits alive.
     return logits[:, -1, :].float().clone(), out.past_key_values, attn, scoring
+
+
+def _own_prompt_logits(model: torch.nn.Module, st: _JobState, device: torch.device) -> torch.Tensor:
+    """The logits of the last `st.need` prompt positions of one job, from a forward of its own."""
+    ids = torch.tensor([st.prompt], dtype=torch.long, device=device)
+    return model(input_ids=ids, use_cache=False, logits_to_keep=st.need).logits[0]
 
 
 def _score_prompt(

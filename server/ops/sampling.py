@@ -183,10 +183,12 @@ def admit(rt: Runtime, tenant_id: str) -> None:
 
 
 def _job(rt: Runtime, req: api.SampleRequest, prompt: list[int]) -> tuple[SampleJob, TargetIds | None]:
+    params = _params(rt, req, len(prompt))
     check_sample_options(
         prompt_len=len(prompt), vocab_size=rt.base.vocab_size, prompt_logprobs=bool(req.prompt_logprobs),
         prompt_logprobs_last_n=req.prompt_logprobs_last_n, topk_prompt_logprobs=req.topk_prompt_logprobs,
         topk_sample_logprobs=req.topk_sample_logprobs, prompt_alt_tokens_k=req.prompt_alt_tokens_k,
+        num_samples=req.num_samples, max_tokens=params.max_tokens,
     )
     target = None
     if req.target_prompt_logprobs is not None:
@@ -195,7 +197,7 @@ def _job(rt: Runtime, req: api.SampleRequest, prompt: list[int]) -> tuple[Sample
         logprobs=bool(req.prompt_logprobs), last_n=req.prompt_logprobs_last_n, topk=req.topk_prompt_logprobs,
         target_ids=None if target is None else target.ids, alt_tokens_k=req.prompt_alt_tokens_k,
     )
-    job = SampleJob(prompt, req.num_samples, _params(rt, req, len(prompt)), scoring, req.topk_sample_logprobs)
+    job = SampleJob(prompt, req.num_samples, params, scoring, req.topk_sample_logprobs)
     return job, target
 
 

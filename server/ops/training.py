@@ -90,7 +90,7 @@ async def release_seq(rt: Runtime, tenant_id: str, model_id: object, seq_id: obj
 @asynccontextmanager
 async def _model_slot(rt: Runtime, tenant_id: str, model_id: str) -> AsyncIterator[None]:
     """Claim a live-model slot for a model being made in the block. Checked again here, when the
-    creation runs (creations run one at a time), so concurrent submissions cannot together exceed
+    creation runs (the check and the claim have no await between them), so concurrent submissions cannot together exceed
     the quota; a creation that fails frees the slot and whatever adapter it made."""
     try:
         rt.quotas.check_new_model(tenant_id)

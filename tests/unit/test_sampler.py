@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from workers import sampler
 from workers.sampler import sample, sample_batch
 from workers.trainer import LoraTrainer, load_base_model
 from workers.types import (
@@ -682,3 +683,15 @@ def test_sample_is_sample_batch_with_one_job(run, run_jobs) -> None:
     b = run_jobs([SampleJob(PROMPT, 2, params, PromptScoring(logprobs=True))])[0]
     assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
     np.testing.assert_array_equal(a.prompt_logprobs, b.prompt_logprobs)
+
+
+def test_prompt_logits_of_a_batch_are_per_job_past_the_shared_budget(trainer, run_jobs, monkeypatch) -> None:
+    """Past SHARED_PROMPT_LOGITS, jobs that score their prompt get their logits from a forward of
+    their own (one job's at a time): the scores are the same as when the batch shares them."""
+    jobs = _mixed_jobs(temperature=0.0)
+    shared = run_jobs(jobs)
+    monkeypatch.setattr(sampler, "SHARED_PROMPT_LOGITS", 0)
+    own = run_jobs(jobs)
+    for a, b in zip(shared, own):
+        _assert_same_scoring(a, b)
+        assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]

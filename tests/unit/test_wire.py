@@ -745,6 +745,9 @@ def test_a_one_token_prompt_cannot_name_target_ids() -> None:
         (dict(prompt_alt_tokens_k=101), "prompt_alt_tokens_k"),
         (dict(prompt_alt_tokens_k=-1), "prompt_alt_tokens_k"),
         (dict(topk_prompt_logprobs=50, max_cells=100), "topk_prompt_logprobs"),
+        # top-k of sampled tokens is num_samples x max_tokens rows, not one
+        (dict(topk_sample_logprobs=10, num_samples=4, max_tokens=3, max_cells=100), "topk_sample_logprobs"),
+        (dict(num_samples=11, max_tokens=10, max_cells=100), "num_samples"),
     ],
 )
 def test_sample_option_bounds(kwargs, field) -> None:
@@ -758,3 +761,6 @@ def test_sample_options_at_their_bounds_pass() -> None:
                          topk_prompt_logprobs=100, topk_sample_logprobs=100, prompt_alt_tokens_k=100)
     check_sample_options(prompt_len=5, vocab_size=100, prompt_logprobs=True, prompt_logprobs_last_n=1)
     check_sample_options(prompt_len=1, vocab_size=100, prompt_logprobs=True, prompt_alt_tokens_k=3)
+    check_sample_options(prompt_len=5, vocab_size=100, topk_sample_logprobs=10, num_samples=2, max_tokens=5,
+                         max_cells=100)
+    check_sample_options(prompt_len=5, vocab_size=100, num_samples=10, max_tokens=10, max_cells=100)
