@@ -18,6 +18,7 @@ from server.runtime import Runtime
 from server.store.database import Database
 from server.tenancy.quotas import Quotas
 from workers.base_models import resolve_base_model
+from workers.storage import FolderStore
 from workers.types import ComputeOptions
 
 
@@ -34,7 +35,10 @@ def local_engine(settings: Settings) -> LocalEngine:
         spill_dir=data_dir / "lora-spill",
     )
     model = settings.base_model
-    return LocalEngine(lambda: resolve_base_model(model, data_dir, allow_download=settings.allow_download), model, options)
+    return LocalEngine(
+        lambda: resolve_base_model(model, data_dir, allow_download=settings.allow_download), model, options,
+        FolderStore(data_dir),
+    )
 
 
 def build_runtime(settings: Settings, engine: Engine | None = None) -> Runtime:

@@ -27,10 +27,12 @@ from schemas.wire import ForwardBackwardCall
 from server.errors import OperationFailed
 from server.kinds import Lane
 from workers import sampler
-from workers.adapter_files import CheckpointFormatError
-from workers.custom_loss import CustomLoss, CustomLossError, compile_graph
+from workers.custom_loss import CustomLoss, compile_graph
+from workers.guard import Failure, guarded
 from workers.losses import LossFn, get_loss
-from workers.trainer import AdapterError, LoraTrainer, load_base_model, resolve_device
+from workers.peft_host import AdapterError
+from workers.storage import CheckpointStore
+from workers.trainer import LoraTrainer, load_base_model, resolve_device
 from workers.types import (
     AdamConfig,
     BaseModelInfo,
@@ -54,28 +56,35 @@ class LocalEngine:
     # scheduler: it waits only for the step under way.
     lanes: Mapping[Lane, int] = {Lane.TRAINING: 1, Lane.SAMPLING: 1}
 
-    def __init__(self, model_dir: Callable[[], Path], base_model_name: str, options: ComputeOptions) -> None:
+    def __init__(
+        self, model_dir: Callable[[], Path], base_model_name: str, options: ComputeOptions, store: CheckpointStore
+    ) -> None:
         # A callable, resolved on the compute thread: resolving may convert a GGUF file (tens of
         # seconds), which must not block the event loop.
         self._model_dir = model_dir
         self._name = base_model_name
         self._options = options
+        self._store = store
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self._pool_status: PoolStatus | None = None  # a snapshot, refreshed after every compute call
         self._trainer: LoraTrainer | None = None
         self._tokenizer = None
-        self._sampling_adapters: OrderedDict[Path, str] = OrderedDict()
+        self._sampling_adapters: OrderedDict[str, str] = OrderedDict()  # checkpoint ref -> adapter
         self._custom_losses: dict[str, CustomLoss] = {}
 
     async def _call(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        """`fn` on the compute thread; a Failure it ends in is raised here as OperationFailed."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(self._run, fn, *args, **kwargs))
+        outcome = await loop.run_in_executor(self._pool, functools.partial(self._run, fn, *args, **kwargs))
+        if isinstance(outcome, Failure):
+            raise OperationFailed(outcome.message, outcome.category)
+        return outcome
 
-    def _run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+    def _run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T | Failure:
         """On the compute thread: the call, then a fresh snapshot of the pool for status readers
         (reading the trainer from another thread while it works would not be safe)."""
         try:
-            return _user_errors(fn, *args, **kwargs)
+            return guarded(fn, *args, **kwargs)
         finally:
             if self._trainer is not None:
                 self._pool_status = self._trainer.pool_status()
@@ -123,15 +132,20 @@ class LocalEngine:
         assert self._trainer is not None, "engine not started"
         return self._trainer
 
-    # ----- training --------------------------------------------------------------------------
+    # ----- training (each method's work runs on the compute thread, trainer access included) -----
     async def create_adapter(self, model_id: str, spec: LoraSpec) -> None:
-        await self._call(self.trainer.create_adapter, _adapter_name(model_id), spec)
+        await self._call(lambda: self.trainer.create_adapter(_adapter_name(model_id), spec))
 
     async def has_adapter(self, model_id: str) -> bool:
-        return self.trainer.has_adapter(_adapter_name(model_id))
+        return await self._call(lambda: self.trainer.has_adapter(_adapter_name(model_id)))
 
     async def forward_backward(
         self, model_id: str, calls: list[ForwardBackwardCall], custom: CustomLossSpec | None = None
+    ) -> list[ForwardBackwardResult]:
+        return await self._call(self._forward_backward, model_id, calls, custom)
+
+    def _forward_backward(
+        self, model_id: str, calls: list[ForwardBackwardCall], custom: CustomLossSpec | None
     ) -> list[ForwardBackwardResult]:
         first = calls[0]
         if custom is not None:
@@ -139,12 +153,10 @@ class LocalEngine:
         elif (builtin := get_loss(first.loss_fn)) is not None:
             loss = builtin
         else:
-            raise OperationFailed(f"unknown loss_fn {first.loss_fn!r}")
+            raise AdapterError(f"unknown loss_fn {first.loss_fn!r}")
         config = {k: float(v) for k, v in first.loss_fn_config.items() if not isinstance(v, str)}
         groups = [call.data for call in calls]
-        return await self._call(
-            self.trainer.forward_backward_groups, self._require(model_id), groups, loss, config, first.forward_only
-        )
+        return self.trainer.forward_backward_groups(self._require(model_id), groups, loss, config, first.forward_only)
 
     def _custom_loss(self, spec: CustomLossSpec) -> CustomLoss:
         """Compiled once per loss_id (compiling checks the whole graph; the result is immutable)."""
@@ -154,35 +166,42 @@ class LocalEngine:
         return compiled
 
     async def optim_step(self, model_id: str, adam: AdamConfig) -> dict[str, float]:
-        return await self._call(self.trainer.optim_step, self._require(model_id), adam)
+        return await self._call(lambda: self.trainer.optim_step(self._require(model_id), adam))
 
-    async def save(self, model_id: str, dest: Path, *, with_optimizer: bool) -> int:
-        return await self._call(self.trainer.save, self._require(model_id), dest, with_optimizer=with_optimizer)
+    async def save(self, model_id: str, ref: str, *, with_optimizer: bool) -> int:
+        return await self._call(self._save, model_id, ref, with_optimizer)
 
-    async def load(self, model_id: str, src: Path, *, with_optimizer: bool) -> LoraSpec:
-        return await self._call(self.trainer.load, _adapter_name(model_id), src, with_optimizer=with_optimizer)
+    def _save(self, model_id: str, ref: str, with_optimizer: bool) -> int:
+        size = self.trainer.save(self._require(model_id), self._store.local_path(ref), with_optimizer=with_optimizer)
+        self._store.publish(ref)
+        return size
+
+    async def load(self, model_id: str, ref: str, *, with_optimizer: bool) -> LoraSpec:
+        return await self._call(
+            lambda: self.trainer.load(_adapter_name(model_id), self._store.local_path(ref), with_optimizer=with_optimizer)
+        )
 
     async def unload(self, model_id: str) -> None:
-        await self._call(self.trainer.remove_adapter, _adapter_name(model_id))
+        await self._call(lambda: self.trainer.remove_adapter(_adapter_name(model_id)))
 
     async def page_out(self, model_id: str) -> None:
-        await self._call(self.trainer.page_out, _adapter_name(model_id))
+        await self._call(lambda: self.trainer.page_out(_adapter_name(model_id)))
 
     def _require(self, model_id: str) -> str:
         name = _adapter_name(model_id)
         if not self.trainer.has_adapter(name):
-            raise OperationFailed(
+            raise AdapterError(
                 f"model {model_id} has no weights in memory (it was unloaded, or the server restarted since it "
                 "was created); create a new training client from one of its checkpoints"
             )
         return name
 
     # ----- sampling --------------------------------------------------------------------------
-    async def sample_batch(self, adapter_dir: Path | None, jobs: list[SampleJob]) -> list[SampleOutput]:
-        return await self._call(self._sample_batch, adapter_dir, jobs)
+    async def sample_batch(self, adapter_ref: str | None, jobs: list[SampleJob]) -> list[SampleOutput]:
+        return await self._call(self._sample_batch, adapter_ref, jobs)
 
-    def _sample_batch(self, adapter_dir: Path | None, jobs: list[SampleJob]) -> list[SampleOutput]:
-        adapter = None if adapter_dir is None else self._sampling_adapter(adapter_dir)
+    def _sample_batch(self, adapter_ref: str | None, jobs: list[SampleJob]) -> list[SampleOutput]:
+        adapter = None if adapter_ref is None else self._sampling_adapter(adapter_ref)
         with self.trainer.using(adapter) as model:
             return sampler.sample_batch(
                 model, jobs, eos_token_ids=self.trainer.info.eos_token_ids, decode=self._decode,
@@ -192,15 +211,16 @@ class LocalEngine:
     def _decode(self, tokens: list[int]) -> str:
         return self._tokenizer.decode(tokens, skip_special_tokens=False)
 
-    def _sampling_adapter(self, adapter_dir: Path) -> str:
+    def _sampling_adapter(self, ref: str) -> str:
         """Adapter holding a checkpoint's weights for sampling; checkpoints are immutable, so one
         loaded copy serves every request until it falls out of the LRU cache."""
-        if adapter_dir in self._sampling_adapters:
-            self._sampling_adapters.move_to_end(adapter_dir)
-            return self._sampling_adapters[adapter_dir]
-        name = "smp" + hashlib.sha1(str(adapter_dir).encode()).hexdigest()[:16]
-        self.trainer.load(name, adapter_dir, with_optimizer=False, pinned=True)  # outside the tenant pool
-        self._sampling_adapters[adapter_dir] = name
+        if ref in self._sampling_adapters:
+            self._sampling_adapters.move_to_end(ref)
+            return self._sampling_adapters[ref]
+        name = "smp" + hashlib.sha1(ref.encode()).hexdigest()[:16]
+        # Outside the tenant pool: pinned.
+        self.trainer.load(name, self._store.local_path(ref), with_optimizer=False, pinned=True)
+        self._sampling_adapters[ref] = name
         if len(self._sampling_adapters) > SAMPLING_ADAPTER_CACHE:
             _, evicted = self._sampling_adapters.popitem(last=False)
             self.trainer.remove_adapter(evicted)
@@ -220,11 +240,3 @@ def _eos_ids(model: torch.nn.Module, tokenizer: object) -> tuple[int, ...]:
     if getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(tokenizer.eos_token_id)
     return tuple(sorted(ids))
-
-
-def _user_errors(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
-    """Worker-side errors about the request become user-category failures of the future."""
-    try:
-        return fn(*args, **kwargs)
-    except (AdapterError, CheckpointFormatError, CustomLossError) as exc:
-        raise OperationFailed(str(exc)) from exc

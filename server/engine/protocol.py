@@ -1,14 +1,17 @@
 """The engine interface: what the control plane asks of the compute plane.
 
-Methods are async and take and return plain data (numbers, strings, paths, numpy arrays and the
+Methods are async and take and return plain data (numbers, strings, numpy arrays and the
 dataclasses of workers.types), so an engine can run its work in a thread (LocalEngine) or in
-Ray Serve deployments without the callers noticing. Adapters are addressed by model id.
+Ray Serve deployments without the callers noticing. Adapters are addressed by model id and
+checkpoints by reference (a storage key the engine resolves through its own CheckpointStore,
+workers/storage.py), never by a path of the caller's disk. A failure crosses as data
+(workers/guard.py, `Failure(category, message)`) and reaches the caller as OperationFailed with
+that category and message.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Protocol
 
 from schemas.wire import ForwardBackwardCall
@@ -47,11 +50,12 @@ class Engine(Protocol):
 
     async def optim_step(self, model_id: str, adam: AdamConfig) -> dict[str, float]: ...
 
-    async def save(self, model_id: str, dest: Path, *, with_optimizer: bool) -> int:
-        """Write the adapter (and optionally its optimizer state) to `dest` atomically; bytes written."""
+    async def save(self, model_id: str, ref: str, *, with_optimizer: bool) -> int:
+        """Write the adapter (and optionally its optimizer state) as checkpoint `ref`, atomically;
+        bytes written."""
         ...
 
-    async def load(self, model_id: str, src: Path, *, with_optimizer: bool) -> LoraSpec:
+    async def load(self, model_id: str, ref: str, *, with_optimizer: bool) -> LoraSpec:
         """Load a checkpoint into the model's adapter, creating the adapter if needed."""
         ...
 
@@ -67,7 +71,7 @@ class Engine(Protocol):
         """The LoRA pool as of the last compute call (None before the first)."""
         ...
 
-    async def sample_batch(self, adapter_dir: Path | None, jobs: list[SampleJob]) -> list[SampleOutput]:
-        """Sample several requests in one batch from the base model with the adapter checkpoint at
-        `adapter_dir` (None: no adapter); one output per job."""
+    async def sample_batch(self, adapter_ref: str | None, jobs: list[SampleJob]) -> list[SampleOutput]:
+        """Sample several requests in one batch from the base model with adapter checkpoint
+        `adapter_ref` (None: no adapter); one output per job."""
         ...

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 from sqlalchemy.orm import Session
@@ -66,8 +65,8 @@ async def _checkpoint_for(rt: Runtime, tenant_id: str, model_path: str) -> Check
     return await rt.db.run(lambda s: resolve_checkpoint(s, tenant_id, model_path, field="model_path"))
 
 
-async def _adapter_dir(rt: Runtime, tenant_id: str, req: api.SampleRequest) -> Path | None:
-    """The checkpoint folder to sample with (None: the bare base model). A sampling session's
+async def _adapter_ref(rt: Runtime, tenant_id: str, req: api.SampleRequest) -> str | None:
+    """The checkpoint (its storage reference) to sample with (None: the bare base model). A sampling session's
     checkpoint is checked again at every request: it may have been deleted, expired or (if it is
     another tenant's) unpublished since the session was made."""
     if req.sampling_session_id is not None:
@@ -90,7 +89,7 @@ async def _adapter_dir(rt: Runtime, tenant_id: str, req: api.SampleRequest) -> P
     else:
         _served_base(rt, req.base_model)
         relative = None
-    return None if relative is None else rt.data_dir / relative
+    return relative
 
 
 def _prompt_tokens(rt: Runtime, req: api.SampleRequest) -> list[int]:
@@ -134,15 +133,15 @@ async def sample(rt: Runtime, tenant_id: str, req: api.SampleRequest, fingerprin
         raise InvalidRequest(f"num_samples is limited to {MAX_NUM_SAMPLES}", field="num_samples")
     prompt = _prompt_tokens(rt, req)
     job, target = _job(rt, req, prompt)
-    adapter_dir = await _adapter_dir(rt, tenant_id, req)
+    adapter_ref = await _adapter_ref(rt, tenant_id, req)
     await rt.refresh_limits(tenant_id)
     tokens = (len(prompt) + job.params.max_tokens) * req.num_samples
     rt.quotas.check_tokens(tenant_id, tokens, "sampling_params.max_tokens")
-    queue = sample_queue(tenant_id, adapter_dir)
+    queue = sample_queue(tenant_id, adapter_ref)
     admit(rt, tenant_id)
 
     async def run_many(payloads: list[tuple[SampleJob, TargetIds | None]]) -> list[OpResult]:
-        outputs = await rt.engine.sample_batch(adapter_dir, [job for job, _ in payloads])
+        outputs = await rt.engine.sample_batch(adapter_ref, [job for job, _ in payloads])
         return [_encode(out, tgt) for out, (_, tgt) in zip(outputs, payloads)]
 
     async def run() -> OpResult:
@@ -155,7 +154,7 @@ async def sample(rt: Runtime, tenant_id: str, req: api.SampleRequest, fingerprin
         publish(request_id, state, result)
 
     # Requests on the same checkpoint share one batched prefill and decode (one adapter per pass).
-    batch = Batch(key=sample_batch_key(adapter_dir), size=req.num_samples, budget=rt.settings.sample_batch_rows,
+    batch = Batch(key=sample_batch_key(adapter_ref), size=req.num_samples, budget=rt.settings.sample_batch_rows,
                   payload=(job, target), run=run_many)
     try:
         sub = await rt.enqueue(

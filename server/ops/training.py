@@ -266,7 +266,7 @@ async def save_checkpoint(
         path = ids.TinkerPath(model.id, kind, name)
         raise OperationFailed(f"checkpoint {path} already exists; choose another name (or save_state with overwrite=True)")
     checkpoint_id, relative, folder = new_checkpoint_dir(rt, tenant_id)
-    size = await rt.engine.save(model.id, folder, with_optimizer=with_optimizer)
+    size = await rt.engine.save(model.id, relative, with_optimizer=with_optimizer)
     if encrypt_to:
         size = await asyncio.to_thread(encrypt_folder, folder, encrypt_to)
 
@@ -391,10 +391,10 @@ async def load_weights(rt: Runtime, tenant_id: str, req: api.LoadWeightsRequest,
         return await _create_from_checkpoint(rt, tenant_id, req, checkpoint, fingerprint)
     model = await owned_model(rt, tenant_id, req.model_id)
     with refusing(rt, model, req.seq_id):
-        folder = rt.data_dir / (await _loadable_checkpoint(rt, tenant_id, req)).storage_dir
+        ref = (await _loadable_checkpoint(rt, tenant_id, req)).storage_dir
 
     async def run() -> OpResult:
-        await rt.engine.load(model.id, folder, with_optimizer=req.optimizer)
+        await rt.engine.load(model.id, ref, with_optimizer=req.optimizer)
         return json_result(api.LoadWeightsResponse(path=req.path, model_id=model.id))
 
     return await _model_op(rt, tenant_id, model, kind=OpKind.LOAD_WEIGHTS, seq_id=req.seq_id, fingerprint=fingerprint, run=run)
@@ -426,7 +426,7 @@ async def _create_from_checkpoint(
         if await rt.db.run(lambda s: s.get(Model, model_id)) is not None:
             raise OperationFailed(f"model {model_id} already exists (model_seq_id {seq} was used before)")
         async with _model_slot(rt, tenant_id, model_id):
-            spec = await rt.engine.load(model_id, rt.data_dir / checkpoint.storage_dir, with_optimizer=req.optimizer)
+            spec = await rt.engine.load(model_id, checkpoint.storage_dir, with_optimizer=req.optimizer)
             await rt.db.run(lambda s: _insert_model(s, tenant_id, session_id, seq, rt.base.name, spec, req.user_metadata))
         log.info("model_created_from_checkpoint", extra={"model_id": model_id, "tenant_id": tenant_id})
         return json_result(api.LoadWeightsResponse(path=req.path, model_id=model_id))

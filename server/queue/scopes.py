@@ -8,7 +8,6 @@ that it cannot miss a scope that submitting uses."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 DIRECT_SAMPLER = "direct"  # samples sent without a sampling session
 BASE_ADAPTER = "base"  # samples of the bare base model (no checkpoint)
@@ -35,15 +34,15 @@ def sampler_scope(sampler_id: str | None) -> str:
     return f"sampler:{sampler_id or DIRECT_SAMPLER}"
 
 
-def sample_queue(tenant_id: str, adapter_dir: Path | None) -> str:
+def sample_queue(tenant_id: str, adapter_ref: str | None) -> str:
     """Where a sample waits: one queue per tenant and checkpoint, so that tenants take turns."""
-    return f"sample:{tenant_id}:{adapter_dir or BASE_ADAPTER}"
+    return f"sample:{tenant_id}:{adapter_ref or BASE_ADAPTER}"
 
 
-def sample_batch_key(adapter_dir: Path | None) -> str:
+def sample_batch_key(adapter_ref: str | None) -> str:
     """What samples may share a pass: the checkpoint alone, so several tenants' requests on one
     checkpoint are batched together."""
-    return f"sample:{adapter_dir or BASE_ADAPTER}"
+    return f"sample:{adapter_ref or BASE_ADAPTER}"
 
 
 def session_scopes(session_id: str, model_ids: Iterable[str], sampler_ids: Iterable[str]) -> list[str]:

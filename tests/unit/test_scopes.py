@@ -3,8 +3,6 @@ strand stored futures), and a session's scopes cover every scope its work is sub
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from server.queue import scopes
 
 
@@ -22,7 +20,7 @@ def test_samples_without_a_session_or_checkpoint_have_fixed_names() -> None:
 
 
 def test_sample_queue_is_per_tenant_and_the_batch_key_is_not() -> None:
-    ckpt = Path("/data/checkpoints/ten-a/ckpt-1")
+    ckpt = "checkpoints/ten-a/ckpt-1"
     assert scopes.sample_queue("ten-a", ckpt) == f"sample:ten-a:{ckpt}"
     assert scopes.sample_queue("ten-a", ckpt) != scopes.sample_queue("ten-b", ckpt)
     assert scopes.sample_batch_key(ckpt) == f"sample:{ckpt}"

@@ -1,0 +1,39 @@
+"""Errors cross the engine boundary as data: `Failure(category, message)`.
+
+A worker-side error about the request (a bad checkpoint, an adapter that cannot take it, a
+custom loss that fails) is the caller's to fix: category `user`, with the error's own message.
+Anything else is logged here, where its traceback is, and crosses as a `server` failure. A
+remote engine returns the same value across a process boundary, where exception types would
+not survive."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+from workers.adapter_files import CheckpointFormatError
+from workers.custom_loss import CustomLossError
+from workers.peft_host import AdapterError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+USER_ERRORS = (AdapterError, CheckpointFormatError, CustomLossError)
+
+
+@dataclass(frozen=True)
+class Failure:
+    category: Literal["user", "server"]
+    message: str
+
+
+def guarded(fn: Callable[..., T], *args: object, **kwargs: object) -> T | Failure:
+    """`fn(*args, **kwargs)`, or the Failure it ended in."""
+    try:
+        return fn(*args, **kwargs)
+    except USER_ERRORS as exc:
+        return Failure("user", str(exc))
+    except Exception as exc:
+        log.exception("engine_call_crashed", extra={"call": getattr(fn, "__qualname__", repr(fn))})
+        return Failure("server", f"internal error in the engine ({type(exc).__name__}); the server log has details")
