@@ -29,6 +29,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", type=Path, help="where the database, models and checkpoints live (env TWINKLE_DATA_DIR)")
     p.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite in the data dir; env TWINKLE_DATABASE_URL)")
     p.add_argument("--torch-threads", type=int, help="torch threads of the compute thread (env TWINKLE_TORCH_THREADS)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one; env TWINKLE_DEVICE)")
+    p.add_argument("--dtype", help="float32 or bfloat16 (default: float32 on a CPU, bfloat16 on a GPU; env TWINKLE_DTYPE)")
+    p.add_argument("--pass-memory-mb", type=int,
+                   help="activation memory of one forward/backward pass; larger requests run in several "
+                        "(default 1024 on a CPU, a quarter of a GPU; env TWINKLE_PASS_MEMORY_MB)")
+    p.add_argument("--max-tokens-per-pass", type=int,
+                   help="padded tokens in one pass (default: as many as --pass-memory-mb holds; "
+                        "env TWINKLE_MAX_TOKENS_PER_PASS)")
     p.add_argument("--log-level", help="debug, info, warning (env TWINKLE_LOG_LEVEL)")
     p.add_argument(
         "--auth", choices=("keys", "open"),

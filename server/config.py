@@ -43,9 +43,11 @@ class Settings(BaseModel):
     # on a GPU, float32 on a CPU). LoRA weights, optimizer state, logprobs and losses are float32.
     device: str | None = Field(None, pattern=r"^(cpu|cuda|cuda:\d+)$")
     dtype: Literal["float32", "bfloat16"] | None = None
-    # Padded tokens in one forward/backward pass: a larger request runs as several passes, with
-    # gradients accumulated (None: 8192 on a CPU, 32768 on a GPU). Peak memory follows this.
-    max_tokens_per_pass: int | None = Field(None, ge=1)
+    # The activations one forward/backward pass may keep (None: 1024 MB on a CPU, a quarter of a
+    # GPU's memory): a larger request runs as several passes with gradients accumulated, and a
+    # pass over it runs its layers under activation checkpointing. Peak memory follows this.
+    pass_memory_mb: int | None = Field(None, ge=16)
+    max_tokens_per_pass: int | None = Field(None, ge=1)  # None: as many as pass_memory_mb holds
     custom_loss_seconds: float = Field(60.0, gt=0)  # wall-clock limit of a custom loss in one call
     long_poll_seconds: float = Field(25.0, gt=0, lt=45)  # the SDK gives up on a poll after 45 s
     lora_alpha: float = Field(32.0, gt=0)

@@ -32,7 +32,7 @@ from workers import adapter_files as files
 from workers.custom_loss import CustomLoss, EvalBudget
 from workers.lora_pool import ADAM_SLOTS, Adapter, AdapterPool, optimizer_tensors, restore_optimizer
 from workers.losses import LossFn
-from workers.passes import Batch, plan_passes, target_logprobs
+from workers.passes import Batch, activation_cost, checkpointed, plan_passes, target_logprobs, tokens_per_pass
 from workers.peft_host import AdapterError, PeftHost
 from workers.types import AdamConfig, BaseModelInfo, ForwardBackwardResult, LoraSpec, PoolStatus
 
@@ -40,7 +40,7 @@ __all__ = ["AdapterError", "LoraTrainer", "load_base_model", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TOKENS_PER_PASS = 8192
+DEFAULT_PASS_MEMORY = 1 << 30  # activations of one pass on a CPU
 DEFAULT_LOGIT_ELEMENTS = 1 << 25  # 128 MiB of float32 logits at a time
 
 
@@ -78,18 +78,27 @@ class LoraTrainer:
         host_budget_bytes: int | None = None,
         spill_dir: Path | None = None,
         max_shells: int = 64,
-        max_tokens_per_pass: int = DEFAULT_TOKENS_PER_PASS,
+        pass_memory_bytes: int = DEFAULT_PASS_MEMORY,
+        max_tokens_per_pass: int | None = None,
         logit_elements: int = DEFAULT_LOGIT_ELEMENTS,
         custom_loss_seconds: float = 60.0,
     ) -> None:
-        """Pool options: see AdapterPool. `max_tokens_per_pass`: padded tokens in one forward pass
-        (a longer datum is a pass of its own). `logit_elements`: logits alive at once while
-        computing logprobs. `custom_loss_seconds`: wall-clock limit of a custom loss in one call."""
-        if max_tokens_per_pass < 1 or logit_elements < 1:
+        """Pool options: see AdapterPool. `pass_memory_bytes`: the activations one pass may keep;
+        a pass that would keep more runs its decoder layers under activation checkpointing.
+        `max_tokens_per_pass`: padded tokens in one pass (a longer datum is a pass of its own;
+        None: as many as `pass_memory_bytes` holds, checkpointed). `logit_elements`: logits alive
+        at once while computing logprobs. `custom_loss_seconds`: wall-clock limit of a custom
+        loss in one call."""
+        if (max_tokens_per_pass is not None and max_tokens_per_pass < 1) or logit_elements < 1:
             raise ValueError("max_tokens_per_pass and logit_elements must be at least 1")
         self.info = info
         self.pad_token_id = pad_token_id
-        self.max_tokens_per_pass = max_tokens_per_pass
+        self.pass_memory_bytes = pass_memory_bytes
+        self._cost = activation_cost(base.config)
+        self._layers = _decoder_layers(base)  # None: this architecture cannot be checkpointed here
+        self.max_tokens_per_pass = max_tokens_per_pass or tokens_per_pass(
+            self._cost, pass_memory_bytes, checkpointing=self._layers is not None
+        )
         self.logit_elements = logit_elements
         self.custom_loss_seconds = custom_loss_seconds
         self.host = PeftHost(base)
@@ -181,7 +190,9 @@ class LoraTrainer:
         copy of the logprobs, so their graphs are freed before the model's backward runs."""
         float_inputs = _float_inputs(loss) if isinstance(loss, LossFn) else {}
         batch = Batch.build(data, float_inputs, self.pad_token_id, self.device)
-        with torch.set_grad_enabled(not forward_only):
+        padded = len(data) * max(batch.lengths)
+        layers = self._layers if not forward_only and padded * self._cost.full > self.pass_memory_bytes else None
+        with torch.set_grad_enabled(not forward_only), checkpointed(layers or ()):
             lp = self._target_logprobs(model, batch)
             leaf = lp.detach().requires_grad_(not forward_only)
             if isinstance(loss, CustomLoss):
@@ -326,6 +337,14 @@ def _check_tensors(
     ):
         raise files.CheckpointFormatError("optimizer state does not match the adapter's layers")
 
+
+
+def _decoder_layers(model: PreTrainedModel) -> list[torch.nn.Module] | None:
+    try:
+        layers = model.get_decoder().layers
+    except (AttributeError, ValueError):
+        return None
+    return list(layers) if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

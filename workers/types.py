@@ -166,7 +166,8 @@ class ComputeOptions:
     torch_threads: int = 2
     device: str | None = None  # "cpu", "cuda", "cuda:N"; None: cuda if available, else cpu
     dtype: str | None = None  # "float32" or "bfloat16"; None: bfloat16 on a GPU, float32 on a CPU
-    max_tokens_per_pass: int | None = None  # None: 8192 on a CPU, 32768 on a GPU
+    pass_memory_bytes: int | None = None  # activations of one pass; None: 1 GiB on a CPU, 1/4 of a GPU
+    max_tokens_per_pass: int | None = None  # None: as many as pass_memory_bytes holds
     custom_loss_seconds: float = 60.0
     max_resident_adapters: int | None = None
     host_budget_bytes: int | None = None

@@ -51,10 +51,10 @@ SAMPLING_ADAPTER_CACHE = 8
 
 
 class LocalEngine:
-    # One call per lane. The one compute thread still runs them one after the other, but a sample
-    # is handed to it without waiting for its turn behind the training calls queued in the
-    # scheduler: it waits only for the step under way.
+    # One compute thread: one call at a time in all. The lanes still take turns for it, so a
+    # sample waits for the step under way and not for every training tenant's turn.
     lanes: Mapping[Lane, int] = {Lane.TRAINING: 1, Lane.SAMPLING: 1}
+    max_calls: int | None = 1
 
     def __init__(
         self, model_dir: Callable[[], Path], base_model_name: str, options: ComputeOptions, store: CheckpointStore
@@ -113,14 +113,14 @@ class LocalEngine:
             eos_token_ids=_eos_ids(base, self._tokenizer),
         )
         pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
-        tokens_per_pass = opts.max_tokens_per_pass or (8192 if device.type == "cpu" else 32768)
         self._trainer = LoraTrainer(
             base, info, pad_token_id=pad, max_resident=opts.max_resident_adapters,
-            host_budget_bytes=opts.host_budget_bytes, spill_dir=opts.spill_dir, max_tokens_per_pass=tokens_per_pass,
-            custom_loss_seconds=opts.custom_loss_seconds,
+            host_budget_bytes=opts.host_budget_bytes, spill_dir=opts.spill_dir,
+            pass_memory_bytes=opts.pass_memory_bytes or _pass_memory(device),
+            max_tokens_per_pass=opts.max_tokens_per_pass, custom_loss_seconds=opts.custom_loss_seconds,
         )
         log.info("base_model_loaded", extra={"model": self._name, "device": str(device), "dtype": str(dtype),
-                                             "tokens_per_pass": tokens_per_pass,
+                                             "tokens_per_pass": self._trainer.max_tokens_per_pass,
                                              "seconds": round(time.perf_counter() - started, 2)})
         return info
 
@@ -225,6 +225,13 @@ class LocalEngine:
             _, evicted = self._sampling_adapters.popitem(last=False)
             self.trainer.remove_adapter(evicted)
         return name
+
+
+def _pass_memory(device: torch.device) -> int:
+    """The default activation budget of one pass: 1 GiB on a CPU, a quarter of a GPU's memory."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 4
+    return 1 << 30
 
 
 def _adapter_name(model_id: str) -> str:

@@ -32,6 +32,10 @@ class Engine(Protocol):
     # How many calls the engine can run at once in each lane (every lane at least one); the
     # scheduler starts up to that many. A lane's calls may still queue inside the engine.
     lanes: Mapping[Lane, int]
+    # How many calls it can run at once in all lanes together (None: the lanes' sum). An engine
+    # whose lanes share one device thread says 1: then a sample never waits inside the engine,
+    # where it could be neither batched with later samples nor cancelled.
+    max_calls: int | None
 
     async def start(self) -> BaseModelInfo: ...
 

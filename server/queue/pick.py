@@ -148,6 +148,7 @@ class Wait:
 @dataclass
 class Board:
     lanes: Mapping[Lane, int]  # how many calls may run at once in each lane
+    max_calls: int | None = None  # how many may run at once in all lanes together (None: no more limit)
     queues: dict[str, Queue] = field(default_factory=dict)
     turns: dict[Lane, deque[str]] = field(default_factory=dict)  # tenants with queued ops, per lane
     keys: dict[tuple[Lane, str], deque[str]] = field(default_factory=dict)  # a tenant's keys with ops
@@ -160,6 +161,8 @@ class Board:
         self.lane_turns = deque(self.lanes)
 
     def has_room(self, lane: Lane) -> bool:
+        if self.max_calls is not None and sum(self.running.values()) >= self.max_calls:
+            return False
         return self.running[lane] < self.lanes.get(lane, 0)
 
     # ----- queues ------------------------------------------------------------------------------

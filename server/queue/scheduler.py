@@ -81,6 +81,7 @@ class Scheduler:
         hub: FutureHub,
         *,
         lanes: Mapping[Lane, int] = ONE_PER_LANE,
+        max_calls: int | None = None,
         gap_grace: float = 3.0,
         throttle: Throttle | None = None,
     ) -> None:
@@ -89,7 +90,7 @@ class Scheduler:
         self._hub = hub
         self._gap_grace = gap_grace
         self._throttle = throttle or NoThrottle()
-        self._board = Board(lanes=dict(lanes))
+        self._board = Board(lanes=dict(lanes), max_calls=max_calls)
         self._running: dict[str, Lane] = {}  # request id -> lane, of the calls under way
         self._calls: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()

@@ -10,6 +10,7 @@ class IdleEngine:
     """Enough engine for auth: nothing here computes."""
 
     lanes = {Lane.TRAINING: 1, Lane.SAMPLING: 1}
+    max_calls = 1
 
     async def start(self) -> BaseModelInfo:
         return BaseModelInfo(name="tiny-qwen3", architecture="qwen3", vocab_size=1000, max_context_length=256)

@@ -182,3 +182,15 @@ def test_settings_from_env_without_resolved_settings_uses_env_and_defaults() -> 
 def test_settings_from_env_bad_env_is_config_error() -> None:
     with pytest.raises(ConfigError, match="TWINKLE_PORT"):
         settings_from_env({"TWINKLE_PORT": "x"})
+
+
+def test_device_dtype_and_pass_budget_follow_the_env_and_config_rule(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("device: cuda:1\ndtype: bfloat16\nmax_tokens_per_pass: 4096\n")
+    s = load_settings(cli={"dtype": "float32"}, env={"TWINKLE_MAX_TOKENS_PER_PASS": "2048"}, config_file=config)
+    assert (s.device, s.dtype, s.max_tokens_per_pass) == ("cuda:1", "float32", 2048)
+    assert (load_settings(env={}).device, load_settings(env={}).dtype) == (None, None)  # chosen for the machine
+    for env, name in (({"TWINKLE_DEVICE": "tpu"}, "device"), ({"TWINKLE_DTYPE": "float16"}, "dtype"),
+                      ({"TWINKLE_MAX_TOKENS_PER_PASS": "0"}, "max_tokens_per_pass")):
+        with pytest.raises(ConfigError, match=name):
+            load_settings(env=env)

@@ -1,8 +1,8 @@
 """Requests in passes under a token budget (workers/passes.py, LoraTrainer.forward_backward_groups).
 
 The property: whatever the mix of lengths, the loss and the pass budget, a request computed in
-passes gives the loss, the metrics, the logprobs and (after an optim_step) the weights that the
-same request computes in one pass, to 1e-5 in float32."""
+passes (with its layers checkpointed) gives the loss, the metrics, the logprobs and (after an
+optim_step) the weights that the same request computes in one pass, to 1e-5 in float32."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from schemas.wire import DatumIn
 from tests.support.lora import perturb_b
 from workers.custom_loss import compile_graph
 from workers.losses import LOSSES
-from workers.passes import plan_passes, target_logprobs
+from workers.passes import ActivationCost, activation_cost, plan_passes, target_logprobs, tokens_per_pass
 from workers.trainer import LoraTrainer, load_base_model
 from workers.types import AdamConfig, BaseModelInfo, LoraSpec
 
@@ -43,6 +43,19 @@ def test_one_pass_when_everything_fits_and_longest_first() -> None:
     assert plan_passes([3, 5, 4], 100) == [[1, 2, 0]]
     assert plan_passes([3, 5, 4], 8) == [[1], [2, 0]]
     assert plan_passes([10], 4) == [[0]]
+
+
+def test_the_pass_budget_follows_the_model_and_the_memory() -> None:
+    from transformers import Qwen3Config
+
+    tiny = activation_cost(Qwen3Config(hidden_size=256, intermediate_size=768, num_hidden_layers=4))
+    assert tiny.full == 4 * 4 * (28 * 256 + 8 * 768) and tiny.checkpointed < 0.6 * tiny.full
+    assert tokens_per_pass(tiny, 1 << 30, checkpointing=False) == (1 << 30) // tiny.full
+    assert tokens_per_pass(tiny, 1 << 30, checkpointing=True) > 1.5 * tokens_per_pass(tiny, 1 << 30, checkpointing=False)
+    assert tokens_per_pass(ActivationCost(10**9, 10**9), 1, checkpointing=True) == 256  # never below
+    assert tokens_per_pass(ActivationCost(1, 1), 1 << 40, checkpointing=True) == 1 << 16  # nor above
+    deep = activation_cost(Qwen3Config(hidden_size=576, intermediate_size=1536, num_hidden_layers=30))
+    assert deep.checkpointed < deep.full / 10  # checkpointing pays most on deep models
 
 
 # ----- chunked logprobs -------------------------------------------------------------------------
@@ -124,11 +137,12 @@ def test_passes_compute_what_one_pass_computes(trainer: LoraTrainer, loss_name: 
     budget = int(rng.integers(min(lengths), sum(lengths) + 1))
     spec = LoraSpec(rank=4, seed=seed)
     results, weights = {}, {}
-    for name, tokens_per_pass in (("whole", 10**9), ("split", budget)):
+    # "split" also runs its layers under activation checkpointing (a pass memory of 1 byte)
+    for name, tokens_per_pass, memory in (("whole", 10**9, 10**12), ("split", budget, 1)):
         trainer.create_adapter(name, spec)
         try:
             perturb_b(trainer, name, seed)
-            trainer.max_tokens_per_pass = tokens_per_pass
+            trainer.max_tokens_per_pass, trainer.pass_memory_bytes = tokens_per_pass, memory
             forward = trainer.forward_backward_groups(name, groups, loss, {}, forward_only=True)
             results[name] = (forward, trainer.forward_backward_groups(name, groups, loss, {}))
             trainer.optim_step(name, AdamConfig(learning_rate=1e-2))

@@ -385,3 +385,21 @@ def test_with_the_big_op_in_a_full_lane_the_tenant_samples_meanwhile() -> None:
     board.add("sample:T:ck", sample("s0", cost=20), tenant="T", ordered=False)
     call = step(board, throttle=quotas)
     assert isinstance(call, Call) and names(call) == ["s0"]
+
+
+def test_one_call_in_all_when_the_lanes_share_one_thread_and_the_lanes_alternate() -> None:
+    """An engine whose lanes share one compute thread (max_calls=1): a sample is not started while
+    a training call runs (it would only wait inside the engine, unbatched and uncancellable), but
+    it goes first once that call ends, before the next training op."""
+    board = Board(lanes=TWO_LANES, max_calls=1)
+    model_ops(board, "model:a", [1, 2], tenant="a")
+    first = step(board)
+    assert isinstance(first, Call) and start(board, first) == ["model:a#1"]
+    for name in ("s1", "s2"):
+        board.add("sample:b", sample(name, batch="ckpt", size=1, budget=4), tenant="b", ordered=False)
+    assert step(board) == Wait(None)  # the one thread is busy: nothing else starts
+    board.release(first)
+    second = step(board)
+    assert isinstance(second, Call) and second.lane == Lane.SAMPLING and start(board, second) == ["s1", "s2"]
+    board.release(second)
+    assert drain(board) == [["model:a#2"]]

@@ -43,6 +43,7 @@ class ReportOnlyEngine:
     """Enough engine for the REST endpoints: they never compute."""
 
     lanes = {Lane.TRAINING: 1, Lane.SAMPLING: 1}
+    max_calls = 1
 
     async def start(self) -> BaseModelInfo:
         return BaseModelInfo(name="tiny-qwen3", architecture="qwen3", vocab_size=1000, max_context_length=256)
