@@ -138,11 +138,11 @@ def test_passes_compute_what_one_pass_computes(trainer: LoraTrainer, loss_name: 
     spec = LoraSpec(rank=4, seed=seed)
     results, weights = {}, {}
     # "split" also runs its layers under activation checkpointing (a pass memory of 1 byte)
-    for name, tokens_per_pass, memory in (("whole", 10**9, 10**12), ("split", budget, 1)):
+    for name, pass_tokens, memory in (("whole", 10**9, 10**12), ("split", budget, 1)):
         trainer.create_adapter(name, spec)
         try:
             perturb_b(trainer, name, seed)
-            trainer.max_tokens_per_pass, trainer.pass_memory_bytes = tokens_per_pass, memory
+            trainer.max_tokens_per_pass, trainer.pass_memory_bytes = pass_tokens, memory
             forward = trainer.forward_backward_groups(name, groups, loss, {}, forward_only=True)
             results[name] = (forward, trainer.forward_backward_groups(name, groups, loss, {}))
             trainer.optim_step(name, AdamConfig(learning_rate=1e-2))
