@@ -7,9 +7,11 @@ pure function server/queue/pick.py `pick`; this module is the async runner aroun
 queues (submit, skip, cancel), starts the calls pick chooses, stores their outcomes and says why an
 operation waits (state_of).
 
-Lanes. The engine says how many calls it can run at once in each lane (`Engine.lanes`); the
-runner starts calls until every lane is full or nothing is ready, so a sample need not wait for a
-long training step. A queue with a call under way is not eligible until that call ends: one
+Lanes. The engine says how many calls it can run at once in each lane (`Engine.lanes`) and in
+all lanes together (`Engine.max_calls`); the runner starts calls until the lanes are full or
+nothing is ready, so on an engine that can run both a sample need not wait for a long training
+step. On one that cannot (the local engine: one compute thread, max_calls 1) the lanes take turns
+for the engine, so a sample waits for the call under way but not for every training tenant's turn. A queue with a call under way is not eligible until that call ends: one
 model's operations never overlap and never run out of order, whatever the lanes allow.
 
 Order. In an *ordered* queue (a model's) operations run in seq_id order, never reordered, and the
