@@ -1,11 +1,15 @@
 """What the server adds to a training step.
 
-Times one forward_backward + optim_step (tiny-qwen3, LoRA rank 8, batch 8 x 128 tokens) two ways:
-through the unmodified tinker SDK over HTTP against a `twinkle serve` process, and the same work
-done in-process with the same trainer code. The two run in alternating blocks, never at the same
-time, each with 2 torch threads. Prints a table and the ratio of the medians (target: <= 1.25).
+Times one forward_backward + optim_step (default: tiny-qwen3, LoRA rank 8, batch 8 x 128 tokens)
+two ways: through the unmodified tinker SDK over HTTP against a `twinkle serve` process, and the
+same work done in-process with the same trainer code. The two run in alternating blocks, never at
+the same time, each with 2 torch threads. Prints a table and the ratio of the medians (target:
+<= 1.25).
 
     .venv/bin/python bench/step_overhead.py [--steps 30] [--block 5]
+    # the GPU check: SmolLM2-135M at 8 x 1024 tokens in bfloat16 on CUDA
+    .venv/bin/python bench/step_overhead.py --base-model HuggingFaceTB/SmolLM2-135M-Instruct \
+        --batch 8 --seq 1024 --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from workers.losses import get_loss  # noqa: E402
 from workers.trainer import LoraTrainer, load_base_model  # noqa: E402
 from workers.types import AdamConfig, BaseModelInfo, LoraSpec  # noqa: E402
 
-BATCH, SEQ, RANK, LR = 8, 128, 8, 1e-4
+RANK, LR = 8, 1e-4
+BATCH, SEQ = 8, 128  # set from the command line
 
 
 def batch() -> tuple[np.ndarray, np.ndarray]:
@@ -41,13 +46,13 @@ def batch() -> tuple[np.ndarray, np.ndarray]:
 
 
 class SdkStep:
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, base_model: str) -> None:
         import tinker
         from tinker import types
 
         self.types = types
         self.service = tinker.ServiceClient(base_url=base_url, api_key="tml-bench")
-        self.client = self.service.create_lora_training_client(TINY_QWEN3, rank=RANK, seed=0).result()
+        self.client = self.service.create_lora_training_client(base_model, rank=RANK, seed=0).result()
         tokens, weights = batch()
         self.data = [
             types.Datum(model_input=types.ModelInput.from_ints(t[:-1].tolist()),
@@ -67,9 +72,9 @@ class SdkStep:
 
 
 class InProcessStep:
-    def __init__(self, model_dir: Path) -> None:
-        base = load_base_model(model_dir)
-        info = BaseModelInfo(TINY_QWEN3, type(base).__name__, base.config.vocab_size, 4096)
+    def __init__(self, model_dir: Path, name: str, device: str | None, dtype: str | None) -> None:
+        base = load_base_model(model_dir, device=device or "cpu", dtype=getattr(torch, dtype or "float32"))
+        info = BaseModelInfo(name, type(base).__name__, base.config.vocab_size, 4096)
         self.trainer = LoraTrainer(base, info)
         self.trainer.create_adapter("bench", LoraSpec(rank=RANK, seed=0))
         tokens, weights = batch()
@@ -112,24 +117,35 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="measured steps per way")
     parser.add_argument("--block", type=int, default=5, help="steps per alternating block")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--base-model", default=TINY_QWEN3)
+    parser.add_argument("--batch", type=int, default=BATCH, help="datums per step")
+    parser.add_argument("--seq", type=int, default=SEQ, help="tokens per datum")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N (default: the server's default; cpu in-process)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"))
     args = parser.parse_args()
+    global BATCH, SEQ
+    BATCH, SEQ = args.batch, args.seq
     torch.set_num_threads(1)
+    server_args = ["--torch-threads", "2", "--log-level", os.environ.get("BENCH_SERVER_LOG_LEVEL", "warning")]
+    server_args += [arg for flag, value in (("--device", args.device), ("--dtype", args.dtype)) if value
+                    for arg in (flag, value)]
     with tempfile.TemporaryDirectory(prefix="twinkle-bench-") as tmp:
         data_dir = Path(tmp)
-        model_dir = resolve_base_model(TINY_QWEN3, data_dir, allow_download=False)
-        with running_server(data_dir, extra_args=["--torch-threads", "2", "--log-level", os.environ.get("BENCH_SERVER_LOG_LEVEL", "warning")]) as server:
-            sdk, local = SdkStep(server.base_url), InProcessStep(model_dir)
+        model_dir = resolve_base_model(args.base_model, data_dir, allow_download=False)
+        with running_server(data_dir, base_model=args.base_model, extra_args=server_args) as server:
+            sdk = SdkStep(server.base_url, args.base_model)
+            local = InProcessStep(model_dir, args.base_model, args.device, args.dtype)
             timed(sdk, args.warmup), timed(local, args.warmup)
             results: dict[str, list[float]] = {"SDK over HTTP": [], "in-process": []}
             while len(results["in-process"]) < args.steps:
                 results["SDK over HTTP"] += timed(sdk, args.block)
                 results["in-process"] += timed(local, args.block)
             sdk.close()
-    report(results)
+    report(results, args.base_model)
 
 
-def report(results: dict[str, list[float]]) -> None:
-    table = Table(title=f"forward_backward + optim_step, tiny-qwen3, batch {BATCH}x{SEQ}, LoRA rank {RANK}")
+def report(results: dict[str, list[float]], model: str) -> None:
+    table = Table(title=f"forward_backward + optim_step, {model}, batch {BATCH}x{SEQ}, LoRA rank {RANK}")
     for column in ("way", "steps", "median ms", "p90 ms", "min ms"):
         table.add_column(column, justify="right")
     for way, times in results.items():

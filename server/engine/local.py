@@ -136,9 +136,6 @@ class LocalEngine:
     async def create_adapter(self, model_id: str, spec: LoraSpec) -> None:
         await self._call(lambda: self.trainer.create_adapter(_adapter_name(model_id), spec))
 
-    async def has_adapter(self, model_id: str) -> bool:
-        return await self._call(lambda: self.trainer.has_adapter(_adapter_name(model_id)))
-
     async def forward_backward(
         self, model_id: str, calls: list[ForwardBackwardCall], custom: CustomLossSpec | None = None
     ) -> list[ForwardBackwardResult]:

@@ -43,8 +43,6 @@ class Engine(Protocol):
 
     async def create_adapter(self, model_id: str, spec: LoraSpec) -> None: ...
 
-    async def has_adapter(self, model_id: str) -> bool: ...
-
     async def forward_backward(
         self, model_id: str, calls: list[ForwardBackwardCall], custom: CustomLossSpec | None = None
     ) -> list[ForwardBackwardResult]:
