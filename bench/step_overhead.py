@@ -113,6 +113,7 @@ def timed(step, n: int) -> list[float]:
 
 
 def main() -> None:
+    global BATCH, SEQ
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30, help="measured steps per way")
     parser.add_argument("--block", type=int, default=5, help="steps per alternating block")
@@ -123,7 +124,6 @@ def main() -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:N (default: the server's default; cpu in-process)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"))
     args = parser.parse_args()
-    global BATCH, SEQ
     BATCH, SEQ = args.batch, args.seq
     torch.set_num_threads(1)
     server_args = ["--torch-threads", "2", "--log-level", os.environ.get("BENCH_SERVER_LOG_LEVEL", "warning")]
