@@ -12,6 +12,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -27,6 +28,7 @@ from schemas.wire import ForwardBackwardCall
 from server.errors import OperationFailed
 from server.kinds import Lane
 from workers import sampler
+from workers.adapter_files import encrypt_folder
 from workers.custom_loss import CustomLoss, compile_graph
 from workers.guard import Failure, guarded
 from workers.losses import LossFn, get_loss
@@ -165,11 +167,18 @@ class LocalEngine:
     async def optim_step(self, model_id: str, adam: AdamConfig) -> dict[str, float]:
         return await self._call(lambda: self.trainer.optim_step(self._require(model_id), adam))
 
-    async def save(self, model_id: str, ref: str, *, with_optimizer: bool) -> int:
-        return await self._call(self._save, model_id, ref, with_optimizer)
+    async def save(self, model_id: str, ref: str, *, with_optimizer: bool, encrypt_to: list[str] | None = None) -> int:
+        return await self._call(self._save, model_id, ref, with_optimizer, encrypt_to)
 
-    def _save(self, model_id: str, ref: str, with_optimizer: bool) -> int:
-        size = self.trainer.save(self._require(model_id), self._store.local_path(ref), with_optimizer=with_optimizer)
+    def _save(self, model_id: str, ref: str, with_optimizer: bool, encrypt_to: list[str] | None) -> int:
+        folder = self._store.local_path(ref)
+        size = self.trainer.save(self._require(model_id), folder, with_optimizer=with_optimizer)
+        if encrypt_to:
+            try:
+                size = encrypt_folder(folder, encrypt_to)
+            except BaseException:  # no plaintext of a checkpoint meant to be encrypted may stay behind
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
         self._store.publish(ref)
         return size
 

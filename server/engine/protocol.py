@@ -52,9 +52,9 @@ class Engine(Protocol):
 
     async def optim_step(self, model_id: str, adam: AdamConfig) -> dict[str, float]: ...
 
-    async def save(self, model_id: str, ref: str, *, with_optimizer: bool) -> int:
+    async def save(self, model_id: str, ref: str, *, with_optimizer: bool, encrypt_to: list[str] | None = None) -> int:
         """Write the adapter (and optionally its optimizer state) as checkpoint `ref`, atomically;
-        bytes written."""
+        bytes written. `encrypt_to`: age recipients every file is encrypted to before it is published."""
         ...
 
     async def load(self, model_id: str, ref: str, *, with_optimizer: bool) -> LoraSpec:

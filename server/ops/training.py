@@ -3,7 +3,6 @@ work on its model; the work itself runs later on the engine, in the model's seq_
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import shutil
@@ -29,7 +28,7 @@ from server.runtime import Runtime
 from server.store.queries import checkpoint_by_name, owned
 from server.store.tables import Checkpoint, Model, SamplingSession, utcnow
 from server.store.tables import Session as SessionRow
-from workers.adapter_files import RecipientError, age_recipients, encrypt_folder
+from workers.adapter_files import RecipientError, age_recipients
 from workers.types import AdamConfig, LoraSpec
 
 log = logging.getLogger(__name__)
@@ -265,10 +264,8 @@ async def save_checkpoint(
     if existing is not None and not overwrite and not is_expired(existing):
         path = ids.TinkerPath(model.id, kind, name)
         raise OperationFailed(f"checkpoint {path} already exists; choose another name (or save_state with overwrite=True)")
-    checkpoint_id, relative, folder = new_checkpoint_dir(rt, tenant_id)
-    size = await rt.engine.save(model.id, relative, with_optimizer=with_optimizer)
-    if encrypt_to:
-        size = await asyncio.to_thread(encrypt_folder, folder, encrypt_to)
+    checkpoint_id, relative, _ = new_checkpoint_dir(rt, tenant_id)
+    size = await rt.engine.save(model.id, relative, with_optimizer=with_optimizer, encrypt_to=encrypt_to)
 
     def record(s: Session) -> Checkpoint:
         row = checkpoint_by_name(s, tenant_id, model.id, kind, name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pyrage
 import pytest
 
 from server.engine.local import LocalEngine
@@ -53,6 +54,9 @@ def test_the_local_engine_raises_failures_with_their_category(tiny_model_dir: Pa
             assert await engine.save("m1", "checkpoints/tn/ck1", with_optimizer=False) > 0
             assert (tmp_path / "checkpoints/tn/ck1" / "adapter_model.safetensors").is_file()
             assert await engine.load("m2", "checkpoints/tn/ck1", with_optimizer=False) == LoraSpec(rank=2, seed=0)
+            recipient = str(pyrage.x25519.Identity.generate().to_public())
+            await engine.save("m1", "checkpoints/tn/ck2", with_optimizer=False, encrypt_to=[recipient])
+            assert {f.suffix for f in (tmp_path / "checkpoints/tn/ck2").iterdir()} == {".age"}  # no plaintext
             (tmp_path / "junk").mkdir()
             with pytest.raises(OperationFailed) as junk:
                 await engine.load("m3", "junk", with_optimizer=False)
