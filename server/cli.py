@@ -29,6 +29,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", type=Path, help="where the database, models and checkpoints live (env TWINKLE_DATA_DIR)")
     p.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite in the data dir; env TWINKLE_DATABASE_URL)")
     p.add_argument("--torch-threads", type=int, help="torch threads of the compute thread (env TWINKLE_TORCH_THREADS)")
+    p.add_argument("--db-upgrade", action="store_true", default=None,
+                   help="upgrade the database schema at start (default: on SQLite only; env TWINKLE_DB_UPGRADE)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one; env TWINKLE_DEVICE)")
     p.add_argument("--dtype", help="float32 or bfloat16 (default: float32 on a CPU, bfloat16 on a GPU; env TWINKLE_DTYPE)")
     p.add_argument("--pass-memory-mb", type=int,
@@ -110,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     mp.add_argument("--data-dir", type=Path, help="data dir the model is materialised in (env TWINKLE_DATA_DIR)")
     _tenants_parser(sub)
     _keys_parser(sub)
+    db = sub.add_parser("db", help="the database schema: upgrade it, or show its revision")
+    db.add_argument("action", choices=("upgrade", "status"))
+    _store_options(db)
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     options = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
@@ -124,27 +129,67 @@ def main(argv: list[str] | None = None) -> int:
         return _store_command(settings, _tenants_action(args))
     if args.command == "keys":
         return _store_command(settings, _keys_action(args))
+    if args.command == "db":
+        return _db_command(settings, args.action)
     if problem := bind_problem(settings):
+        print(f"twinkle: {problem}", file=sys.stderr)
+        return 2
+    if problem := _schema_problem(settings):
         print(f"twinkle: {problem}", file=sys.stderr)
         return 2
     return _serve(settings)
 
 
-# ----- tenants and keys --------------------------------------------------------------------------
-def _store_command(settings: Settings, action: Callable[[Any], None]) -> int:
-    from server.errors import TwinkleError
-    from server.store.database import Database
+def _schema_problem(settings: Settings) -> str | None:
+    """Why the database cannot be served as it is (a schema this server may not upgrade), or None."""
+    if settings.upgrades_schema:
+        return None
+    from server.store.database import Database, SchemaOutOfDate
 
     db = Database(settings.resolved_database_url, threads=1)
     try:
-        db.migrate()
+        db.ensure_schema(upgrade=False)
+    except SchemaOutOfDate as exc:
+        return str(exc)
+    finally:
+        db.close()
+    return None
+
+
+# ----- tenants and keys --------------------------------------------------------------------------
+def _store_command(settings: Settings, action: Callable[[Any], None]) -> int:
+    from server.errors import TwinkleError
+    from server.store.database import Database, SchemaOutOfDate
+
+    db = Database(settings.resolved_database_url, threads=1)
+    try:
+        db.ensure_schema(upgrade=settings.upgrades_schema)
         db.call(action)
     except TwinkleError as exc:
         print(f"twinkle: {exc.message}", file=sys.stderr)
         return 1
+    except SchemaOutOfDate as exc:
+        print(f"twinkle: {exc}", file=sys.stderr)
+        return 2
     finally:
         db.close()
     return 0
+
+
+def _db_command(settings: Settings, action: str) -> int:
+    """`twinkle db upgrade`: the schema to the newest revision; `twinkle db status`: where it is."""
+    from server.store.database import Database, schema_revisions
+
+    db = Database(settings.resolved_database_url, threads=1)
+    try:
+        if action == "upgrade":
+            db.migrate()
+        current, head = schema_revisions(db.engine)
+    finally:
+        db.close()
+    state = "up to date" if current == head else f"needs `twinkle db upgrade` to {head}"
+    print(f"schema revision {current or 'none (empty database)'}: {state}")
+    return 0 if current == head else 1
 
 
 def _tenants_action(args: argparse.Namespace) -> Callable[[Any], None]:

@@ -37,6 +37,9 @@ class Settings(BaseModel):
     base_model: str = DEFAULT_BASE_MODEL
     data_dir: Path = Path(".twinkle")
     database_url: str | None = None  # default: SQLite file in data_dir
+    # Bring the database schema up to date at start (None: on SQLite only; PostgreSQL is upgraded
+    # by `twinkle db upgrade`, or by this flag, so that one deliberate step changes a shared schema).
+    db_upgrade: bool | None = None
     allow_download: bool = True  # fall back to the model hub when a base model is not local
     torch_threads: int = Field(2, ge=1)  # the compute thread's torch threads; everything else uses 1
     # Where the base model runs and in what precision (None: cuda if available, else cpu; bfloat16
@@ -108,6 +111,12 @@ class Settings(BaseModel):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'twinkle.db').resolve()}"
+
+    @property
+    def upgrades_schema(self) -> bool:
+        if self.db_upgrade is not None:
+            return self.db_upgrade
+        return self.resolved_database_url.startswith("sqlite")
 
     def to_env(self) -> str:
         return self.model_dump_json()

@@ -127,10 +127,10 @@ class Runtime:
         return self.quotas.limits(tenant_id)
 
     async def start(self) -> None:
-        """Migrate the store, fail what an earlier process left in flight, load the engine and
-        start the scheduler."""
+        """Upgrade (or check) the store's schema, fail what an earlier process left in flight, load
+        the engine and start the scheduler."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(self.db.migrate)
+        await asyncio.to_thread(lambda: self.db.ensure_schema(upgrade=self.settings.upgrades_schema))
         if failed := await asyncio.to_thread(self.hub.fail_leftovers):
             log.warning("futures_failed_on_restart", extra={"count": failed})
         self._base = await self.engine.start()

@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -63,6 +65,21 @@ def migrate(engine: Engine) -> None:
                 conn.commit()
 
 
+class SchemaOutOfDate(RuntimeError):
+    """The database's schema is not the one this code needs, and may not be upgraded here."""
+
+
+def schema_revisions(engine: Engine) -> tuple[str | None, str]:
+    """(the database's alembic revision, or None for an empty one; the newest revision)."""
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    with engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    assert head is not None
+    return current, head
+
+
 class Database:
     def __init__(self, url: str, *, threads: int = 4) -> None:
         self.url = url
@@ -72,6 +89,20 @@ class Database:
 
     def migrate(self) -> None:
         migrate(self.engine)
+
+    def ensure_schema(self, *, upgrade: bool) -> None:
+        """Upgrade the schema to the newest revision, or (without `upgrade`) check that it is
+        there: SchemaOutOfDate, saying what to run, if not."""
+        if upgrade:
+            self.migrate()
+            return
+        current, head = schema_revisions(self.engine)
+        if current != head:
+            raise SchemaOutOfDate(
+                f"the database is at schema revision {current or 'none (it is empty)'} and this server needs "
+                f"{head}: run `twinkle db upgrade` with the same --database-url / --config, or serve with "
+                "--db-upgrade"
+            )
 
     def call(self, fn: Callable[[Session], T]) -> T:
         """Run fn in one transaction (committed if fn returns, rolled back if it raises)."""

@@ -6,7 +6,19 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -84,7 +96,7 @@ class Model(Base):
     id: Mapped[str] = mapped_column(String(200), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id"), index=True)
-    model_seq_id: Mapped[int] = mapped_column(Integer)
+    model_seq_id: Mapped[int] = mapped_column(BigInteger)
     base_model: Mapped[str] = mapped_column(String(500))
     lora_rank: Mapped[int] = mapped_column(Integer)
     lora_spec: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -109,7 +121,8 @@ class Future(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     kind: Mapped[str] = mapped_column(String(40))  # an OpKind
     scope: Mapped[str] = mapped_column(String(260))  # made by server/queue/scopes.py
-    seq_id: Mapped[int] = mapped_column(Integer)
+    # 64-bit: a cloned SamplingClient numbers its requests from 10^9 x its clone id (up to 10^18).
+    seq_id: Mapped[int] = mapped_column(BigInteger)
     fingerprint: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16), default=FutureState.PENDING)  # a FutureState
     result: Mapped[bytes | None] = mapped_column(LargeBinary)
@@ -132,7 +145,7 @@ class Checkpoint(Base):
     kind: Mapped[str] = mapped_column(String(16))  # training | sampler
     name: Mapped[str] = mapped_column(String(200))
     storage_dir: Mapped[str] = mapped_column(String(500))  # relative to the data dir, server-made
-    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     has_optimizer: Mapped[bool] = mapped_column(Boolean, default=False)
     ephemeral: Mapped[bool] = mapped_column(Boolean, default=False)  # behind save_weights_and_get_sampling_client
     public: Mapped[bool] = mapped_column(Boolean, default=False)  # readable (load, sample, info) by every tenant
@@ -160,7 +173,7 @@ class CustomLossRow(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id"), index=True)
-    seq: Mapped[int] = mapped_column(Integer)
+    seq: Mapped[int] = mapped_column(BigInteger)
     name: Mapped[str] = mapped_column(String(200))
     inputs: Mapped[list[str]] = mapped_column(JSON)
     graph: Mapped[dict[str, Any]] = mapped_column(JSON)

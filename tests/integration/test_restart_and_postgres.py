@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import pickle
 from pathlib import Path
 
 import httpx
@@ -9,7 +11,9 @@ import pytest
 import tinker
 from tinker import types
 
+from server.cli import main
 from server.process import running_server
+from tests.support.child import sample_in_child
 from tests.support.data import fwdbwd_proto, make_data
 
 pytestmark = pytest.mark.slow
@@ -70,6 +74,7 @@ def test_runs_and_checkpoints_survive_a_restart(tmp_path, tiny_model_dir, token_
 def test_server_on_postgresql(tmp_path, tiny_model_dir, token_rows, make_pg_database) -> None:
     postgres_url = make_pg_database()
     data_dir, data = fresh_data_dir(tmp_path, tiny_model_dir), make_data(token_rows)
+    assert main(["db", "upgrade", "--database-url", postgres_url]) == 0  # a shared schema changes deliberately
     with running_server(data_dir, extra_args=["--database-url", postgres_url]) as server:
         with tinker.ServiceClient(base_url=server.base_url, api_key="tml-postgres") as sc:
             tc = sc.create_lora_training_client(BASE, rank=4, seed=4).result()
@@ -78,6 +83,11 @@ def test_server_on_postgresql(tmp_path, tiny_model_dir, token_rows, make_pg_data
             sampler = tc.save_weights_and_get_sampling_client().result()
             assert len(sampler.sample(types.ModelInput.from_ints(token_rows[0][:4]), 2,
                                       types.SamplingParams(max_tokens=4)).result().sequences) == 2
+            # A pickled SamplingClient in a child process numbers its requests from 10^9 x a random
+            # clone id (up to 10^18): 64-bit seq ids in the database.
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                rows = pool.apply(sample_in_child, (pickle.dumps(sampler), token_rows[0][:4], 2))
+            assert len(rows) == 2 and all(len(r) == 4 for r in rows)
             path = tc.save_state("pg").result().path
             listed = tinker.RestClient(base_url=server.base_url, api_key="tml-postgres").list_checkpoints(tc.model_id)
             assert [c.tinker_path for c in listed.result().checkpoints] == [path]

@@ -39,3 +39,19 @@ def test_unknown_command_is_an_argparse_error() -> None:
     with pytest.raises(SystemExit) as exc:
         main(["frobnicate"])
     assert exc.value.code == 2
+
+
+def test_a_postgresql_schema_changes_only_by_a_deliberate_upgrade(tmp_path: Path, make_pg_database, capsys) -> None:
+    """SQLite is upgraded at start; a shared PostgreSQL only by `twinkle db upgrade` (or
+    --db-upgrade): serving or using an empty or older one is refused, saying what to run."""
+    where = ["--database-url", make_pg_database(), "--data-dir", str(tmp_path)]
+    assert main(["serve", "--port", "0", *where]) == 2
+    assert "run `twinkle db upgrade`" in capsys.readouterr().err
+    assert main(["tenants", "create", "acme", *where]) == 2
+    assert "run `twinkle db upgrade`" in capsys.readouterr().err
+    assert main(["db", "status", *where]) == 1
+    assert "none (empty database): needs `twinkle db upgrade`" in capsys.readouterr().out
+    assert main(["db", "upgrade", *where]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert main(["tenants", "create", "acme", *where]) == 0
+    assert main(["db", "status", *where]) == 0

@@ -194,3 +194,12 @@ def test_device_dtype_and_pass_budget_follow_the_env_and_config_rule(tmp_path: P
                       ({"TWINKLE_MAX_TOKENS_PER_PASS": "0"}, "max_tokens_per_pass")):
         with pytest.raises(ConfigError, match=name):
             load_settings(env=env)
+
+
+def test_the_schema_is_upgraded_at_start_on_sqlite_only_unless_told() -> None:
+    assert Settings().upgrades_schema
+    pg = "postgresql+psycopg://postgres@127.0.0.1/x"
+    assert not Settings(database_url=pg).upgrades_schema
+    assert Settings(database_url=pg, db_upgrade=True).upgrades_schema
+    assert not Settings(db_upgrade=False).upgrades_schema
+    assert load_settings(env={"TWINKLE_DB_UPGRADE": "true", "TWINKLE_DATABASE_URL": pg}).upgrades_schema

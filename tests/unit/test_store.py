@@ -423,3 +423,27 @@ def test_foreign_keys_are_enforced(db: Database) -> None:
                 Future(request_id=uuid.uuid4().hex, tenant_id="ten-does-not-exist", kind="k", scope="s", seq_id=1, fingerprint="f")
             )
         )
+
+
+@pytest.mark.parametrize("fresh_url", ["sqlite", "postgresql"], indirect=True)
+def test_migration_0005_widens_seq_ids_and_sizes_keeping_rows(fresh_url: str) -> None:
+    """A cloned SamplingClient's seq ids start at 10^9 x its clone id (up to 10^18) and sizes may
+    pass 2 GiB: after 0005 both fit, on PostgreSQL too, and the rows from before are intact."""
+    database = Database(fresh_url, threads=1)
+    try:
+        upgrade_to(database.engine, "0004")
+        with database.engine.begin() as conn:
+            conn.execute(text("INSERT INTO tenants (id, name, limits, created_at) VALUES ('t', 't', '{}', '2025-01-01')"))
+            conn.execute(text("INSERT INTO futures (request_id, tenant_id, kind, scope, seq_id, fingerprint, state, "
+                              "created_at) VALUES ('r1', 't', 'sample', 'sampler:x', 7, 'f', 'pending', '2025-01-01')"))
+        database.migrate()
+        assert schema_differences(database.engine) == []
+        big = 999_999_999 * 1_000_000_000 + 5
+        with database.engine.begin() as conn:
+            conn.execute(text("INSERT INTO futures (request_id, tenant_id, kind, scope, seq_id, fingerprint, state, "
+                              "created_at) VALUES ('r2', 't', 'sample', 'sampler:x', :s, 'f', 'pending', '2025-01-01')"),
+                         {"s": big})
+            rows = conn.execute(text("SELECT request_id, seq_id FROM futures ORDER BY request_id")).all()
+        assert [tuple(r) for r in rows] == [("r1", 7), ("r2", big)]
+    finally:
+        database.close()
