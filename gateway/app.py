@@ -28,7 +28,10 @@ def create_app(runtime: Runtime) -> FastAPI:
         finally:
             await boot.stop(runtime)
 
-    app = FastAPI(title="Twinkle", summary="Tinker-compatible LoRA training server", lifespan=lifespan)
+    app = FastAPI(
+        title="Twinkle", summary="Tinker-compatible LoRA training server", lifespan=lifespan,
+        root_path=runtime.settings.root_path,
+    )
     app.state.runtime = runtime
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=runtime.settings.max_request_mb * 2**20)

@@ -25,6 +25,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, help="YAML file with any of the options below")
     p.add_argument("--host", help="bind address (default 127.0.0.1; env TWINKLE_HOST)")
     p.add_argument("--port", type=int, help="port, 0 picks a free one (default 8000; env TWINKLE_PORT)")
+    p.add_argument("--root-path", help="the path the server is reached under behind a proxy, e.g. /twinkle "
+                                       "(env TWINKLE_ROOT_PATH)")
     p.add_argument("--base-model", help="served base model: a name or a local folder (env TWINKLE_BASE_MODEL)")
     p.add_argument("--data-dir", type=Path, help="where the database, models and checkpoints live (env TWINKLE_DATA_DIR)")
     p.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite in the data dir; env TWINKLE_DATABASE_URL)")
@@ -302,7 +304,7 @@ def _serve(settings: Settings) -> int:
 
 
 def _print_ready(settings: Settings, port: int) -> None:
-    base_url = f"http://{settings.host}:{port}"
+    base_url = f"http://{settings.host}:{port}{settings.root_path}"
     print(f"Twinkle is ready at {base_url} (base model {settings.base_model}, auth {settings.auth})", flush=True)
     key = "tml-local" if settings.auth == "open" else "$(twinkle keys create --tenant NAME)"
     print(

@@ -33,6 +33,9 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     host: str = "127.0.0.1"
+    # The path the server is reached under behind a proxy (base_url=https://host/twinkle): requests
+    # are served with it (as sent) or without it (as a proxy that strips it sends them).
+    root_path: str = Field("", pattern=r"^(/[A-Za-z0-9._~-]+)*$")
     port: int = Field(8000, ge=0, le=65535)
     base_model: str = DEFAULT_BASE_MODEL
     data_dir: Path = Path(".twinkle")
@@ -93,6 +96,13 @@ class Settings(BaseModel):
     # The admin API's key. Held only as "sha256:<hex>" (a value given in that form is taken as the
     # hash already, so a config file need not hold the key itself); None: admin API disabled.
     admin_key: str | None = None
+
+    @field_validator("root_path")
+    @classmethod
+    def _clean_root_path(cls, value: str) -> str:
+        if any(segment in (".", "..") for segment in value.split("/")[1:]):
+            raise ValueError("must not contain '.' or '..' segments")
+        return value
 
     @field_validator("admin_key")
     @classmethod

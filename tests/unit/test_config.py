@@ -203,3 +203,10 @@ def test_the_schema_is_upgraded_at_start_on_sqlite_only_unless_told() -> None:
     assert Settings(database_url=pg, db_upgrade=True).upgrades_schema
     assert not Settings(db_upgrade=False).upgrades_schema
     assert load_settings(env={"TWINKLE_DB_UPGRADE": "true", "TWINKLE_DATABASE_URL": pg}).upgrades_schema
+
+
+def test_root_path_is_a_clean_url_path() -> None:
+    assert Settings(root_path="/twinkle/v2").root_path == "/twinkle/v2"
+    for bad in ("twinkle", "/twinkle/", "/a b", "/../x"):
+        with pytest.raises(ConfigError, match="root_path"):
+            load_settings(env={"TWINKLE_ROOT_PATH": bad})
