@@ -22,8 +22,10 @@ callbacks it is given (workers/peft_host.py in the trainer). Not thread-safe.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import uuid
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -38,6 +40,7 @@ from workers.peft_host import AdapterError, Params
 from workers.types import LoraSpec, PoolStatus
 
 SPILL_SUFFIX = ".spill.safetensors"
+LOCK_FILE = ".alive"  # locked by the live pool that spills into its folder
 ADAM_SLOTS = ("exp_avg", "exp_avg_sq", "step")
 
 
@@ -84,9 +87,10 @@ class AdapterPool:
     ) -> None:
         """`max_resident`: tenant adapters kept in the model (None: all). `host_budget_bytes`: the
         paged-out adapters' bytes kept in host memory before the least recently paged ones spill
-        to `spill_dir` (None: no limit). `max_shells`: paged-out adapters that keep their hollow
-        modules. The pool owns `spill_dir`: spill files left there by an earlier process are
-        deleted (paged state does not outlive the process)."""
+        to disk under `spill_dir` (None: no limit). `max_shells`: paged-out adapters that keep
+        their hollow modules. Each pool spills into a folder of its own under `spill_dir`, locked
+        while it lives; folders of pools that are gone are deleted (paged state does not outlive
+        its process), those of live ones (another process on the same data dir) are left alone."""
         if max_resident is not None and max_resident < 1:
             raise ValueError("max_resident must be at least 1")
         if max_shells < 0:
@@ -96,12 +100,11 @@ class AdapterPool:
         self._slots = slots
         self.max_resident = max_resident
         self.host_budget_bytes = host_budget_bytes
-        self.spill_dir = spill_dir
         self.max_shells = max_shells
+        self.spill_dir: Path | None = None
+        self._spill_lock: int | None = None  # held for the life of the pool
         if spill_dir is not None:
-            spill_dir.mkdir(parents=True, exist_ok=True)
-            for stale in spill_dir.glob(f"*{SPILL_SUFFIX}*"):
-                stale.unlink()
+            self.spill_dir, self._spill_lock = _claim_spill_dir(spill_dir)
         self._adapters: OrderedDict[str, Adapter] = OrderedDict()  # resident, least recently used first
         self._paged: OrderedDict[str, _Paged] = OrderedDict()  # paged out, least recently paged first
         self._page_ins = self._page_outs = self._spills = 0
@@ -260,6 +263,34 @@ class AdapterPool:
             if fh.metadata().get("adapter") != name:
                 raise RuntimeError(f"spill file {paged.path} does not hold adapter {name!r}")
             return {key: fh.get_tensor(key) for key in fh.keys()}
+
+
+def _claim_spill_dir(root: Path) -> tuple[Path, int]:
+    """A new spill folder under `root` and the open lock file that marks it alive. Folders whose
+    lock nobody holds belong to pools that are gone: removed, with loose files of older versions."""
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f"*{SPILL_SUFFIX}*"):
+        stale.unlink()
+    for other in root.iterdir():
+        if other.is_dir() and (fd := _try_lock(other / LOCK_FILE)) is not None:
+            shutil.rmtree(other, ignore_errors=True)
+            os.close(fd)
+    mine = root / uuid.uuid4().hex
+    mine.mkdir()
+    fd = _try_lock(mine / LOCK_FILE)
+    assert fd is not None, mine
+    return mine, fd
+
+
+def _try_lock(path: Path) -> int | None:
+    """An open descriptor holding an exclusive lock on `path`, or None if another holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _hollow(params: Params) -> None:

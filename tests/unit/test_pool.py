@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from schemas.wire import DatumIn
 from tests.support.lora import perturb_b
 from workers import adapter_files as files
+from workers.lora_pool import LOCK_FILE
 from workers.losses import get_loss
 from workers.trainer import AdapterError, LoraTrainer, load_base_model
 from workers.types import AdamConfig, BaseModelInfo, LoraSpec, PoolStatus
@@ -119,7 +120,7 @@ def fresh(trainer: LoraTrainer, rank: int = 4, *, perturb: bool = True) -> str:
 
 
 def spill_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.safetensors"))
+    return sorted(folder.rglob("*.safetensors"))  # each pool spills into a folder of its own
 
 
 # ----- the must-show scenario: five tenants, two slots ---------------------------------------------
@@ -247,7 +248,8 @@ def test_five_tenants_spilling_to_disk_match_unlimited(new_trainer, unlimited_ru
     assert status.paged_on_disk + status.paged_in_host == 3
     for t in TENANTS:
         trainer.remove_adapter(t.name)
-    assert spill_files(spill) == [] and list(spill.iterdir()) == []  # no temp files left either
+    mine = trainer.pool.spill_dir
+    assert spill_files(spill) == [] and [p.name for p in mine.iterdir()] == [LOCK_FILE]  # no temp files left either
     assert trainer.pool_status().host_bytes == 0
 
 
@@ -501,5 +503,14 @@ def test_settings_are_checked_and_stale_spill_files_removed(new_trainer, tmp_pat
     (tmp_path / "dead.spill.safetensors").write_bytes(b"left by a crashed process")
     (tmp_path / "dead.spill.safetensors.tmp").write_bytes(b"half written")
     (tmp_path / "not-ours.txt").write_text("kept")
-    new_trainer(max_resident=1, host_budget_bytes=0, spill_dir=tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == ["not-ours.txt"]
+    (tmp_path / "gone-instance").mkdir()  # a pool that is gone: nobody holds its lock
+    (tmp_path / "gone-instance" / "x.spill.safetensors").write_bytes(b"left")
+    live = new_trainer(max_resident=1, host_budget_bytes=0, spill_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["not-ours.txt", live.pool.spill_dir.name])
+    # A second pool on the same folder (another process on the same data dir) leaves the first's alone.
+    a = fresh(live)
+    fresh(live)  # pages a out, to disk
+    assert len(spill_files(live.pool.spill_dir)) == 1
+    other = new_trainer(max_resident=1, host_budget_bytes=0, spill_dir=tmp_path)
+    assert other.pool.spill_dir != live.pool.spill_dir and len(spill_files(live.pool.spill_dir)) == 1
+    live.forward_backward(a, ce_data(np.random.default_rng(0), (3,)), CE, {})  # reads its spill back
