@@ -13,6 +13,7 @@ from server.ops.lifecycle import run_session_reaper
 from server.ops.reaper import run_reaper
 from server.queue.admission import Admission
 from server.queue.futures import FutureHub
+from server.queue.instances import Instances
 from server.queue.scheduler import Scheduler
 from server.runtime import Runtime
 from server.store.database import Database
@@ -45,7 +46,8 @@ def local_engine(settings: Settings) -> LocalEngine:
 def build_runtime(settings: Settings, engine: Engine | None = None) -> Runtime:
     """A runtime on the settings' database, with `engine` (default: the local engine)."""
     db = Database(settings.resolved_database_url)
-    hub = FutureHub(db)
+    instances = Instances(db, timeout=settings.instance_timeout_seconds)
+    hub = FutureHub(db, owner=instances.id)
     quotas = Quotas(settings)
     engine = engine or local_engine(settings)
     return Runtime(
@@ -56,6 +58,7 @@ def build_runtime(settings: Settings, engine: Engine | None = None) -> Runtime:
         engine=engine,
         quotas=quotas,
         sample_admission=Admission(settings.sample_queue_limit),
+        instances=instances,
     )
 
 

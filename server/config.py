@@ -80,6 +80,9 @@ class Settings(BaseModel):
     # Sessions without a heartbeat for this long are ended: their queued work fails, their adapters
     # are paged out; the SDK heartbeats every 10 s.
     session_timeout_seconds: float = Field(300.0, gt=0)
+    # A server process that has not heartbeaten the database for this long is taken for gone: the
+    # other processes fail the work it held (one on the same host is known gone as its pid ends).
+    instance_timeout_seconds: float = Field(30.0, ge=3)
     # How long an expired session's paged-out adapters are kept before they are freed for good.
     expired_adapter_retention_seconds: float = Field(600.0, ge=0)
     # The LoRA pool: adapters kept on the compute device; the least recently used idle ones are

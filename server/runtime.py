@@ -19,7 +19,8 @@ from server.engine.retention import Retention
 from server.kinds import ErrorCategory, FutureState, OpKind
 from server.queue.admission import Admission
 from server.queue.feeds import CompletionFeeds
-from server.queue.futures import FutureHub, Submission
+from server.queue.futures import STOP_MESSAGE, FutureHub, Submission
+from server.queue.instances import Instances
 from server.queue.scheduler import Batch, Notify, OpRunner, Scheduler
 from server.store.database import Database
 from server.store.tables import Tenant
@@ -39,6 +40,7 @@ class Runtime:
     engine: Engine
     quotas: Quotas
     sample_admission: Admission
+    instances: Instances  # this process among those sharing the database
     feeds: CompletionFeeds = field(default_factory=CompletionFeeds)
     keys: KeyCache = field(default_factory=KeyCache)  # key hash -> tenant, for a few seconds
     retention: Retention = field(default_factory=Retention)  # expired sessions' adapters, freed later
@@ -131,10 +133,23 @@ class Runtime:
         the engine and start the scheduler."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(lambda: self.db.ensure_schema(upgrade=self.settings.upgrades_schema))
-        if failed := await asyncio.to_thread(self.hub.fail_leftovers):
-            log.warning("futures_failed_on_restart", extra={"count": failed})
+        await asyncio.to_thread(self.instances.register)
+        await asyncio.to_thread(self.instances.sweep)  # what processes that are gone left pending
+        self.spawn(self._heartbeats(), name="instance-heartbeat")
         self._base = await self.engine.start()
         self.scheduler.start()
+
+    async def _heartbeats(self) -> None:
+        """Tell other processes on the database that this one is alive, and fail the work of those
+        that are not, forever (cancel the task to stop); a failed round is logged and retried."""
+        interval = self.instances.timeout / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(self.instances.heartbeat)
+                self.hub.wake(await asyncio.to_thread(self.instances.sweep))
+            except Exception:
+                log.exception("instance_heartbeat_failed")
 
     def log_started(self) -> None:
         log.info("runtime_started", extra={"base_model": self.base.name, "data_dir": str(self.data_dir)})
@@ -152,4 +167,10 @@ class Runtime:
         await asyncio.gather(*list(self._background), return_exceptions=True)
         await self.scheduler.stop()
         await self.engine.stop()
+        try:  # what was queued here can no longer finish: say so now rather than at the next start
+            if failed := await asyncio.to_thread(self.instances.retire, STOP_MESSAGE):
+                log.warning("futures_failed_on_stop", extra={"count": len(failed)})
+                self.hub.wake(failed)
+        except Exception:
+            log.exception("instance_retire_failed")
         self.db.close()

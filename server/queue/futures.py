@@ -17,8 +17,8 @@ from server.store.tables import Future, utcnow
 
 log = logging.getLogger(__name__)
 
-RESTART_MESSAGE = (
-    "the server restarted while this request was queued or running, so it was not completed; "
+STOP_MESSAGE = (
+    "the server stopped while this request was queued or running, so it was not completed; "
     "submit it again (training state since the last checkpoint may be lost)"
 )
 
@@ -56,8 +56,10 @@ def _view(row: Future) -> FutureView:
 
 
 class FutureHub:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, owner: str | None = None) -> None:
+        """`owner`: the process (server/queue/instances.py) whose queue holds the futures made here."""
         self._db = db
+        self._owner = owner
         self._events: dict[str, set[asyncio.Event]] = {}  # request_id -> one event per waiter
 
     async def submit(self, *, tenant_id: str, kind: OpKind, scope: str, seq_id: int, fingerprint: str) -> Submission:
@@ -67,7 +69,7 @@ class FutureHub:
             s.add(
                 Future(
                     request_id=request_id, tenant_id=tenant_id, kind=kind, scope=scope, seq_id=seq_id,
-                    fingerprint=fingerprint,
+                    fingerprint=fingerprint, owner=self._owner,
                 )
             )
 
@@ -103,6 +105,12 @@ class FutureHub:
         for event in self._events.pop(request_id, ()):
             event.set()
 
+    def wake(self, request_ids: list[str]) -> None:
+        """Waiters on futures that ended elsewhere (another process, or a sweep) read them again."""
+        for request_id in request_ids:
+            for event in self._events.pop(request_id, ()):
+                event.set()
+
     async def get(self, tenant_id: str, request_id: str) -> FutureView | None:
         def read(s: Session) -> FutureView | None:
             row = s.get(Future, request_id)
@@ -132,17 +140,3 @@ class FutureHub:
             waiters.discard(event)
             if not waiters and self._events.get(request_id) is waiters:
                 del self._events[request_id]
-
-    def fail_leftovers(self) -> int:
-        """At start-up: nothing from a previous process is still running, so end its futures."""
-
-        def write(s: Session) -> int:
-            result = s.execute(
-                update(Future)
-                .where(Future.state == FutureState.PENDING)
-                .values(state=FutureState.FAILED, error=RESTART_MESSAGE, error_category=ErrorCategory.SERVER,
-                        finished_at=utcnow())
-            )
-            return result.rowcount or 0
-
-        return self._db.call(write)

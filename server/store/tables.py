@@ -116,6 +116,7 @@ class Future(Base):
     __table_args__ = (
         UniqueConstraint("tenant_id", "scope", "seq_id", "fingerprint", name="uq_futures_submission"),
         Index("ix_futures_state", "state"),
+        Index("ix_futures_owner", "owner"),
     )
     request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
@@ -131,6 +132,20 @@ class Future(Base):
     error_category: Mapped[str | None] = mapped_column(String(16))  # an ErrorCategory
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
+    # The server process (Instance.id) whose queue holds it while pending: if that process dies,
+    # another fails it (server/queue/instances.py). None: from before owners were recorded.
+    owner: Mapped[str | None] = mapped_column(String(64))
+
+
+class Instance(Base):
+    """A live server process: it holds queued work in memory, so its futures live and die with it."""
+
+    __tablename__ = "instances"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Checkpoint(Base):

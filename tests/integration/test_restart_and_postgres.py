@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import pickle
+import time
 from pathlib import Path
 
 import httpx
@@ -13,6 +14,8 @@ from tinker import types
 
 from server.cli import main
 from server.process import running_server
+from server.store.database import Database
+from server.store.tables import Future
 from tests.support.child import sample_in_child
 from tests.support.data import fwdbwd_proto, make_data
 
@@ -27,7 +30,7 @@ def step(tc, data) -> float:
 
 
 def fresh_data_dir(tmp_path: Path, tiny_model_dir: Path) -> Path:
-    (tmp_path / "models").mkdir()
+    (tmp_path / "models").mkdir(parents=True)
     (tmp_path / "models" / "tiny-qwen3").symlink_to(tiny_model_dir)
     return tmp_path
 
@@ -92,3 +95,39 @@ def test_server_on_postgresql(tmp_path, tiny_model_dir, token_rows, make_pg_data
             listed = tinker.RestClient(base_url=server.base_url, api_key="tml-postgres").list_checkpoints(tc.model_id)
             assert [c.tinker_path for c in listed.result().checkpoints] == [path]
     assert not (data_dir / "twinkle.db").exists()  # nothing went to SQLite
+
+
+def future_state(url: str, request_id: str) -> str:
+    db = Database(url, threads=1)
+    try:
+        return db.call(lambda s: s.get(Future, request_id).state)
+    finally:
+        db.close()
+
+
+def test_two_servers_on_one_database_fail_only_a_dead_ones_work(tmp_path, tiny_model_dir, token_rows,
+                                                                 make_pg_database) -> None:
+    """A second server starting on the same PostgreSQL leaves the first one's queued work alone;
+    once the first is killed (-9), the second fails that work, and a client waiting on the second
+    learns it at once."""
+    url = make_pg_database()
+    assert main(["db", "upgrade", "--database-url", url]) == 0
+    env = {"TWINKLE_INSTANCE_TIMEOUT_SECONDS": "3", "TWINKLE_SEQ_GAP_GRACE_SECONDS": "600"}
+    args, key = ["--database-url", url], {"X-API-Key": "tml-two-servers"}
+    with running_server(fresh_data_dir(tmp_path / "a", tiny_model_dir), extra_args=args, env=env) as first:
+        # No context manager: the client's session would be closed on a server that is gone by then.
+        tc = tinker.ServiceClient(base_url=first.base_url, api_key="tml-two-servers").create_lora_training_client(
+            BASE, rank=2, seed=0).result()
+        # seq_id 50 waits (for 600 s) for the seq_ids before it: queued in the first server.
+        body = fwdbwd_proto(tc.model_id, make_data(token_rows), seq_id=50)
+        headers = {**key, "Content-Type": "application/x-protobuf"}
+        request_id = httpx.post(f"{first.base_url}/api/v1/forward_backward", headers=headers, content=body).json()[
+            "request_id"]
+        with running_server(fresh_data_dir(tmp_path / "b", tiny_model_dir), extra_args=args, env=env) as second:
+            assert future_state(url, request_id) == "pending"  # the first server is alive: its work stays queued
+            first.process.kill()
+            retrieve = f"{second.base_url}/api/v1/retrieve_future"
+            started = time.monotonic()
+            answer = httpx.post(retrieve, json={"request_id": request_id}, headers=key, timeout=60).json()
+            assert answer.get("category") == "server" and "stopped before completing" in answer["error"], answer
+            assert time.monotonic() - started < 15  # woken by the sweep, not at the end of the long-poll

@@ -7,12 +7,11 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
-from server.queue.futures import RESTART_MESSAGE, FutureHub, FutureView
+from server.queue.futures import FutureHub, FutureView
 from server.store.database import Database
 from server.store.tables import Future, Tenant
 from tests.support.aio import arun
@@ -281,50 +280,3 @@ def test_waits_leave_no_per_request_state_behind(sqlite_db: Database) -> None:
     arun(scenario)
 
 
-# --------------------------------------------------------------------------------------------
-# fail_leftovers
-
-
-def test_fail_leftovers_fails_pending_and_leaves_finished_alone(tmp_path: Path) -> None:
-    db = Database(f"sqlite:///{tmp_path / 'restart.db'}", threads=2)
-    try:
-        db.migrate()
-        tenant = new_tenant(db)
-
-        async def before_restart() -> dict[str, str]:
-            hub = FutureHub(db)
-            rids = {name: (await submit(hub, tenant, seq_id=i)).request_id for i, name in enumerate(["p1", "p2", "done", "failed"])}
-            await hub.resolve(rids["done"], b"kept", "json")
-            await hub.fail(rids["failed"], "user mistake", "user")
-            return rids
-
-        rids = arun(before_restart)
-        before = {r.request_id: r.finished_at for r in db.call(lambda s: s.scalars(select(Future)).all())}
-
-        hub = FutureHub(db)  # the new process
-        assert hub.fail_leftovers() == 2
-        assert hub.fail_leftovers() == 0  # nothing left to fail
-
-        async def after_restart() -> None:
-            for name in ("p1", "p2"):
-                view = await hub.get(tenant, rids[name])
-                assert (view.state, view.error, view.error_category) == ("failed", RESTART_MESSAGE, "server")
-            done = await hub.get(tenant, rids["done"])
-            assert (done.state, done.result, done.error, done.error_category) == ("done", b"kept", None, None)
-            failed = await hub.get(tenant, rids["failed"])
-            assert (failed.state, failed.error, failed.error_category) == ("failed", "user mistake", "user")
-            started = time.monotonic()
-            assert (await hub.wait(tenant, rids["p1"], timeout=5)).state == "failed"
-            assert time.monotonic() - started < 1.0
-
-        arun(after_restart)
-        rows = {r.request_id: r for r in db.call(lambda s: s.scalars(select(Future)).all())}
-        assert rows[rids["p1"]].finished_at is not None and rows[rids["p2"]].finished_at is not None
-        assert rows[rids["done"]].finished_at == before[rids["done"]]
-        assert rows[rids["failed"]].finished_at == before[rids["failed"]]
-    finally:
-        db.close()
-
-
-def test_restart_message_tells_the_user_what_to_do() -> None:
-    assert "restarted" in RESTART_MESSAGE and "submit it again" in RESTART_MESSAGE

@@ -334,7 +334,7 @@ def test_stop_cancels_a_running_op_promptly(db: Database, tenant: str) -> None:
         assert time.monotonic() - started < 1.0
         assert cancelled.is_set()
         assert h.trace == [("A", 1)]  # nothing ran after stop
-        # The interrupted op stays pending in the store; fail_leftovers() ends it at the next start.
+        # The interrupted op stays pending in the store; the runtime fails it as it stops (Instances.retire).
         assert (await h.hub.get(tenant, rid)).state == "pending"
         await asyncio.sleep(0.05)
         assert h.trace == [("A", 1)]
