@@ -170,11 +170,19 @@ class LoraTrainer:
         data = [datum for group in groups for datum in group]
         results: list[_DatumResult | None] = [None] * len(data)
         budget = EvalBudget.per_call(self.custom_loss_seconds) if isinstance(loss, CustomLoss) else None
+        passes = plan_passes([len(d.tokens) for d in data], self.max_tokens_per_pass)
         with self.using(name) as model:
-            for indices in plan_passes([len(d.tokens) for d in data], self.max_tokens_per_pass):
-                done = self._pass(model, [data[i] for i in indices], loss, config, forward_only, budget)
-                for i, result in zip(indices, done):
-                    results[i] = result
+            # A call that fails in a later pass must not leave the earlier passes' gradients behind.
+            saved = _gradients(self.pool.get(name)) if len(passes) > 1 and not forward_only else None
+            try:
+                for indices in passes:
+                    done = self._pass(model, [data[i] for i in indices], loss, config, forward_only, budget)
+                    for i, result in zip(indices, done):
+                        results[i] = result
+            except BaseException:
+                if saved is not None:
+                    _restore_gradients(self.pool.get(name), saved)
+                raise
         out, start = [], 0
         for group in groups:
             part = results[start : start + len(group)]
@@ -347,6 +355,15 @@ def _decoder_layers(model: PreTrainedModel) -> list[torch.nn.Module] | None:
     return list(layers) if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
 
 
+def _gradients(adapter: Adapter) -> dict[str, torch.Tensor | None]:
+    return {key: None if p.grad is None else p.grad.clone() for key, p in adapter.params.items()}
+
+
+def _restore_gradients(adapter: Adapter, saved: dict[str, torch.Tensor | None]) -> None:
+    for key, param in adapter.params.items():
+        param.grad = saved[key]
+
+
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
@@ -365,7 +382,8 @@ def _custom_losses(
     one runs, so at most one datum's intermediates are alive."""
     values, metrics = [], []
     for j, n in enumerate(lengths):
-        inputs = {k: torch.from_numpy(np.asarray(data[j].loss_fn_inputs[k])) for k in loss.input_names}
+        given = data[j].loss_fn_inputs  # one that is missing is named by evaluate
+        inputs = {k: torch.from_numpy(np.asarray(given[k])) for k in loss.input_names if k in given}
         value, datum_metrics = loss.evaluate(lp[j, :n], inputs, budget)
         if backward and value.requires_grad:
             value.backward()

@@ -15,7 +15,7 @@ import torch
 
 from schemas.wire import DatumIn
 from tests.support.lora import perturb_b
-from workers.custom_loss import compile_graph
+from workers.custom_loss import CustomLossError, compile_graph
 from workers.losses import LOSSES
 from workers.passes import ActivationCost, activation_cost, plan_passes, target_logprobs, tokens_per_pass
 from workers.trainer import LoraTrainer, load_base_model
@@ -160,3 +160,25 @@ def test_passes_compute_what_one_pass_computes(trainer: LoraTrainer, loss_name: 
                 np.testing.assert_allclose(ob["logprobs"], oa["logprobs"], rtol=0, atol=1e-5)
     for key, w in weights["whole"].items():
         torch.testing.assert_close(weights["split"][key], w, rtol=1e-5, atol=1e-5)
+
+
+def test_a_call_that_fails_in_a_later_pass_leaves_the_gradients_as_they_were(trainer: LoraTrainer) -> None:
+    rng = np.random.default_rng(7)
+    loss = custom_loss()
+    trainer.create_adapter("fails", LoraSpec(rank=4, seed=1))
+    try:
+        perturb_b(trainer, "fails", 1)
+        trainer.max_tokens_per_pass, trainer.pass_memory_bytes = 40, 10**12
+        trainer.forward_backward("fails", [datum(rng, 20, "custom")], loss, {})  # a gradient already there
+        before = {k: p.grad.clone() for k, p in trainer._adapter("fails").params.items() if p.grad is not None}
+        broken = datum(rng, 3, "custom")
+        del broken.loss_fn_inputs["weights"]  # the shortest datum: its pass comes last
+        data = [datum(rng, 30, "custom"), datum(rng, 25, "custom"), broken]
+        with pytest.raises(CustomLossError, match="needs loss_fn_inputs"):
+            trainer.forward_backward("fails", data, loss, {})
+        after = {k: p.grad for k, p in trainer._adapter("fails").params.items() if p.grad is not None}
+        assert after.keys() == before.keys()
+        for key, grad in before.items():
+            assert torch.equal(after[key], grad), key
+    finally:
+        trainer.remove_adapter("fails")
