@@ -26,7 +26,8 @@ class TenantUsage(ResponseModel):
 
 
 class CapacityResponse(ResponseModel):
-    pool: PoolView | None  # None until the engine has run something
+    pool: PoolView | None  # the default base model's; None until its engine has run something
+    pools: dict[str, PoolView] = {}  # every base model's that has run something, by name
     samples_pending: int
     sample_queue_limit: int
     tenant: TenantUsage
@@ -34,6 +35,7 @@ class CapacityResponse(ResponseModel):
 
 class StatusResponse(ResponseModel):
     status: str
-    base_model: str
+    base_model: str  # the default
+    base_models: list[str] = []  # all served, the default first
     uptime_seconds: float
     capacity: CapacityResponse

@@ -23,7 +23,7 @@ from workers.storage import FolderStore
 from workers.types import ComputeOptions
 
 
-def local_engine(settings: Settings) -> LocalEngine:
+def local_engine(settings: Settings, model: str) -> LocalEngine:
     data_dir = settings.data_dir.resolve()
     options = ComputeOptions(
         torch_threads=settings.torch_threads,
@@ -36,7 +36,6 @@ def local_engine(settings: Settings) -> LocalEngine:
         host_budget_bytes=settings.host_adapter_budget_mb * 2**20,
         spill_dir=data_dir / "lora-spill",
     )
-    model = settings.base_model
     return LocalEngine(
         lambda: resolve_base_model(model, data_dir, allow_download=settings.allow_download), model, options,
         FolderStore(data_dir),
@@ -44,18 +43,24 @@ def local_engine(settings: Settings) -> LocalEngine:
 
 
 def build_runtime(settings: Settings, engine: Engine | None = None) -> Runtime:
-    """A runtime on the settings' database, with `engine` (default: the local engine)."""
+    """A runtime on the settings' database, with a local engine for each base model (`engine`
+    instead for the default one). The scheduler takes the default engine's lanes: the local
+    engines share the machine's cores, so one call at a time in all is what they can run."""
     db = Database(settings.resolved_database_url)
     instances = Instances(db, timeout=settings.instance_timeout_seconds)
     hub = FutureHub(db, owner=instances.id)
     quotas = Quotas(settings)
-    engine = engine or local_engine(settings)
+    engines: dict[str, Engine] = {name: local_engine(settings, name) for name in settings.base_models[1:]}
+    default = engine or local_engine(settings, settings.base_models[0])
+    engines = {settings.base_models[0]: default, **engines}
+    scheduler = Scheduler(hub, lanes=default.lanes, max_calls=default.max_calls,
+                          gap_grace=settings.seq_gap_grace_seconds, throttle=quotas)
     return Runtime(
         settings=settings,
         db=db,
         hub=hub,
-        scheduler=Scheduler(hub, lanes=engine.lanes, max_calls=engine.max_calls, gap_grace=settings.seq_gap_grace_seconds, throttle=quotas),
-        engine=engine,
+        scheduler=scheduler,
+        engines=engines,
         quotas=quotas,
         sample_admission=Admission(settings.sample_queue_limit),
         instances=instances,

@@ -27,7 +27,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="port, 0 picks a free one (default 8000; env TWINKLE_PORT)")
     p.add_argument("--root-path", help="the path the server is reached under behind a proxy, e.g. /twinkle "
                                        "(env TWINKLE_ROOT_PATH)")
-    p.add_argument("--base-model", help="served base model: a name or a local folder (env TWINKLE_BASE_MODEL)")
+    p.add_argument("--base-model", action="append",
+                   help="served base model: a name or a local folder; repeat to serve several, the first the "
+                        "default (env TWINKLE_BASE_MODEL, comma-separated)")
     p.add_argument("--data-dir", type=Path, help="where the database, models and checkpoints live (env TWINKLE_DATA_DIR)")
     p.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite in the data dir; env TWINKLE_DATABASE_URL)")
     p.add_argument("--torch-threads", type=int, help="torch threads of the compute thread (env TWINKLE_TORCH_THREADS)")
@@ -305,11 +307,12 @@ def _serve(settings: Settings) -> int:
 
 def _print_ready(settings: Settings, port: int) -> None:
     base_url = f"http://{settings.host}:{port}{settings.root_path}"
-    print(f"Twinkle is ready at {base_url} (base model {settings.base_model}, auth {settings.auth})", flush=True)
+    models = ", ".join(settings.base_models)
+    print(f"Twinkle is ready at {base_url} (base model {models}, auth {settings.auth})", flush=True)
     key = "tml-local" if settings.auth == "open" else "$(twinkle keys create --tenant NAME)"
     print(
         f"  try: TINKER_BASE_URL={base_url} TINKER_API_KEY={key} python -c "
-        f"\"import tinker; tc = tinker.ServiceClient().create_lora_training_client('{settings.base_model}', rank=8); "
+        f"\"import tinker; tc = tinker.ServiceClient().create_lora_training_client('{settings.base_models[0]}', rank=8); "
         "print(tc.get_info())\"",
         flush=True,
     )

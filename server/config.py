@@ -37,7 +37,9 @@ class Settings(BaseModel):
     # are served with it (as sent) or without it (as a proxy that strips it sends them).
     root_path: str = Field("", pattern=r"^(/[A-Za-z0-9._~-]+)*$")
     port: int = Field(8000, ge=0, le=65535)
-    base_model: str = DEFAULT_BASE_MODEL
+    # The served base model(s): one name, several (a YAML list, a repeated --base-model, or
+    # comma-separated in TWINKLE_BASE_MODEL). The first is the default of requests that name none.
+    base_model: str | list[str] = DEFAULT_BASE_MODEL
     data_dir: Path = Path(".twinkle")
     database_url: str | None = None  # default: SQLite file in data_dir
     # Bring the database schema up to date at start (None: on SQLite only; PostgreSQL is upgraded
@@ -99,6 +101,21 @@ class Settings(BaseModel):
     # The admin API's key. Held only as "sha256:<hex>" (a value given in that form is taken as the
     # hash already, so a config file need not hold the key itself); None: admin API disabled.
     admin_key: str | None = None
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_models(cls, value: str | list[str]) -> str | list[str]:
+        names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value) if n.strip()]
+        if not names:
+            raise ValueError("name at least one base model")
+        if len(set(names)) != len(names):
+            raise ValueError(f"a base model is named twice: {names}")
+        return names[0] if len(names) == 1 else names
+
+    @property
+    def base_models(self) -> list[str]:
+        """The served base models, the default first."""
+        return [self.base_model] if isinstance(self.base_model, str) else list(self.base_model)
 
     @field_validator("root_path")
     @classmethod

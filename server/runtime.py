@@ -16,6 +16,7 @@ from server import ids
 from server.config import Settings
 from server.engine.protocol import Engine
 from server.engine.retention import Retention
+from server.errors import InvalidRequest
 from server.kinds import ErrorCategory, FutureState, OpKind
 from server.queue.admission import Admission
 from server.queue.feeds import CompletionFeeds
@@ -37,21 +38,45 @@ class Runtime:
     db: Database
     hub: FutureHub
     scheduler: Scheduler
-    engine: Engine
+    engines: dict[str, Engine]  # one per served base model, the default first
     quotas: Quotas
     sample_admission: Admission
     instances: Instances  # this process among those sharing the database
     feeds: CompletionFeeds = field(default_factory=CompletionFeeds)
     keys: KeyCache = field(default_factory=KeyCache)  # key hash -> tenant, for a few seconds
     retention: Retention = field(default_factory=Retention)  # expired sessions' adapters, freed later
-    _base: BaseModelInfo | None = None
+    _bases: dict[str, BaseModelInfo] = field(default_factory=dict)
     _background: list[asyncio.Task] = field(default_factory=list)
     _started_at: float = field(default_factory=time.monotonic)
 
     @property
     def base(self) -> BaseModelInfo:
-        assert self._base is not None, "runtime not started"
-        return self._base
+        """The default base model (the first served)."""
+        return self.base_for(next(iter(self.engines)))
+
+    @property
+    def bases(self) -> list[BaseModelInfo]:
+        assert self._bases, "runtime not started"
+        return list(self._bases.values())
+
+    def base_for(self, name: str) -> BaseModelInfo:
+        assert self._bases, "runtime not started"
+        return self._bases[name]
+
+    def engine_for(self, name: str) -> Engine:
+        """The engine of a served base model (a name the caller has checked with `served`)."""
+        return self.engines[name]
+
+    def served(self, name: str | None, field: str = "base_model") -> str:
+        """The served base model a request names (None: the default), or InvalidRequest."""
+        if name is None:
+            return next(iter(self.engines))
+        if name not in self.engines:
+            raise InvalidRequest(
+                f"base model {name!r} is not served here; this server serves {', '.join(map(repr, self.engines))}",
+                field=field,
+            )
+        return name
 
     def uptime(self) -> float:
         return time.monotonic() - self._started_at
@@ -136,7 +161,8 @@ class Runtime:
         await asyncio.to_thread(self.instances.register)
         await asyncio.to_thread(self.instances.sweep)  # what processes that are gone left pending
         self.spawn(self._heartbeats(), name="instance-heartbeat")
-        self._base = await self.engine.start()
+        for name, engine in self.engines.items():  # one at a time: loading is the memory peak
+            self._bases[name] = await engine.start()
         self.scheduler.start()
 
     async def _heartbeats(self) -> None:
@@ -152,7 +178,7 @@ class Runtime:
                 log.exception("instance_heartbeat_failed")
 
     def log_started(self) -> None:
-        log.info("runtime_started", extra={"base_model": self.base.name, "data_dir": str(self.data_dir)})
+        log.info("runtime_started", extra={"base_models": list(self._bases), "data_dir": str(self.data_dir)})
 
     def spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         """Run `work` in the background, so that a request need not wait for it; stop() cancels it.
@@ -166,7 +192,8 @@ class Runtime:
             task.cancel()
         await asyncio.gather(*list(self._background), return_exceptions=True)
         await self.scheduler.stop()
-        await self.engine.stop()
+        for engine in self.engines.values():
+            await engine.stop()
         try:  # what was queued here can no longer finish: say so now rather than at the next start
             if failed := await asyncio.to_thread(self.instances.retire, STOP_MESSAGE):
                 log.warning("futures_failed_on_stop", extra={"count": len(failed)})

@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # torch and transformers cost seconds; callers that only need
     from transformers import Qwen3Config
 
 TINY_QWEN3 = "tiny-qwen3"
+TINY_LLAMA = "tiny-llama"  # a second architecture, for servers of several base models
 DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 logger = logging.getLogger("workers.base_models")
@@ -97,6 +98,8 @@ def resolve_base_model(name: str, data_dir: Path, *, allow_download: bool = True
         return _materialise(
             models_dir / TINY_QWEN3, lambda tmp: build_tiny_qwen3(tmp), TINY_QWEN3, fingerprint
         )
+    if name == TINY_LLAMA:
+        return _materialise(models_dir / TINY_LLAMA, build_tiny_llama, TINY_LLAMA, _tiny_fingerprint(TINY_LLAMA))
 
     tried: list[tuple[str, str]] = []
     local = _from_local_folder(name)
@@ -126,16 +129,32 @@ def build_tiny_qwen3(dest: Path) -> None:
     Deterministic: two builds give byte-identical model.safetensors. The caller's torch RNG,
     default dtype and default device are left untouched.
     """
-    import torch
-    from transformers import GenerationConfig, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
-    dest = Path(dest)
+    _build_tiny(Path(dest), Qwen3ForCausalLM, _tiny_qwen3_config())
+
+
+def build_tiny_llama(dest: Path) -> None:
+    """tiny-llama: a random 2.0 M-parameter Llama with tiny-qwen3's tokenizer, built the same way."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=4096, hidden_size=192, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=512, tie_word_embeddings=True, max_position_embeddings=4096, bos_token_id=None,
+        eos_token_id=2, pad_token_id=0, dtype="float32",
+    )
+    _build_tiny(Path(dest), LlamaForCausalLM, config)
+
+
+def _build_tiny(dest: Path, model_class: type, config: object) -> None:
+    import torch
+    from transformers import GenerationConfig
+
     dest.mkdir(parents=True, exist_ok=True)
-    config = _tiny_qwen3_config()
     # Pin everything that would otherwise leak in from the caller and change the bytes.
     with _isolated_fp32_cpu_torch():
         torch.manual_seed(_TINY_SEED)
-        model = Qwen3ForCausalLM(config)
+        model = model_class(config)
     model.generation_config = GenerationConfig(
         eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
     )
@@ -241,8 +260,9 @@ def _tiny_qwen3_config() -> Qwen3Config:
     )
 
 
-def _tiny_fingerprint() -> str:
-    digest = hashlib.sha256(f"recipe={_TINY_RECIPE_VERSION}".encode())
+def _tiny_fingerprint(name: str = TINY_QWEN3) -> str:
+    recipe = f"recipe={_TINY_RECIPE_VERSION}" + ("" if name == TINY_QWEN3 else f";{name}")
+    digest = hashlib.sha256(recipe.encode())
     for filename in _TINY_TOKENIZER_FILES:
         digest.update(filename.encode() + b"\0" + (_TINY_FILES_DIR / filename).read_bytes())
     return digest.hexdigest()

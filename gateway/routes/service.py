@@ -59,10 +59,11 @@ async def telemetry(_tenant: TenantId, _: dict[str, Any] | None = Body(None)) ->
 
 @router.get("/get_server_capabilities", response_model_exclude_none=True)
 async def capabilities(rt: Rt, _tenant: TenantId) -> api.GetServerCapabilitiesResponse:
-    model = api.SupportedModel(
-        model_name=rt.base.name, max_context_length=rt.base.max_context_length, trainable=True, sampleable=True
-    )
-    return api.GetServerCapabilitiesResponse(supported_models=[model])
+    models = [
+        api.SupportedModel(model_name=b.name, max_context_length=b.max_context_length, trainable=True, sampleable=True)
+        for b in rt.bases
+    ]
+    return api.GetServerCapabilitiesResponse(supported_models=models)
 
 
 @router.post("/create_session", response_model_exclude_none=True)

@@ -9,23 +9,27 @@ from fastapi import APIRouter
 from gateway.deps import Rt, TenantId
 from schemas import twinkle as tw
 from server.runtime import Runtime
+from workers.types import PoolStatus
 
 router = APIRouter()
 
 
-async def capacity(rt: Runtime, tenant: str) -> tw.CapacityResponse:
-    limits = await rt.refresh_limits(tenant)
-    pool = rt.engine.pool_status()
-    view = None if pool is None else tw.PoolView(
+def _pool_view(pool: PoolStatus) -> tw.PoolView:
+    return tw.PoolView(
         max_resident_adapters=pool.max_resident, resident_adapters=len(pool.resident), pinned_adapters=pool.pinned,
         paged_in_host=pool.paged_in_host, paged_on_disk=pool.paged_on_disk, host_bytes=pool.host_bytes,
         page_ins=pool.page_ins, page_outs=pool.page_outs,
     )
+
+
+async def capacity(rt: Runtime, tenant: str) -> tw.CapacityResponse:
+    limits = await rt.refresh_limits(tenant)
+    pools = {name: _pool_view(pool) for name, engine in rt.engines.items() if (pool := engine.pool_status())}
     usage = tw.TenantUsage(
         queue_depth=rt.scheduler.tenant_depth(tenant), inflight_requests=rt.quotas.inflight(tenant),
         live_models=rt.quotas.live_models(tenant), limits={k: float(v) for k, v in asdict(limits).items()},
     )
-    return tw.CapacityResponse(pool=view, samples_pending=rt.sample_admission.pending,
+    return tw.CapacityResponse(pool=pools.get(rt.base.name), pools=pools, samples_pending=rt.sample_admission.pending,
                                sample_queue_limit=rt.settings.sample_queue_limit, tenant=usage)
 
 
@@ -36,5 +40,6 @@ async def get_capacity(rt: Rt, tenant: TenantId) -> tw.CapacityResponse:
 
 @router.get("/status", response_model_exclude_none=True)
 async def get_status(rt: Rt, tenant: TenantId) -> tw.StatusResponse:
-    return tw.StatusResponse(status="ok", base_model=rt.base.name, uptime_seconds=round(rt.uptime(), 1),
+    return tw.StatusResponse(status="ok", base_model=rt.base.name, base_models=[b.name for b in rt.bases],
+                             uptime_seconds=round(rt.uptime(), 1),
                              capacity=await capacity(rt, tenant))

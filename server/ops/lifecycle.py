@@ -78,7 +78,8 @@ async def release(rt: Runtime, ended: Ended, message: str, *, wait_for_engine: b
 async def _free_adapters(rt: Runtime, ended: Ended, keep: bool) -> None:
     for model_id in ended.model_ids:
         try:
-            await (rt.engine.page_out(model_id) if keep else rt.engine.unload(model_id))
+            for engine in rt.engines.values():  # only the model's own engine holds it; the rest do nothing
+                await (engine.page_out(model_id) if keep else engine.unload(model_id))
         except Exception:
             log.exception("model_release_failed", extra={"model_id": model_id, "session_id": ended.session_id})
 
@@ -109,7 +110,8 @@ async def free_retired(rt: Runtime) -> list[str]:
     freed = rt.retention.take_due(cutoff)
     for model_id in freed:
         try:
-            await rt.engine.unload(model_id)
+            for engine in rt.engines.values():  # only the model's own engine holds it
+                await engine.unload(model_id)
         except Exception:
             log.exception("model_release_failed", extra={"model_id": model_id})
     if freed:

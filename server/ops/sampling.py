@@ -18,11 +18,11 @@ from server.ops.checkpoints import readable_by, resolve_checkpoint
 from server.ops.sessions import live_session
 from server.ops.validation import check_token_ids
 from server.queue.scheduler import Batch, OpResult
-from server.queue.scopes import DIRECT_SAMPLER, sample_batch_key, sample_queue, sampler_scope
+from server.queue.scopes import BASE_ADAPTER, DIRECT_SAMPLER, sample_batch_key, sample_queue, sampler_scope
 from server.runtime import Runtime
 from server.store.queries import owned
-from server.store.tables import Checkpoint, SamplingSession
-from workers.types import PromptScoring, SampleJob, SampleOutput, SampleParams
+from server.store.tables import Checkpoint, Model, SamplingSession
+from workers.types import BaseModelInfo, PromptScoring, SampleJob, SampleOutput, SampleParams
 
 log = logging.getLogger(__name__)
 MAX_NUM_SAMPLES = 128
@@ -31,7 +31,7 @@ MAX_NUM_SAMPLES = 128
 async def create_sampling_session(rt: Runtime, tenant_id: str, req: api.CreateSamplingSessionRequest) -> str:
     sampler_id = ids.sampling_session_id(req.session_id, req.sampling_session_seq_id)
     checkpoint = await _checkpoint_for(rt, tenant_id, req.model_path) if req.model_path else None
-    base = _served_base(rt, req.base_model)
+    base = await _base_of(rt, checkpoint) if checkpoint is not None else rt.served(req.base_model)
 
     def insert(s: Session) -> None:
         live_session(s, tenant_id, req.session_id)
@@ -55,44 +55,44 @@ async def get_sampler(rt: Runtime, tenant_id: str, sampler_id: str) -> api.GetSa
     return api.GetSamplerResponse(sampler_id=row.id, base_model=row.base_model, model_path=row.model_path)
 
 
-def _served_base(rt: Runtime, name: str | None) -> str:
-    if name is not None and name != rt.base.name:
-        raise InvalidRequest(f"base model {name!r} is not served here; this server serves {rt.base.name!r}", field="base_model")
-    return rt.base.name
+async def _base_of(rt: Runtime, checkpoint: Checkpoint) -> str:
+    """The served base model a checkpoint was trained on."""
+    name = await rt.db.run(lambda s: s.get(Model, checkpoint.model_id).base_model)
+    return rt.served(name, field="model_path")
 
 
 async def _checkpoint_for(rt: Runtime, tenant_id: str, model_path: str) -> Checkpoint:
     return await rt.db.run(lambda s: resolve_checkpoint(s, tenant_id, model_path, field="model_path"))
 
 
-async def _adapter_ref(rt: Runtime, tenant_id: str, req: api.SampleRequest) -> str | None:
-    """The checkpoint (its storage reference) to sample with (None: the bare base model). A sampling session's
-    checkpoint is checked again at every request: it may have been deleted, expired or (if it is
-    another tenant's) unpublished since the session was made."""
+async def _target(rt: Runtime, tenant_id: str, req: api.SampleRequest) -> tuple[str | None, str]:
+    """The checkpoint (its storage reference; None: the bare base model) to sample with, and its
+    base model. A sampling session's checkpoint is checked again at every request: it may have been
+    deleted, expired or (if it is another tenant's) unpublished since the session was made."""
     if req.sampling_session_id is not None:
 
-        def find(s: Session) -> str | None:
+        def find(s: Session) -> tuple[str | None, str]:
             row = owned(s, SamplingSession, tenant_id, req.sampling_session_id, field="sampling_session_id")
             live_session(s, tenant_id, row.session_id, field="sampling_session_id")  # 410 once it has ended
             if row.checkpoint_id is None:
                 if row.model_path:  # its checkpoint was deleted: resolving the path says so
-                    return resolve_checkpoint(s, tenant_id, row.model_path, field="sampling_session_id").storage_dir
-                return None
+                    found = resolve_checkpoint(s, tenant_id, row.model_path, field="sampling_session_id")
+                    return found.storage_dir, row.base_model
+                return None, row.base_model
             checkpoint = s.get(Checkpoint, row.checkpoint_id)
             if checkpoint is None or not readable_by(checkpoint, tenant_id):
                 raise NotFound(f"the checkpoint of sampler {row.id} is no longer available", field="sampling_session_id")
-            return checkpoint.storage_dir
+            return checkpoint.storage_dir, row.base_model
 
-        relative = await rt.db.run(find)
-    elif req.model_path is not None:
-        relative = (await _checkpoint_for(rt, tenant_id, req.model_path)).storage_dir
-    else:
-        _served_base(rt, req.base_model)
-        relative = None
-    return relative
+        ref, base = await rt.db.run(find)
+        return ref, rt.served(base, field="sampling_session_id")
+    if req.model_path is not None:
+        checkpoint = await _checkpoint_for(rt, tenant_id, req.model_path)
+        return checkpoint.storage_dir, await _base_of(rt, checkpoint)
+    return None, rt.served(req.base_model)
 
 
-def _prompt_tokens(rt: Runtime, req: api.SampleRequest) -> list[int]:
+def _prompt_tokens(base: BaseModelInfo, req: api.SampleRequest) -> list[int]:
     tokens: list[int] = []
     for j, chunk in enumerate(req.prompt.chunks):
         if not isinstance(chunk, api.EncodedTextChunk):
@@ -101,18 +101,18 @@ def _prompt_tokens(rt: Runtime, req: api.SampleRequest) -> list[int]:
                 field=f"prompt.chunks[{j}]",
             )
         tokens.extend(chunk.tokens)
-    check_token_ids(np.asarray(tokens, dtype=np.int64), rt.base, "prompt")
+    check_token_ids(np.asarray(tokens, dtype=np.int64), base, "prompt")
     return tokens
 
 
-def _params(rt: Runtime, req: api.SampleRequest, prompt_len: int) -> SampleParams:
+def _params(rt: Runtime, base: BaseModelInfo, req: api.SampleRequest, prompt_len: int) -> SampleParams:
     p = req.sampling_params
-    room = rt.base.max_context_length - prompt_len
+    room = base.max_context_length - prompt_len
     max_tokens = p.max_tokens if p.max_tokens is not None else min(rt.settings.default_sample_max_tokens, room)
     if max_tokens > room:
         raise InvalidRequest(
             f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceed the context length "
-            f"{rt.base.max_context_length}",
+            f"{base.max_context_length}",
             field="sampling_params.max_tokens",
         )
     stop = [p.stop] if isinstance(p.stop, str) else list(p.stop or [])
@@ -131,17 +131,20 @@ def _params(rt: Runtime, req: api.SampleRequest, prompt_len: int) -> SampleParam
 async def sample(rt: Runtime, tenant_id: str, req: api.SampleRequest, fingerprint: str) -> api.UntypedAPIFuture:
     if req.num_samples > MAX_NUM_SAMPLES:
         raise InvalidRequest(f"num_samples is limited to {MAX_NUM_SAMPLES}", field="num_samples")
-    prompt = _prompt_tokens(rt, req)
-    job, target = _job(rt, req, prompt)
-    adapter_ref = await _adapter_ref(rt, tenant_id, req)
+    adapter_ref, base = await _target(rt, tenant_id, req)
+    info = rt.base_for(base)
+    prompt = _prompt_tokens(info, req)
+    job, target = _job(rt, info, req, prompt)
     await rt.refresh_limits(tenant_id)
     tokens = (len(prompt) + job.params.max_tokens) * req.num_samples
     rt.quotas.check_tokens(tenant_id, tokens, "sampling_params.max_tokens")
-    queue = sample_queue(tenant_id, adapter_ref)
+    # Samples of the bare base model name it: several base models never share a pass.
+    on = adapter_ref or f"{BASE_ADAPTER}:{base}"
+    queue = sample_queue(tenant_id, on)
     admit(rt, tenant_id)
 
     async def run_many(payloads: list[tuple[SampleJob, TargetIds | None]]) -> list[OpResult]:
-        outputs = await rt.engine.sample_batch(adapter_ref, [job for job, _ in payloads])
+        outputs = await rt.engine_for(base).sample_batch(adapter_ref, [job for job, _ in payloads])
         return [_encode(out, tgt) for out, (_, tgt) in zip(outputs, payloads)]
 
     async def run() -> OpResult:
@@ -154,7 +157,7 @@ async def sample(rt: Runtime, tenant_id: str, req: api.SampleRequest, fingerprin
         publish(request_id, state, result)
 
     # Requests on the same checkpoint share one batched prefill and decode (one adapter per pass).
-    batch = Batch(key=sample_batch_key(adapter_ref), size=req.num_samples, budget=rt.settings.sample_batch_rows,
+    batch = Batch(key=sample_batch_key(on), size=req.num_samples, budget=rt.settings.sample_batch_rows,
                   payload=(job, target), run=run_many)
     try:
         sub = await rt.enqueue(
@@ -181,17 +184,18 @@ def admit(rt: Runtime, tenant_id: str) -> None:
         raise Busy(f"the sampler queue is full ({limit} requests); retry shortly")
 
 
-def _job(rt: Runtime, req: api.SampleRequest, prompt: list[int]) -> tuple[SampleJob, TargetIds | None]:
-    params = _params(rt, req, len(prompt))
+def _job(rt: Runtime, base: BaseModelInfo, req: api.SampleRequest, prompt: list[int]
+         ) -> tuple[SampleJob, TargetIds | None]:
+    params = _params(rt, base, req, len(prompt))
     check_sample_options(
-        prompt_len=len(prompt), vocab_size=rt.base.vocab_size, prompt_logprobs=bool(req.prompt_logprobs),
+        prompt_len=len(prompt), vocab_size=base.vocab_size, prompt_logprobs=bool(req.prompt_logprobs),
         prompt_logprobs_last_n=req.prompt_logprobs_last_n, topk_prompt_logprobs=req.topk_prompt_logprobs,
         topk_sample_logprobs=req.topk_sample_logprobs, prompt_alt_tokens_k=req.prompt_alt_tokens_k,
         num_samples=req.num_samples, max_tokens=params.max_tokens,
     )
     target = None
     if req.target_prompt_logprobs is not None:
-        target = decode_target_ids(req.target_prompt_logprobs, prompt_len=len(prompt), vocab_size=rt.base.vocab_size)
+        target = decode_target_ids(req.target_prompt_logprobs, prompt_len=len(prompt), vocab_size=base.vocab_size)
     scoring = PromptScoring(
         logprobs=bool(req.prompt_logprobs), last_n=req.prompt_logprobs_last_n, topk=req.topk_prompt_logprobs,
         target_ids=None if target is None else target.ids, alt_tokens_k=req.prompt_alt_tokens_k,

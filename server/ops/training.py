@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from schemas import tinker as api
 from schemas.wire import ForwardBackwardCall, encode_forward_backward_output
 from server import ids
+from server.engine.protocol import Engine
 from server.errors import InvalidRequest, NotFound, OperationFailed, TwinkleError
 from server.kinds import OpKind, ResultFormat
 from server.ops import custom_losses
@@ -87,7 +88,7 @@ async def release_seq(rt: Runtime, tenant_id: str, model_id: object, seq_id: obj
 
 
 @asynccontextmanager
-async def _model_slot(rt: Runtime, tenant_id: str, model_id: str) -> AsyncIterator[None]:
+async def _model_slot(rt: Runtime, tenant_id: str, model_id: str, base: str) -> AsyncIterator[None]:
     """Claim a live-model slot for a model being made in the block. Checked again here, when the
     creation runs (the check and the claim have no await between them), so concurrent submissions cannot together exceed
     the quota; a creation that fails frees the slot and whatever adapter it made."""
@@ -101,7 +102,7 @@ async def _model_slot(rt: Runtime, tenant_id: str, model_id: str) -> AsyncIterat
     except BaseException:
         rt.quotas.model_unloaded(tenant_id, model_id)
         try:
-            await rt.engine.unload(model_id)  # a no-op when no adapter was made
+            await rt.engine_for(base).unload(model_id)  # a no-op when no adapter was made
         except Exception:
             log.exception("model_release_failed", extra={"model_id": model_id})
         raise
@@ -110,7 +111,7 @@ async def _model_slot(rt: Runtime, tenant_id: str, model_id: str) -> AsyncIterat
 # ----- model creation ------------------------------------------------------------------------
 async def create_model(rt: Runtime, tenant_id: str, req: api.CreateModelRequest, fingerprint: str) -> api.UntypedAPIFuture:
     await rt.db.run(lambda s: live_session(s, tenant_id, req.session_id))
-    _check_base_model(rt, req.base_model)
+    base = rt.served(req.base_model)
     lora = req.lora_config or api.LoraConfig(rank=32)
     await rt.refresh_limits(tenant_id)
     rt.quotas.check_rank(tenant_id, lora.rank)
@@ -128,9 +129,9 @@ async def create_model(rt: Runtime, tenant_id: str, req: api.CreateModelRequest,
     async def run() -> OpResult:
         if await rt.db.run(lambda s: s.get(Model, model_id)) is not None:
             raise OperationFailed(f"model {model_id} already exists (model_seq_id {req.model_seq_id} was used before)")
-        async with _model_slot(rt, tenant_id, model_id):
-            await rt.engine.create_adapter(model_id, spec)
-            await rt.db.run(lambda s: _insert_model(s, tenant_id, req.session_id, req.model_seq_id, rt.base.name, spec,
+        async with _model_slot(rt, tenant_id, model_id, base):
+            await rt.engine_for(base).create_adapter(model_id, spec)
+            await rt.db.run(lambda s: _insert_model(s, tenant_id, req.session_id, req.model_seq_id, base, spec,
                                                     req.user_metadata))
         log.info("model_created", extra={"model_id": model_id, "tenant_id": tenant_id, "rank": spec.rank})
         return json_result(api.CreateModelResponse(model_id=model_id))
@@ -142,9 +143,9 @@ async def create_model(rt: Runtime, tenant_id: str, req: api.CreateModelRequest,
     return api.UntypedAPIFuture(request_id=sub.request_id, model_id=model_id)
 
 
-def _check_base_model(rt: Runtime, name: str | None, field: str = "base_model") -> None:
-    if name is not None and name != rt.base.name:
-        raise InvalidRequest(f"base model {name!r} is not served here; this server serves {rt.base.name!r}", field=field)
+def engine_of(rt: Runtime, model: Model) -> Engine:
+    """The engine of the model's base model (400 if this server no longer serves it)."""
+    return rt.engine_for(rt.served(model.base_model, field="model_id"))
 
 
 def _insert_model(s: Session, tenant_id: str, session_id: str, seq: int, base: str, spec: LoraSpec, meta: dict | None) -> None:
@@ -176,7 +177,7 @@ async def get_info(rt: Runtime, tenant_id: str, model_id: str) -> api.GetInfoRes
     model = await owned_model(rt, tenant_id, model_id, touch=False)
     return api.GetInfoResponse(
         model_id=model.id,
-        model_data=api.ModelData(arch=rt.base.architecture, model_name=model.base_model, tokenizer_id=model.base_model),
+        model_data=api.ModelData(arch=rt.base_for(rt.served(model.base_model, field="model_id")).architecture, model_name=model.base_model, tokenizer_id=model.base_model),
         is_lora=True,
         lora_rank=model.lora_rank,
         model_name=model.base_model,
@@ -192,15 +193,15 @@ async def forward_backward(
         custom = None
         if call.loss_fn == "custom":
             custom = await custom_losses.spec_for(rt, tenant_id, model.session_id, call.loss_fn_config.get("loss_id"))
-            check_custom_loss_data(call, custom, rt.base)
+            check_custom_loss_data(call, custom, rt.base_for(rt.served(model.base_model, field="model_id")))
         else:
-            check_forward_backward(call, rt.base)
+            check_forward_backward(call, rt.base_for(rt.served(model.base_model, field="model_id")))
         await rt.refresh_limits(tenant_id)
         tokens = sum(len(d.tokens) for d in call.data)
         rt.quotas.check_tokens(tenant_id, tokens, "data")
 
     async def run_calls(calls: list[ForwardBackwardCall]) -> list[OpResult]:
-        results = await rt.engine.forward_backward(model.id, calls, custom)
+        results = await engine_of(rt, model).forward_backward(model.id, calls, custom)
         return [(encode_forward_backward_output(r.outputs, r.metrics), ResultFormat.PROTO) for r in results]
 
     async def run() -> OpResult:
@@ -229,7 +230,7 @@ async def optim_step(rt: Runtime, tenant_id: str, req: api.OptimStepRequest, fin
     adam = AdamConfig(**req.adam_params.model_dump())
 
     async def run() -> OpResult:
-        metrics = await rt.engine.optim_step(model.id, adam)
+        metrics = await engine_of(rt, model).optim_step(model.id, adam)
         return json_result(api.OptimStepResponse(metrics=metrics))
 
     return await _model_op(rt, tenant_id, model, kind=OpKind.OPTIM_STEP, seq_id=req.seq_id, fingerprint=fingerprint, run=run)
@@ -265,7 +266,7 @@ async def save_checkpoint(
         path = ids.TinkerPath(model.id, kind, name)
         raise OperationFailed(f"checkpoint {path} already exists; choose another name (or save_state with overwrite=True)")
     checkpoint_id, relative, _ = new_checkpoint_dir(rt, tenant_id)
-    size = await rt.engine.save(model.id, relative, with_optimizer=with_optimizer, encrypt_to=encrypt_to)
+    size = await engine_of(rt, model).save(model.id, relative, with_optimizer=with_optimizer, encrypt_to=encrypt_to)
 
     def record(s: Session) -> Checkpoint:
         row = checkpoint_by_name(s, tenant_id, model.id, kind, name)
@@ -363,7 +364,7 @@ async def unload_model(rt: Runtime, tenant_id: str, req: api.UnloadModelRequest,
     model = await owned_model(rt, tenant_id, req.model_id, touch=False)
 
     async def run() -> OpResult:
-        await rt.engine.unload(model.id)
+        await engine_of(rt, model).unload(model.id)
         rt.quotas.model_unloaded(tenant_id, model.id)
         log.info("model_unloaded", extra={"model_id": model.id, "tenant_id": tenant_id})
         return json_result(api.UnloadModelResponse(model_id=model.id))
@@ -391,7 +392,7 @@ async def load_weights(rt: Runtime, tenant_id: str, req: api.LoadWeightsRequest,
         ref = (await _loadable_checkpoint(rt, tenant_id, req)).storage_dir
 
     async def run() -> OpResult:
-        await rt.engine.load(model.id, ref, with_optimizer=req.optimizer)
+        await engine_of(rt, model).load(model.id, ref, with_optimizer=req.optimizer)
         return json_result(api.LoadWeightsResponse(path=req.path, model_id=model.id))
 
     return await _model_op(rt, tenant_id, model, kind=OpKind.LOAD_WEIGHTS, seq_id=req.seq_id, fingerprint=fingerprint, run=run)
@@ -410,10 +411,13 @@ async def _create_from_checkpoint(
     assert req.session_id is not None and req.model_seq_id is not None
     session_id, seq = req.session_id, req.model_seq_id
     await rt.db.run(lambda s: live_session(s, tenant_id, session_id))
-    _check_base_model(rt, req.base_model)
     await rt.refresh_limits(tenant_id)
+    source = await rt.db.run(lambda s: s.get(Model, checkpoint.model_id))
+    base = rt.served(source.base_model, field="path")  # the new model is on the checkpoint's base model
+    if req.base_model is not None and req.base_model != base:
+        raise InvalidRequest(f"{req.path} was trained on base model {base!r}, not {req.base_model!r}", field="base_model")
     # A published checkpoint (or one saved before the tenant's limit was lowered) may be bigger.
-    rank = await rt.db.run(lambda s: s.get(Model, checkpoint.model_id).lora_rank)
+    rank = source.lora_rank
     if rank > (cap := rt.quotas.limits(tenant_id).max_lora_rank):
         raise InvalidRequest(f"{req.path} has LoRA rank {rank}, over this tenant's max_lora_rank {cap}", field="path")
     rt.quotas.check_new_model(tenant_id)
@@ -422,9 +426,9 @@ async def _create_from_checkpoint(
     async def run() -> OpResult:
         if await rt.db.run(lambda s: s.get(Model, model_id)) is not None:
             raise OperationFailed(f"model {model_id} already exists (model_seq_id {seq} was used before)")
-        async with _model_slot(rt, tenant_id, model_id):
-            spec = await rt.engine.load(model_id, checkpoint.storage_dir, with_optimizer=req.optimizer)
-            await rt.db.run(lambda s: _insert_model(s, tenant_id, session_id, seq, rt.base.name, spec, req.user_metadata))
+        async with _model_slot(rt, tenant_id, model_id, base):
+            spec = await rt.engine_for(base).load(model_id, checkpoint.storage_dir, with_optimizer=req.optimizer)
+            await rt.db.run(lambda s: _insert_model(s, tenant_id, session_id, seq, base, spec, req.user_metadata))
         log.info("model_created_from_checkpoint", extra={"model_id": model_id, "tenant_id": tenant_id})
         return json_result(api.LoadWeightsResponse(path=req.path, model_id=model_id))
 

@@ -210,3 +210,15 @@ def test_root_path_is_a_clean_url_path() -> None:
     for bad in ("twinkle", "/twinkle/", "/a b", "/../x"):
         with pytest.raises(ConfigError, match="root_path"):
             load_settings(env={"TWINKLE_ROOT_PATH": bad})
+
+
+def test_several_base_models_by_flag_env_or_yaml(tmp_path: Path) -> None:
+    assert Settings(base_model="tiny-qwen3").base_models == ["tiny-qwen3"]
+    assert load_settings(env={"TWINKLE_BASE_MODEL": "tiny-qwen3, tiny-llama"}).base_models == ["tiny-qwen3", "tiny-llama"]
+    assert load_settings(cli={"base_model": ["tiny-llama", "tiny-qwen3"]}).base_models == ["tiny-llama", "tiny-qwen3"]
+    config = tmp_path / "c.yaml"
+    config.write_text("base_model: [tiny-qwen3, tiny-llama]\n")
+    assert load_settings(env={}, config_file=config).base_models == ["tiny-qwen3", "tiny-llama"]
+    for bad in ("tiny-qwen3,tiny-qwen3", " , "):
+        with pytest.raises(ConfigError, match="base_model"):
+            load_settings(env={"TWINKLE_BASE_MODEL": bad})

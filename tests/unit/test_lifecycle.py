@@ -59,7 +59,7 @@ def runtime(tmp_path, engine: RecordingEngine, **settings) -> SimpleNamespace:
     def spawn(work, name: str) -> None:
         spawned.append(asyncio.get_running_loop().create_task(work, name=name))
 
-    return SimpleNamespace(settings=config, engine=engine, quotas=Quotas(config), retention=Retention(),
+    return SimpleNamespace(settings=config, engine=engine, engines={"tiny-qwen3": engine}, quotas=Quotas(config), retention=Retention(),
                            fail_queued=fail_queued, failed=failed, spawn=spawn, spawned=spawned)
 
 
