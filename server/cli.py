@@ -33,6 +33,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", type=Path, help="where the database, models and checkpoints live (env TWINKLE_DATA_DIR)")
     p.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite in the data dir; env TWINKLE_DATABASE_URL)")
     p.add_argument("--torch-threads", type=int, help="torch threads of the compute thread (env TWINKLE_TORCH_THREADS)")
+    p.add_argument("--redis-url", help="Redis for several server processes on one database, e.g. "
+                                       "redis://127.0.0.1:6379/0 (env TWINKLE_REDIS_URL)")
     p.add_argument("--db-upgrade", action="store_true", default=None,
                    help="upgrade the database schema at start (default: on SQLite only; env TWINKLE_DB_UPGRADE)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one; env TWINKLE_DEVICE)")

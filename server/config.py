@@ -42,6 +42,10 @@ class Settings(BaseModel):
     base_model: str | list[str] = DEFAULT_BASE_MODEL
     data_dir: Path = Path(".twinkle")
     database_url: str | None = None  # default: SQLite file in data_dir
+    # Redis, for several server processes on one database: a future's end is announced to all of
+    # them, so a long-poll on any process returns at once. Keys are prefixed with `redis_prefix`.
+    redis_url: str | None = Field(None, pattern=r"^(redis|rediss|unix)://")
+    redis_prefix: str = Field("twinkle", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     # Bring the database schema up to date at start (None: on SQLite only; PostgreSQL is upgraded
     # by `twinkle db upgrade`, or by this flag, so that one deliberate step changes a shared schema).
     db_upgrade: bool | None = None

@@ -23,6 +23,7 @@ from server.queue.feeds import CompletionFeeds
 from server.queue.futures import STOP_MESSAGE, FutureHub, Submission
 from server.queue.instances import Instances
 from server.queue.scheduler import Batch, Notify, OpRunner, Scheduler
+from server.queue.wakeups import RedisWakeups
 from server.store.database import Database
 from server.store.tables import Tenant
 from server.tenancy.keys import KeyCache
@@ -42,6 +43,7 @@ class Runtime:
     quotas: Quotas
     sample_admission: Admission
     instances: Instances  # this process among those sharing the database
+    wakeups: RedisWakeups | None = None  # with --redis-url: futures' ends heard from other processes
     feeds: CompletionFeeds = field(default_factory=CompletionFeeds)
     keys: KeyCache = field(default_factory=KeyCache)  # key hash -> tenant, for a few seconds
     retention: Retention = field(default_factory=Retention)  # expired sessions' adapters, freed later
@@ -159,7 +161,9 @@ class Runtime:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(lambda: self.db.ensure_schema(upgrade=self.settings.upgrades_schema))
         await asyncio.to_thread(self.instances.register)
-        await asyncio.to_thread(self.instances.sweep)  # what processes that are gone left pending
+        if self.wakeups is not None:
+            await self.wakeups.start(self.hub.wake)
+        await self.hub.ended(await asyncio.to_thread(self.instances.sweep))  # what gone processes left pending
         self.spawn(self._heartbeats(), name="instance-heartbeat")
         for name, engine in self.engines.items():  # one at a time: loading is the memory peak
             self._bases[name] = await engine.start()
@@ -173,7 +177,7 @@ class Runtime:
             await asyncio.sleep(interval)
             try:
                 await asyncio.to_thread(self.instances.heartbeat)
-                self.hub.wake(await asyncio.to_thread(self.instances.sweep))
+                await self.hub.ended(await asyncio.to_thread(self.instances.sweep))
             except Exception:
                 log.exception("instance_heartbeat_failed")
 
@@ -197,7 +201,9 @@ class Runtime:
         try:  # what was queued here can no longer finish: say so now rather than at the next start
             if failed := await asyncio.to_thread(self.instances.retire, STOP_MESSAGE):
                 log.warning("futures_failed_on_stop", extra={"count": len(failed)})
-                self.hub.wake(failed)
+                await self.hub.ended(failed)
         except Exception:
             log.exception("instance_retire_failed")
+        if self.wakeups is not None:
+            await self.wakeups.stop()
         self.db.close()

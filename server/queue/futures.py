@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
@@ -21,6 +22,9 @@ STOP_MESSAGE = (
     "the server stopped while this request was queued or running, so it was not completed; "
     "submit it again (training state since the last checkpoint may be lost)"
 )
+
+
+Announce = Callable[[list[str]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -56,10 +60,12 @@ def _view(row: Future) -> FutureView:
 
 
 class FutureHub:
-    def __init__(self, db: Database, owner: str | None = None) -> None:
-        """`owner`: the process (server/queue/instances.py) whose queue holds the futures made here."""
+    def __init__(self, db: Database, owner: str | None = None, announce: Announce | None = None) -> None:
+        """`owner`: the process (server/queue/instances.py) whose queue holds the futures made here.
+        `announce`: tells the other processes of a deployment that futures ended (server/queue/wakeups.py)."""
         self._db = db
         self._owner = owner
+        self._announce = announce
         self._events: dict[str, set[asyncio.Event]] = {}  # request_id -> one event per waiter
 
     async def submit(self, *, tenant_id: str, kind: OpKind, scope: str, seq_id: int, fingerprint: str) -> Submission:
@@ -102,8 +108,13 @@ class FutureHub:
             s.execute(update(Future).where(Future.request_id == request_id).values(finished_at=utcnow(), **values))
 
         await self._db.run(write)
-        for event in self._events.pop(request_id, ()):
-            event.set()
+        await self.ended([request_id])
+
+    async def ended(self, request_ids: list[str]) -> None:
+        """Futures ended (here, or by a sweep): wake their waiters here and in every other process."""
+        self.wake(request_ids)
+        if self._announce is not None:
+            await self._announce(request_ids)
 
     def wake(self, request_ids: list[str]) -> None:
         """Waiters on futures that ended elsewhere (another process, or a sweep) read them again."""

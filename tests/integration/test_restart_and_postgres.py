@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import pickle
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -131,3 +132,27 @@ def test_two_servers_on_one_database_fail_only_a_dead_ones_work(tmp_path, tiny_m
             answer = httpx.post(retrieve, json={"request_id": request_id}, headers=key, timeout=60).json()
             assert answer.get("category") == "server" and "stopped before completing" in answer["error"], answer
             assert time.monotonic() - started < 15  # woken by the sweep, not at the end of the long-poll
+
+
+def test_a_future_run_by_one_server_wakes_a_poll_on_another_through_redis(tmp_path, tiny_model_dir, token_rows,
+                                                                           make_pg_database) -> None:
+    url = make_pg_database()
+    assert main(["db", "upgrade", "--database-url", url]) == 0
+    prefix = f"test-{uuid.uuid4().hex[:12]}"  # this run's own channel on the machine's Redis
+    args = ["--database-url", url, "--redis-url", "redis://127.0.0.1:6379/0"]
+    env = {"TWINKLE_REDIS_PREFIX": prefix, "TWINKLE_SEQ_GAP_GRACE_SECONDS": "3"}
+    key = {"X-API-Key": "tml-redis"}
+    with running_server(fresh_data_dir(tmp_path / "a", tiny_model_dir), extra_args=args, env=env) as first, \
+            running_server(fresh_data_dir(tmp_path / "b", tiny_model_dir), extra_args=args, env=env) as second:
+        with tinker.ServiceClient(base_url=first.base_url, api_key="tml-redis") as sc:
+            tc = sc.create_lora_training_client(BASE, rank=2, seed=0).result()
+            # seq_id 5 runs on the first server once its gap's grace (3 s) is over.
+            body = fwdbwd_proto(tc.model_id, make_data(token_rows), seq_id=5)
+            headers = {**key, "Content-Type": "application/x-protobuf"}
+            request_id = httpx.post(f"{first.base_url}/api/v1/forward_backward", headers=headers,
+                                    content=body).json()["request_id"]
+            started = time.monotonic()
+            answer = httpx.post(f"{second.base_url}/api/v1/retrieve_future", json={"request_id": request_id},
+                                headers=key, timeout=60)
+            assert answer.headers["content-type"].startswith("application/x-protobuf"), answer.text  # the result
+            assert time.monotonic() - started < 15  # woken when it ended, not at the end of the 25 s long-poll

@@ -222,3 +222,12 @@ def test_several_base_models_by_flag_env_or_yaml(tmp_path: Path) -> None:
     for bad in ("tiny-qwen3,tiny-qwen3", " , "):
         with pytest.raises(ConfigError, match="base_model"):
             load_settings(env={"TWINKLE_BASE_MODEL": bad})
+
+
+def test_redis_url_and_prefix_are_checked() -> None:
+    s = load_settings(env={"TWINKLE_REDIS_URL": "redis://127.0.0.1:6379/0", "TWINKLE_REDIS_PREFIX": "prod:eu"})
+    assert (s.redis_url, s.redis_prefix) == ("redis://127.0.0.1:6379/0", "prod:eu")
+    assert Settings().redis_url is None  # one process, no Redis: as before
+    for env, name in (({"TWINKLE_REDIS_URL": "http://x"}, "redis_url"), ({"TWINKLE_REDIS_PREFIX": "a b"}, "redis_prefix")):
+        with pytest.raises(ConfigError, match=name):
+            load_settings(env=env)

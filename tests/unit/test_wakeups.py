@@ -1,0 +1,75 @@
+"""Wake-ups between server processes over the machine's real Redis (server/queue/wakeups.py):
+a waiter on one process's hub wakes when another process ends the future; Redis down costs only
+the long-poll, never an error."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from server.queue.futures import FutureHub
+from server.queue.wakeups import RedisWakeups
+from server.store.database import Database
+from server.store.tables import Tenant
+
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def db(tmp_path: Path):
+    database = Database(f"sqlite:///{tmp_path / 'shared.db'}", threads=4)
+    database.migrate()
+    database.call(lambda s: s.add(Tenant(id="t", name="t")))
+    yield database
+    database.close()
+
+
+async def two_processes(db: Database, url: str, prefix: str) -> tuple[FutureHub, FutureHub, list[RedisWakeups]]:
+    wakeups = [RedisWakeups(url, prefix), RedisWakeups(url, prefix)]
+    hubs = [FutureHub(db, owner=f"p{i}", announce=w.announce) for i, w in enumerate(wakeups)]
+    for hub, w in zip(hubs, wakeups):
+        await w.start(hub.wake)
+    await asyncio.sleep(0.3)  # both subscribed
+    return hubs[0], hubs[1], wakeups
+
+
+def test_a_waiter_on_another_process_wakes_when_the_future_ends(db: Database) -> None:
+    async def scenario() -> None:
+        runner, other, wakeups = await two_processes(db, REDIS, f"test-{uuid.uuid4().hex}")
+        try:
+            sub = await runner.submit(tenant_id="t", kind="sample", scope="sampler:x", seq_id=1, fingerprint="f")
+            waiting = asyncio.create_task(other.wait("t", sub.request_id, timeout=20))
+            await asyncio.sleep(0.2)
+            started = time.monotonic()
+            await runner.resolve(sub.request_id, b"done", "json")
+            view = await waiting
+            assert view.state == "done" and view.result == b"done"
+            assert time.monotonic() - started < 2  # woken, not at the end of its 20 s long-poll
+        finally:
+            for w in wakeups:
+                await w.stop()
+
+    asyncio.run(scenario())
+
+
+def test_redis_down_costs_the_long_poll_not_an_error(db: Database) -> None:
+    async def scenario() -> None:
+        runner, other, wakeups = await two_processes(db, "redis://127.0.0.1:1/0", "down")  # nothing listens there
+        try:
+            sub = await runner.submit(tenant_id="t", kind="sample", scope="sampler:x", seq_id=1, fingerprint="f")
+            waiting = asyncio.create_task(other.wait("t", sub.request_id, timeout=1))
+            await asyncio.sleep(0.1)
+            started = time.monotonic()
+            await runner.resolve(sub.request_id, b"done", "json")  # does not wait for Redis
+            assert time.monotonic() - started < 0.5
+            assert (await waiting).state == "pending"  # not woken: it reads the result at its next poll
+            assert (await other.get("t", sub.request_id)).state == "done"
+        finally:
+            for w in wakeups:
+                await w.stop()
+
+    asyncio.run(scenario())
