@@ -12,10 +12,10 @@ from server.engine.protocol import Engine
 from server.ops.lifecycle import run_session_reaper
 from server.ops.reaper import run_reaper
 from server.queue.admission import Admission
+from server.queue.bus import RedisBus
 from server.queue.futures import FutureHub
 from server.queue.instances import Instances
 from server.queue.scheduler import Scheduler
-from server.queue.wakeups import RedisWakeups
 from server.runtime import Runtime
 from server.store.database import Database
 from server.tenancy.quotas import Quotas
@@ -49,8 +49,8 @@ def build_runtime(settings: Settings, engine: Engine | None = None) -> Runtime:
     engines share the machine's cores, so one call at a time in all is what they can run."""
     db = Database(settings.resolved_database_url)
     instances = Instances(db, timeout=settings.instance_timeout_seconds)
-    wakeups = RedisWakeups(settings.redis_url, settings.redis_prefix) if settings.redis_url else None
-    hub = FutureHub(db, owner=instances.id, announce=wakeups.announce if wakeups else None)
+    bus = RedisBus(settings.redis_url, settings.redis_prefix) if settings.redis_url else None
+    hub = FutureHub(db, owner=instances.id, announce=bus.announce if bus else None)
     quotas = Quotas(settings)
     engines: dict[str, Engine] = {name: local_engine(settings, name) for name in settings.base_models[1:]}
     default = engine or local_engine(settings, settings.base_models[0])
@@ -66,7 +66,7 @@ def build_runtime(settings: Settings, engine: Engine | None = None) -> Runtime:
         quotas=quotas,
         sample_admission=Admission(settings.sample_queue_limit),
         instances=instances,
-        wakeups=wakeups,
+        bus=bus,
     )
 
 

@@ -59,6 +59,7 @@ def _store_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML file with data_dir / database_url")
     p.add_argument("--data-dir", type=Path, help="the server's data dir (env TWINKLE_DATA_DIR)")
     p.add_argument("--database-url", help="the server's database (env TWINKLE_DATABASE_URL)")
+    p.add_argument("--redis-url", help="the servers' Redis, to tell them of a revoked key at once (env TWINKLE_REDIS_URL)")
 
 
 def _limit(text: str) -> tuple[str, int | float]:
@@ -103,7 +104,8 @@ def _keys_parser(sub: argparse._SubParsersAction) -> None:
     ls.add_argument("--tenant")
     ls.add_argument("--active", action="store_true", help="leave out revoked keys")
     ls.add_argument("--json", action="store_true", help="JSON instead of a table")
-    r = cmds.add_parser("revoke", help="revoke a key by its id (key-…); a running server refuses it within seconds")
+    r = cmds.add_parser("revoke", help="revoke a key by its id (key-…); running servers refuse it at once with "
+                                       "--redis-url, within seconds without")
     r.add_argument("key_id")
     for q in (c, ls, r):
         _store_options(q)
@@ -134,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "tenants":
         return _store_command(settings, _tenants_action(args))
     if args.command == "keys":
-        return _store_command(settings, _keys_action(args))
+        code = _store_command(settings, _keys_action(args))
+        if code == 0 and args.action == "revoke" and settings.redis_url:
+            _announce_revocation(settings, args.key_id)
+        return code
     if args.command == "db":
         return _db_command(settings, args.action)
     if problem := bind_problem(settings):
@@ -224,6 +229,15 @@ def _tenants_action(args: argparse.Namespace) -> Callable[[Any], None]:
             _print_json(limits)
 
     return run
+
+
+def _announce_revocation(settings: Settings, key_id: str) -> None:
+    """After the revocation is committed: servers sharing Redis drop the key from their caches now."""
+    from server.queue.bus import publish_revocation
+
+    assert settings.redis_url is not None
+    if not publish_revocation(settings.redis_url, settings.redis_prefix, key_id):
+        print("twinkle: Redis could not be reached; running servers refuse the key within seconds", file=sys.stderr)
 
 
 def _keys_action(args: argparse.Namespace) -> Callable[[Any], None]:

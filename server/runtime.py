@@ -19,11 +19,11 @@ from server.engine.retention import Retention
 from server.errors import InvalidRequest
 from server.kinds import ErrorCategory, FutureState, OpKind
 from server.queue.admission import Admission
+from server.queue.bus import RedisBus
 from server.queue.feeds import CompletionFeeds
 from server.queue.futures import STOP_MESSAGE, FutureHub, Submission
 from server.queue.instances import Instances
 from server.queue.scheduler import Batch, Notify, OpRunner, Scheduler
-from server.queue.wakeups import RedisWakeups
 from server.store.database import Database
 from server.store.tables import Tenant
 from server.tenancy.keys import KeyCache
@@ -43,7 +43,7 @@ class Runtime:
     quotas: Quotas
     sample_admission: Admission
     instances: Instances  # this process among those sharing the database
-    wakeups: RedisWakeups | None = None  # with --redis-url: futures' ends heard from other processes
+    bus: RedisBus | None = None  # with --redis-url: messages from and to the other server processes
     feeds: CompletionFeeds = field(default_factory=CompletionFeeds)
     keys: KeyCache = field(default_factory=KeyCache)  # key hash -> tenant, for a few seconds
     retention: Retention = field(default_factory=Retention)  # expired sessions' adapters, freed later
@@ -161,8 +161,8 @@ class Runtime:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(lambda: self.db.ensure_schema(upgrade=self.settings.upgrades_schema))
         await asyncio.to_thread(self.instances.register)
-        if self.wakeups is not None:
-            await self.wakeups.start(self.hub.wake)
+        if self.bus is not None:
+            await self.bus.start(self.hub.wake, self.keys.forget_key)
         await self.hub.ended(await asyncio.to_thread(self.instances.sweep))  # what gone processes left pending
         self.spawn(self._heartbeats(), name="instance-heartbeat")
         for name, engine in self.engines.items():  # one at a time: loading is the memory peak
@@ -180,6 +180,12 @@ class Runtime:
                 await self.hub.ended(await asyncio.to_thread(self.instances.sweep))
             except Exception:
                 log.exception("instance_heartbeat_failed")
+
+    async def forget_key(self, key_id: str) -> None:
+        """A key was revoked: out of this process's key cache now, and every other's."""
+        self.keys.forget_key(key_id)
+        if self.bus is not None:
+            await self.bus.revoked(key_id)
 
     def log_started(self) -> None:
         log.info("runtime_started", extra={"base_models": list(self._bases), "data_dir": str(self.data_dir)})
@@ -204,6 +210,6 @@ class Runtime:
                 await self.hub.ended(failed)
         except Exception:
             log.exception("instance_retire_failed")
-        if self.wakeups is not None:
-            await self.wakeups.stop()
+        if self.bus is not None:
+            await self.bus.stop()
         self.db.close()

@@ -62,7 +62,8 @@ async def list_keys(
 
 @router.post("/keys/{key_id}/revoke")
 async def revoke_key(key_id: str, rt: Rt) -> api.ApiKey:
-    """Revoke a key; it stops working at once on this server (within a few seconds on others)."""
+    """Revoke a key; it stops working at once on this server, and on the others at once with Redis
+    (within the key cache's few seconds without)."""
     revoked = await rt.db.run(lambda s: tenants.revoke_key(s, key_id))
-    rt.keys.forget_key(key_id)
+    await rt.forget_key(key_id)
     return revoked

@@ -62,7 +62,7 @@ def _view(row: Future) -> FutureView:
 class FutureHub:
     def __init__(self, db: Database, owner: str | None = None, announce: Announce | None = None) -> None:
         """`owner`: the process (server/queue/instances.py) whose queue holds the futures made here.
-        `announce`: tells the other processes of a deployment that futures ended (server/queue/wakeups.py)."""
+        `announce`: tells the other processes of a deployment that futures ended (server/queue/bus.py)."""
         self._db = db
         self._owner = owner
         self._announce = announce
