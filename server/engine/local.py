@@ -96,7 +96,9 @@ class LocalEngine:
 
     # ----- lifecycle -----------------------------------------------------------------------
     async def start(self) -> BaseModelInfo:
-        return await self._call(self._load)
+        # Not through _call: a model that cannot be loaded stops the server with its own message
+        # (what was tried, what to install), not as a request's failure.
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._load)
 
     def _load(self) -> BaseModelInfo:
         started = time.perf_counter()

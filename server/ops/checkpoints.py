@@ -39,6 +39,13 @@ CHECKPOINT_ID_HELP = "expected '<weights|sampler_weights|external_weights>/<name
 
 
 # ----- lookups -----------------------------------------------------------------------------------
+def new_checkpoint_ref(tenant_id: str) -> tuple[str, str]:
+    """(checkpoint id, storage reference: its folder relative to the data dir), made from ids
+    only, never from anything a client sent."""
+    checkpoint_id = ids.new_id("ckpt")
+    return checkpoint_id, f"checkpoints/{tenant_id}/{checkpoint_id}"
+
+
 def path_of(row: Checkpoint) -> ids.TinkerPath:
     return ids.TinkerPath(row.model_id, row.kind, row.name)
 
@@ -324,8 +331,7 @@ async def copy_weights(
     if done is not None:
         return api.CopyWeightsResponse(tinker_path=done)
 
-    checkpoint_id = ids.new_id("ckpt")
-    relative = f"checkpoints/{tenant_id}/{checkpoint_id}"
+    checkpoint_id, relative = new_checkpoint_ref(tenant_id)
     await asyncio.to_thread(_link_tree, rt.data_dir / source.storage_dir, rt.data_dir / relative)
     copy_path = ids.TinkerPath(model_id, source.kind, source.name)
 

@@ -30,8 +30,9 @@ MAX_NUM_SAMPLES = 128
 
 async def create_sampling_session(rt: Runtime, tenant_id: str, req: api.CreateSamplingSessionRequest) -> str:
     sampler_id = ids.sampling_session_id(req.session_id, req.sampling_session_seq_id)
-    checkpoint = await _checkpoint_for(rt, tenant_id, req.model_path) if req.model_path else None
-    base = await _base_of(rt, checkpoint) if checkpoint is not None else rt.served(req.base_model)
+    checkpoint, base = None, rt.served(req.base_model)
+    if req.model_path:
+        checkpoint, base = await _checkpoint_for(rt, tenant_id, req.model_path)
 
     def insert(s: Session) -> None:
         live_session(s, tenant_id, req.session_id)
@@ -55,14 +56,15 @@ async def get_sampler(rt: Runtime, tenant_id: str, sampler_id: str) -> api.GetSa
     return api.GetSamplerResponse(sampler_id=row.id, base_model=row.base_model, model_path=row.model_path)
 
 
-async def _base_of(rt: Runtime, checkpoint: Checkpoint) -> str:
-    """The served base model a checkpoint was trained on."""
-    name = await rt.db.run(lambda s: s.get(Model, checkpoint.model_id).base_model)
-    return rt.served(name, field="model_path")
+async def _checkpoint_for(rt: Runtime, tenant_id: str, model_path: str) -> tuple[Checkpoint, str]:
+    """The readable checkpoint at `model_path`, and the served base model it was trained on."""
 
+    def read(s: Session) -> tuple[Checkpoint, str]:
+        checkpoint = resolve_checkpoint(s, tenant_id, model_path, field="model_path")
+        return checkpoint, s.get(Model, checkpoint.model_id).base_model
 
-async def _checkpoint_for(rt: Runtime, tenant_id: str, model_path: str) -> Checkpoint:
-    return await rt.db.run(lambda s: resolve_checkpoint(s, tenant_id, model_path, field="model_path"))
+    checkpoint, base = await rt.db.run(read)
+    return checkpoint, rt.served(base, field="model_path")
 
 
 async def _target(rt: Runtime, tenant_id: str, req: api.SampleRequest) -> tuple[str | None, str]:
@@ -87,8 +89,8 @@ async def _target(rt: Runtime, tenant_id: str, req: api.SampleRequest) -> tuple[
         ref, base = await rt.db.run(find)
         return ref, rt.served(base, field="sampling_session_id")
     if req.model_path is not None:
-        checkpoint = await _checkpoint_for(rt, tenant_id, req.model_path)
-        return checkpoint.storage_dir, await _base_of(rt, checkpoint)
+        checkpoint, base = await _checkpoint_for(rt, tenant_id, req.model_path)
+        return checkpoint.storage_dir, base
     return None, rt.served(req.base_model)
 
 

@@ -8,7 +8,6 @@ import random
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
-from pathlib import Path
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session
@@ -20,7 +19,7 @@ from server.engine.protocol import Engine
 from server.errors import InvalidRequest, NotFound, OperationFailed, TwinkleError
 from server.kinds import OpKind, ResultFormat
 from server.ops import custom_losses
-from server.ops.checkpoints import check_ttl, expiry, is_expired, resolve_checkpoint
+from server.ops.checkpoints import check_ttl, expiry, is_expired, new_checkpoint_ref, resolve_checkpoint
 from server.ops.sessions import live_session
 from server.ops.validation import check_custom_loss_data, check_forward_backward
 from server.queue.scheduler import Batch, OpResult, OpRunner, json_result
@@ -48,6 +47,7 @@ async def owned_model(rt: Runtime, tenant_id: str, model_id: str, *, touch: bool
                     "create a training client from its checkpoint instead", field="model_id",
                 )
             live_session(s, tenant_id, model.session_id, field="model_id")  # 410 once it has ended
+            rt.served(model.base_model, field="model_id")  # 400 if this server no longer serves its base model
             model.last_request_at = utcnow()
         return model
 
@@ -144,8 +144,8 @@ async def create_model(rt: Runtime, tenant_id: str, req: api.CreateModelRequest,
 
 
 def engine_of(rt: Runtime, model: Model) -> Engine:
-    """The engine of the model's base model (400 if this server no longer serves it)."""
-    return rt.engine_for(rt.served(model.base_model, field="model_id"))
+    """The engine of the model's base model (owned_model has checked that it is served)."""
+    return rt.engine_for(model.base_model)
 
 
 def _insert_model(s: Session, tenant_id: str, session_id: str, seq: int, base: str, spec: LoraSpec, meta: dict | None) -> None:
@@ -177,7 +177,10 @@ async def get_info(rt: Runtime, tenant_id: str, model_id: str) -> api.GetInfoRes
     model = await owned_model(rt, tenant_id, model_id, touch=False)
     return api.GetInfoResponse(
         model_id=model.id,
-        model_data=api.ModelData(arch=rt.base_for(rt.served(model.base_model, field="model_id")).architecture, model_name=model.base_model, tokenizer_id=model.base_model),
+        model_data=api.ModelData(
+            arch=rt.base_for(rt.served(model.base_model, field="model_id")).architecture,
+            model_name=model.base_model, tokenizer_id=model.base_model,
+        ),
         is_lora=True,
         lora_rank=model.lora_rank,
         model_name=model.base_model,
@@ -193,9 +196,9 @@ async def forward_backward(
         custom = None
         if call.loss_fn == "custom":
             custom = await custom_losses.spec_for(rt, tenant_id, model.session_id, call.loss_fn_config.get("loss_id"))
-            check_custom_loss_data(call, custom, rt.base_for(rt.served(model.base_model, field="model_id")))
+            check_custom_loss_data(call, custom, rt.base_for(model.base_model))
         else:
-            check_forward_backward(call, rt.base_for(rt.served(model.base_model, field="model_id")))
+            check_forward_backward(call, rt.base_for(model.base_model))
         await rt.refresh_limits(tenant_id)
         tokens = sum(len(d.tokens) for d in call.data)
         rt.quotas.check_tokens(tenant_id, tokens, "data")
@@ -237,14 +240,6 @@ async def optim_step(rt: Runtime, tenant_id: str, req: api.OptimStepRequest, fin
 
 
 # ----- checkpoints -----------------------------------------------------------------------------
-def new_checkpoint_dir(rt: Runtime, tenant_id: str) -> tuple[str, str, Path]:
-    """(checkpoint id, storage path relative to the data dir, absolute path): made from ids only,
-    never from anything a client sent."""
-    checkpoint_id = ids.new_id("ckpt")
-    relative = f"checkpoints/{tenant_id}/{checkpoint_id}"
-    return checkpoint_id, relative, rt.data_dir / relative
-
-
 async def save_checkpoint(
     rt: Runtime,
     tenant_id: str,
@@ -265,7 +260,7 @@ async def save_checkpoint(
     if existing is not None and not overwrite and not is_expired(existing):
         path = ids.TinkerPath(model.id, kind, name)
         raise OperationFailed(f"checkpoint {path} already exists; choose another name (or save_state with overwrite=True)")
-    checkpoint_id, relative, _ = new_checkpoint_dir(rt, tenant_id)
+    checkpoint_id, relative = new_checkpoint_ref(tenant_id)
     size = await engine_of(rt, model).save(model.id, relative, with_optimizer=with_optimizer, encrypt_to=encrypt_to)
 
     def record(s: Session) -> Checkpoint:

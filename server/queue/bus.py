@@ -42,7 +42,11 @@ class RedisBus:
 
     async def start(self, on_ended: Callable[[list[str]], None], on_revoked: Callable[[str], None]) -> None:
         """Listen until stop(): `on_ended` gets the request ids others announce, `on_revoked` key ids."""
-        handlers = {self.ended_channel: on_ended, self.revoked_channel: lambda body: [on_revoked(k) for k in body]}
+        def revoked(key_ids: list[str]) -> None:
+            for key_id in key_ids:
+                on_revoked(key_id)
+
+        handlers = {self.ended_channel: on_ended, self.revoked_channel: revoked}
         self._task = asyncio.create_task(self._listen(handlers), name="redis-bus")
 
     async def announce(self, request_ids: list[str]) -> None:
@@ -73,7 +77,7 @@ class RedisBus:
                 await self._task
         await self._redis.aclose()
 
-    async def _listen(self, handlers: dict[str, Callable[[list[str]], object]]) -> None:
+    async def _listen(self, handlers: dict[str, Callable[[list[str]], None]]) -> None:
         while True:
             try:
                 async with self._redis.pubsub() as pubsub:

@@ -7,7 +7,7 @@ from workers.types import BaseModelInfo
 
 
 class IdleEngine:
-    """Enough engine for auth: nothing here computes."""
+    """Enough engine for the endpoints that never compute (auth, admin, REST listings)."""
 
     lanes = {Lane.TRAINING: 1, Lane.SAMPLING: 1}
     max_calls = 1

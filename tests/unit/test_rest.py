@@ -25,37 +25,23 @@ from server import ids
 from server.boot import build_runtime
 from server.config import Settings
 from server.errors import InvalidRequest, NotFound
-from server.kinds import Lane
 from server.ops import signing
 from server.ops.checkpoints import resolve_checkpoint
 from server.ops.reaper import reap_expired
 from server.runtime import Runtime
 from server.store.tables import ApiKey, Checkpoint, Model, SamplingSession, utcnow
+from tests.support.engines import IdleEngine
 from tests.support.http import error
-from workers.types import BaseModelInfo
 
 KEY = {"X-API-Key": "tml-rest-test"}
 OTHER = {"X-API-Key": "tml-rest-other"}
 API = "/api/v1"
 
 
-class ReportOnlyEngine:
-    """Enough engine for the REST endpoints: they never compute."""
-
-    lanes = {Lane.TRAINING: 1, Lane.SAMPLING: 1}
-    max_calls = 1
-
-    async def start(self) -> BaseModelInfo:
-        return BaseModelInfo(name="tiny-qwen3", architecture="qwen3", vocab_size=1000, max_context_length=256)
-
-    async def stop(self) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     settings = Settings(data_dir=tmp_path_factory.mktemp("rest"), base_model="tiny-qwen3", long_poll_seconds=1)
-    with TestClient(create_app(build_runtime(settings, engine=ReportOnlyEngine()))) as c:
+    with TestClient(create_app(build_runtime(settings, engine=IdleEngine()))) as c:
         yield c
 
 
