@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 OLD_SDKS := 0.16.1 0.24.1
 
-.PHONY: install serve test test-fast test-slow lint bench bench-pool bench-memory proto clean
+.PHONY: install serve test test-fast test-slow test-ray lint bench bench-pool bench-memory bench-ray proto clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,17 +32,24 @@ serve: $(STAMP)
 	$(BIN)/twinkle serve $(ARGS)
 
 # The whole suite on tinker 0.38.0, then the sdk-marked tests on each older SDK, one at a time
-# (exit status 5, nothing selected by ARGS, is not a failure there).
+# (exit status 5, nothing selected by ARGS, is not a failure there), then the SDK suite again on
+# the Ray engine with PostgreSQL and Redis (test-ray).
 test: $(STAMP)
-	$(PYTEST) -q $(ARGS)
-	for v in $(OLD_SDKS); do $(PYTEST) -q -m sdk --sdk $$v $(ARGS); rc=$$?; \
+	$(PYTEST) -q -m "not ray" $(ARGS)
+	for v in $(OLD_SDKS); do $(PYTEST) -q -m "sdk and not ray" --sdk $$v $(ARGS); rc=$$?; \
 		[ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc; done
+	scripts/ray-suite.sh $(ARGS)
+
+# The SDK suite and the Ray fault tests on `--engine ray --database-url postgresql… --redis-url …`,
+# inside a loopback-only network namespace (root; see scripts/ray-suite.sh).
+test-ray: $(STAMP)
+	scripts/ray-suite.sh $(ARGS)
 
 test-fast: $(STAMP)
 	$(PYTEST) -q -m "not slow" tests/unit $(ARGS)
 
 test-slow: $(STAMP)
-	$(PYTEST) -q -m slow $(ARGS)
+	$(PYTEST) -q -m "slow and not ray" $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -57,6 +64,10 @@ bench-pool: $(STAMP)
 # Peak server RSS for one large forward_backward, each case in a fresh server (cap: --cap-gb 12).
 bench-memory: $(STAMP)
 	$(BIN)/python bench/memory.py $(ARGS)
+
+# Per-step time of the local and the Ray engine, in one run (loopback-only namespace, as the tests).
+bench-ray: $(STAMP)
+	$(BIN)/python bench/ray_overhead.py $(ARGS)
 
 proto: $(STAMP)
 	scripts/gen_proto.sh

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from gateway import errors
+from gateway.forwarding import Forwarder
 from gateway.limits import BodySizeLimit
 from gateway.routes import admin, futures, rest, sampling, service, training, twinkle
 from server import boot
@@ -26,6 +27,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         try:
             yield
         finally:
+            await app.state.forwarder.close()
             await boot.stop(runtime)
 
     app = FastAPI(
@@ -33,6 +35,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         root_path=runtime.settings.root_path,
     )
     app.state.runtime = runtime
+    app.state.forwarder = Forwarder(runtime.instances.id)
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=runtime.settings.max_request_mb * 2**20)
     for router in (service.router, training.router, sampling.router, futures.router, rest.router):

@@ -8,15 +8,16 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from schemas.wire import WireError
-from server.errors import Busy, TwinkleError
+from server.errors import Busy, Elsewhere, TwinkleError
 
 log = logging.getLogger(__name__)
 
-STATUS = {"invalid": 400, "not_found": 404, "conflict": 409, "unauthorized": 401, "gone": 410, "busy": 429}
+STATUS = {"invalid": 400, "not_found": 404, "conflict": 409, "unauthorized": 401, "gone": 410, "busy": 429,
+          "unavailable": 503}
 
 
 def error_body(message: str, *, category: str = "user", field: str | None = None, **extra: object) -> dict:
@@ -36,6 +37,10 @@ def install(app: FastAPI) -> None:
             # (docs/tinker-protocol-notes.md, "429 and Retry-After").
             headers = {"Retry-After": f"{exc.retry_after:g}", "x-should-retry": str(exc.retryable).lower()}
         return JSONResponse(error_body(exc.message, category=exc.category, field=exc.field), STATUS[exc.kind], headers)
+
+    @app.exception_handler(Elsewhere)
+    async def elsewhere(request: Request, exc: Elsewhere) -> Response:
+        return await request.app.state.forwarder.forward(request, exc)  # gateway/forwarding.py
 
     @app.exception_handler(WireError)
     async def wire_error(_: Request, exc: WireError) -> JSONResponse:

@@ -6,9 +6,12 @@ operations (server/ops) know the Runtime but not how it is built."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from server.config import Settings
 from server.engine.local import LocalEngine
 from server.engine.protocol import Engine
+from server.kinds import Lane
 from server.ops.lifecycle import run_session_reaper
 from server.ops.reaper import run_reaper
 from server.queue.admission import Admission
@@ -19,44 +22,44 @@ from server.queue.scheduler import Scheduler
 from server.runtime import Runtime
 from server.store.database import Database
 from server.tenancy.quotas import Quotas
-from workers.base_models import resolve_base_model
-from workers.storage import FolderStore
-from workers.types import ComputeOptions
+from server.tenancy.shared import SharedQuotas
 
 
-def local_engine(settings: Settings, model: str) -> LocalEngine:
-    data_dir = settings.data_dir.resolve()
-    options = ComputeOptions(
-        torch_threads=settings.torch_threads,
-        device=settings.device,
-        dtype=settings.dtype,
-        pass_memory_bytes=None if settings.pass_memory_mb is None else settings.pass_memory_mb * 2**20,
-        max_tokens_per_pass=settings.max_tokens_per_pass,
-        custom_loss_seconds=settings.custom_loss_seconds,
-        max_resident_adapters=settings.max_resident_adapters,
-        host_budget_bytes=settings.host_adapter_budget_mb * 2**20,
-        spill_dir=data_dir / "lora-spill",
-    )
-    return LocalEngine(
-        lambda: resolve_base_model(model, data_dir, allow_download=settings.allow_download), model, options,
-        FolderStore(data_dir),
-    )
+def build_engines(settings: Settings) -> dict[str, Engine]:
+    """An engine per served base model, the default first: in this process (local), or Ray Serve
+    deployments of one shared cluster connection (ray)."""
+    if settings.engine == "ray":
+        from server.engine.ray_engine import RayCluster, RayEngine  # imports Ray only when asked for
+
+        cluster = RayCluster(settings)
+        return {name: RayEngine(cluster, settings, name) for name in settings.base_models}
+    return {name: LocalEngine.from_settings(settings, name) for name in settings.base_models}
+
+
+def scheduler_lanes(engines: Mapping[str, Engine]) -> tuple[dict[Lane, int], int | None]:
+    """What the scheduler may start at once. Local engines share the machine's cores (one call at
+    a time in all: the default engine's lanes); engines in their own processes add up."""
+    first = next(iter(engines.values()))
+    if first.max_calls is not None:
+        return dict(first.lanes), first.max_calls
+    return {lane: sum(e.lanes.get(lane, 0) for e in engines.values()) for lane in Lane}, None
 
 
 def build_runtime(settings: Settings, engine: Engine | None = None) -> Runtime:
-    """A runtime on the settings' database, with a local engine for each base model (`engine`
-    instead for the default one). The scheduler takes the default engine's lanes: the local
-    engines share the machine's cores, so one call at a time in all is what they can run."""
+    """A runtime on the settings' database with the settings' engines (`engine`: instead of the
+    default base model's, for tests)."""
     db = Database(settings.resolved_database_url)
-    instances = Instances(db, timeout=settings.instance_timeout_seconds)
+    instances = Instances(db, timeout=settings.instance_timeout_seconds, url=settings.instance_url)
     bus = RedisBus(settings.redis_url, settings.redis_prefix) if settings.redis_url else None
     hub = FutureHub(db, owner=instances.id, announce=bus.announce if bus else None)
     quotas = Quotas(settings)
-    engines: dict[str, Engine] = {name: local_engine(settings, name) for name in settings.base_models[1:]}
-    default = engine or local_engine(settings, settings.base_models[0])
-    engines = {settings.base_models[0]: default, **engines}
-    scheduler = Scheduler(hub, lanes=default.lanes, max_calls=default.max_calls,
-                          gap_grace=settings.seq_gap_grace_seconds, throttle=quotas)
+    engines = build_engines(settings) if engine is None else {
+        settings.base_models[0]: engine,
+        **{name: LocalEngine.from_settings(settings, name) for name in settings.base_models[1:]},
+    }
+    lanes, max_calls = scheduler_lanes(engines)
+    scheduler = Scheduler(hub, lanes=lanes, max_calls=max_calls, gap_grace=settings.seq_gap_grace_seconds,
+                          throttle=quotas)
     return Runtime(
         settings=settings,
         db=db,
@@ -67,6 +70,7 @@ def build_runtime(settings: Settings, engine: Engine | None = None) -> Runtime:
         sample_admission=Admission(settings.sample_queue_limit),
         instances=instances,
         bus=bus,
+        shared=SharedQuotas(settings.redis_url, settings.redis_prefix) if settings.redis_url else None,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,6 +38,22 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                                        "redis://127.0.0.1:6379/0 (env TWINKLE_REDIS_URL)")
     p.add_argument("--db-upgrade", action="store_true", default=None,
                    help="upgrade the database schema at start (default: on SQLite only; env TWINKLE_DB_UPGRADE)")
+    p.add_argument("--engine", choices=("local", "ray"),
+                   help="local: compute in this process (default); ray: Ray Serve trainer and sampler deployments "
+                        "(env TWINKLE_ENGINE)")
+    p.add_argument("--ray-address", help="with --engine ray: the Ray cluster to join, 'auto' or host:port (default: "
+                                         "start a private local cluster; env TWINKLE_RAY_ADDRESS)")
+    p.add_argument("--ray-sampler-replicas", type=int,
+                   help="with --engine ray: sampler replicas per base model (default 1; env TWINKLE_RAY_SAMPLER_REPLICAS)")
+    for role in ("trainer", "sampler"):
+        for unit in ("cpus", "gpus"):
+            p.add_argument(f"--ray-{role}-{unit}", type=float,
+                           help=f"with --engine ray: {unit.upper()[:-1]}s of each {role} replica "
+                                f"(env TWINKLE_RAY_{role.upper()}_{unit.upper()})")
+    p.add_argument("--advertise-url", help="where the other server processes of a deployment reach this one "
+                                           "(default http://<host>:<port><root-path>; env TWINKLE_ADVERTISE_URL)")
+    p.add_argument("--print-serve-config", action="store_true",
+                   help="print the Ray Serve config of these settings (for `serve run` or a KubeRay RayService) and exit")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one; env TWINKLE_DEVICE)")
     p.add_argument("--dtype", help="float32 or bfloat16 (default: float32 on a CPU, bfloat16 on a GPU; env TWINKLE_DTYPE)")
     p.add_argument("--pass-memory-mb", type=int,
@@ -142,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         return code
     if args.command == "db":
         return _db_command(settings, args.action)
+    if getattr(args, "print_serve_config", False):
+        return _print_serve_config(settings)
     if problem := bind_problem(settings):
         print(f"twinkle: {problem}", file=sys.stderr)
         return 2
@@ -149,6 +168,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"twinkle: {problem}", file=sys.stderr)
         return 2
     return _serve(settings)
+
+
+def _print_serve_config(settings: Settings) -> int:
+    import yaml
+
+    from server.engine.ray_serve_app import serve_config
+
+    print("# Ray Serve config of Twinkle's trainer and sampler applications (twinkle serve --print-serve-config).\n"
+          "# Run it with `serve deploy` / `serve run`, or put it in a RayService's serveConfigV2; then start\n"
+          "# gateways with `twinkle serve --engine ray --ray-address auto` on the same settings.")
+    print(yaml.safe_dump(serve_config(settings), sort_keys=False), end="")
+    return 0
 
 
 def _schema_problem(settings: Settings) -> str | None:
@@ -299,6 +330,13 @@ def _serve(settings: Settings) -> int:
     from server.logs import setup_logging
 
     setup_logging(settings.log_level)
+    sockets = None
+    if settings.port == 0:
+        # Bound here, so the port is known before the app starts: it is part of the URL the other
+        # server processes reach this one at (Settings.instance_url).
+        sock = _bind_free_port(settings.host)
+        settings = settings.model_copy(update={"port": sock.getsockname()[1]})
+        sockets = [sock]
     os.environ[RESOLVED_ENV] = settings.to_env()
     os.environ.setdefault("TQDM_DISABLE", "1")  # the log is JSON lines; no progress bars in it
 
@@ -315,10 +353,18 @@ def _serve(settings: Settings) -> int:
     )
     server = Server(config)
     try:
-        server.run()
+        server.run(sockets=sockets)
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after a clean shutdown
         pass
     return 0 if server.started else 1
+
+
+def _bind_free_port(host: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host.strip("[]"), 0))
+    return sock
 
 
 def _print_ready(settings: Settings, port: int) -> None:

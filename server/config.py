@@ -8,6 +8,7 @@ import ipaddress
 import json
 import os
 import re
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -46,9 +47,29 @@ class Settings(BaseModel):
     # them, so a long-poll on any process returns at once. Keys are prefixed with `redis_prefix`.
     redis_url: str | None = Field(None, pattern=r"^(redis|rediss|unix)://")
     redis_prefix: str = Field("twinkle", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    # Where the other server processes of a deployment reach this one: a model's requests that
+    # arrive elsewhere are forwarded to the process that runs its work. None: http://<host>:<port>
+    # <root_path>, with this machine's host name when bound to every address.
+    advertise_url: str | None = Field(None, pattern=r"^https?://[^/\s]+(/[^\s]*)?$")
     # Bring the database schema up to date at start (None: on SQLite only; PostgreSQL is upgraded
     # by `twinkle db upgrade`, or by this flag, so that one deliberate step changes a shared schema).
     db_upgrade: bool | None = None
+    # Where the compute runs. local: in this process, on a worker thread (the embedded default).
+    # ray: Ray Serve deployments, a trainer per base model (it holds the base model and the LoRA
+    # pool) and a sampler deployment of `ray_sampler_replicas` replicas (server/engine/ray_serve_app.py).
+    engine: Literal["local", "ray"] = "local"
+    # The Ray cluster to join ("auto", or a GCS address host:port); None: start a private local
+    # one (loopback, a private temp dir, the object store capped at ray_object_store_mb).
+    ray_address: str | None = None
+    ray_object_store_mb: int = Field(512, ge=64)
+    ray_trainer_cpus: float = Field(1.0, gt=0)
+    ray_trainer_gpus: float = Field(0.0, ge=0)
+    ray_sampler_replicas: int = Field(1, ge=1)
+    ray_sampler_cpus: float = Field(0.5, gt=0)
+    ray_sampler_gpus: float = Field(0.0, ge=0)
+    # Serve application names start with this (one trainer and one sampler app per base model), so
+    # several deployments can share one Ray cluster.
+    ray_app_prefix: str = Field("twinkle", pattern=r"^[A-Za-z0-9_-]{1,32}$")
     allow_download: bool = True  # fall back to the model hub when a base model is not local
     torch_threads: int = Field(2, ge=1)  # the compute thread's torch threads; everything else uses 1
     # Where the base model runs and in what precision (None: cuda if available, else cpu; bfloat16
@@ -151,6 +172,17 @@ class Settings(BaseModel):
         if self.db_upgrade is not None:
             return self.db_upgrade
         return self.resolved_database_url.startswith("sqlite")
+
+    @property
+    def instance_url(self) -> str:
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.getfqdn()
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}{self.root_path}"
 
     def to_env(self) -> str:
         return self.model_dump_json()

@@ -47,6 +47,14 @@ class Busy(TwinkleError):
         self.retryable = retryable  # False: waiting will not help (the client must act), so say don't retry
 
 
+class Unavailable(Busy):
+    """A service the server depends on (the database, Redis) cannot be reached right now: a 503 the
+    client retries after `retry_after` seconds."""
+
+    kind = "unavailable"
+    category = ErrorCategory.SERVER
+
+
 class Gone(TwinkleError):
     """The object existed and has ended (a finished session)."""
 
@@ -60,3 +68,13 @@ class OperationFailed(Exception):
         super().__init__(message)
         self.message = message
         self.category = category
+
+
+class Elsewhere(Exception):
+    """The request is another server process's to run (the owner of its model, see
+    server/queue/instances.py): the gateway forwards it to `url` unchanged."""
+
+    def __init__(self, url: str, model_id: str) -> None:
+        super().__init__(f"model {model_id} is run by the server process at {url}")
+        self.url = url
+        self.model_id = model_id

@@ -39,10 +39,11 @@ def running_server(
     extra_args: Sequence[str] = (),
     env: dict[str, str] | None = None,
     timeout: float = 180.0,
+    log_name: str = "server.log",
 ) -> Iterator[ServerProcess]:
-    """Start a server on a free loopback port with its log (stderr) in data_dir/server.log."""
+    """Start a server on a free loopback port with its log (stderr) in data_dir/`log_name`."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    log_path = data_dir / "server.log"
+    log_path = data_dir / log_name
     cmd = [sys.executable, "-m", "server.cli", "serve", "--port", "0", "--host", "127.0.0.1",
            "--base-model", base_model, "--data-dir", str(data_dir), *extra_args]
     child_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from server import ids
 from server.config import Settings
 from server.engine.protocol import Engine
 from server.engine.retention import Retention
-from server.errors import InvalidRequest
+from server.errors import Busy, InvalidRequest
 from server.kinds import ErrorCategory, FutureState, OpKind
 from server.queue.admission import Admission
 from server.queue.bus import RedisBus
@@ -28,6 +28,7 @@ from server.store.database import Database
 from server.store.tables import Tenant
 from server.tenancy.keys import KeyCache
 from server.tenancy.quotas import Limits, Quotas
+from server.tenancy.shared import SharedQuotas
 from workers.types import BaseModelInfo
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class Runtime:
     sample_admission: Admission
     instances: Instances  # this process among those sharing the database
     bus: RedisBus | None = None  # with --redis-url: messages from and to the other server processes
+    shared: SharedQuotas | None = None  # with --redis-url: the limits that hold over every server process
     feeds: CompletionFeeds = field(default_factory=CompletionFeeds)
     keys: KeyCache = field(default_factory=KeyCache)  # key hash -> tenant, for a few seconds
     retention: Retention = field(default_factory=Retention)  # expired sessions' adapters, freed later
@@ -107,8 +109,10 @@ class Runtime:
         and nothing runs twice (SDK retries resend the same body with the same seq_id).
         Counts against the tenant's requests/s and in-flight quotas (429 when over); `cost` (tokens)
         against its tokens/s budget, which the scheduler enforces."""
-        await self.refresh_limits(tenant_id)
-        self.quotas.admit(tenant_id, time.monotonic())
+        limits = await self.refresh_limits(tenant_id)
+        if self.shared is not None:
+            await self.shared.admit_request(tenant_id, limits.requests_per_second, self.quotas.window)
+        self.quotas.admit(tenant_id, time.monotonic(), rate=self.shared is None)
         if seq_id is None:  # nothing to recognise a retry by: every such submission is new
             fingerprint = ids.new_id("fp")
         try:
@@ -133,6 +137,57 @@ class Runtime:
             batch=batch, ordered=ordered, notify=done, cost=cost,
         )
         return sub
+
+    # ----- live models and sample places: this process's, or the deployment's (Redis) ---------
+    async def check_model_room(self, tenant_id: str) -> None:
+        """Busy (a 429 the SDK does not retry) when the tenant has all the live models it may."""
+        if self.shared is not None:
+            await self.shared.check_model_room(tenant_id, self.quotas.limits(tenant_id).max_live_models)
+        else:
+            self.quotas.check_new_model(tenant_id)
+
+    async def claim_model(self, tenant_id: str, model_id: str) -> None:
+        """Count a model being made as live, checked and taken in one step (Busy when full)."""
+        if self.shared is not None:
+            await self.shared.claim_model(tenant_id, model_id, self.quotas.limits(tenant_id).max_live_models)
+        else:
+            self.quotas.check_new_model(tenant_id)
+        self.quotas.model_loaded(tenant_id, model_id)
+
+    async def release_model(self, tenant_id: str, model_id: str) -> None:
+        self.quotas.model_unloaded(tenant_id, model_id)
+        if self.shared is not None:
+            await self.shared.release_model(tenant_id, model_id)
+
+    async def live_models(self, tenant_id: str) -> int:
+        if self.shared is not None:
+            return await self.shared.live_models(tenant_id)
+        return self.quotas.live_models(tenant_id)
+
+    async def admit_sample(self, tenant_id: str) -> Callable[[], None]:
+        """A place among the samples admitted and not finished (in the whole deployment, with
+        Redis), or Busy: a 429 the SDK backs off from and resends (docs/tinker-protocol-notes.md,
+        "429 and Retry-After"). Returns the place's release, callable from a completion callback."""
+        limit = self.sample_admission.limit
+        token = None
+        if self.shared is not None and (token := await self.shared.take_sample_place(limit)) is None:
+            raise _sampler_full(tenant_id, limit)
+        if not self.sample_admission.take():  # checked and taken with no await in between
+            if token is not None:
+                self.spawn(self.shared.release_sample_place(token), name="sample-place")  # type: ignore[union-attr]
+            raise _sampler_full(tenant_id, limit)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            self.sample_admission.release()
+            if token is not None:
+                self.spawn(_quietly(self.shared.release_sample_place(token)), name="sample-place")  # type: ignore[union-attr]
+
+        return release
 
     async def fail_queued(self, request_id: str, message: str) -> bool:
         """Take a queued (not yet running) operation out of its queue and fail its future with a
@@ -212,4 +267,19 @@ class Runtime:
             log.exception("instance_retire_failed")
         if self.bus is not None:
             await self.bus.stop()
+        if self.shared is not None:
+            await self.shared.close()
         self.db.close()
+
+
+def _sampler_full(tenant_id: str, limit: int) -> Busy:
+    log.info("sample_refused_busy", extra={"tenant_id": tenant_id, "limit": limit})
+    return Busy(f"the sampler queue is full ({limit} requests); retry shortly")
+
+
+async def _quietly(work: Coroutine[Any, Any, None]) -> None:
+    """A give-back that may fail (Redis down): its lease expires by itself."""
+    try:
+        await work
+    except Exception:
+        log.warning("release_failed", exc_info=True)

@@ -27,7 +27,7 @@ async def capacity(rt: Runtime, tenant: str) -> tw.CapacityResponse:
     pools = {name: _pool_view(pool) for name, engine in rt.engines.items() if (pool := engine.pool_status())}
     usage = tw.TenantUsage(
         queue_depth=rt.scheduler.tenant_depth(tenant), inflight_requests=rt.quotas.inflight(tenant),
-        live_models=rt.quotas.live_models(tenant), limits={k: float(v) for k, v in asdict(limits).items()},
+        live_models=await rt.live_models(tenant), limits={k: float(v) for k, v in asdict(limits).items()},
     )
     return tw.CapacityResponse(pool=pools.get(rt.base.name), pools=pools, samples_pending=rt.sample_admission.pending,
                                sample_queue_limit=rt.settings.sample_queue_limit, tenant=usage)

@@ -25,15 +25,17 @@ from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from schemas.wire import ForwardBackwardCall
+from server.config import Settings
 from server.errors import OperationFailed
 from server.kinds import Lane
 from workers import sampler
 from workers.adapter_files import encrypt_folder
+from workers.base_models import resolve_base_model
 from workers.custom_loss import CustomLoss, compile_graph
 from workers.guard import Failure, guarded
 from workers.losses import LossFn, get_loss
 from workers.peft_host import AdapterError
-from workers.storage import CheckpointStore
+from workers.storage import CheckpointStore, FolderStore
 from workers.trainer import LoraTrainer, load_base_model, resolve_device
 from workers.types import (
     AdamConfig,
@@ -82,6 +84,27 @@ class LocalEngine:
             raise OperationFailed(outcome.message, outcome.category)
         return outcome
 
+    @classmethod
+    def from_settings(cls, settings: Settings, model: str, *, torch_threads: int | None = None) -> LocalEngine:
+        """The engine of base model `model` as the settings describe it (`torch_threads`: instead
+        of the settings' own, for a process that is not the one compute-heavy process)."""
+        data_dir = settings.data_dir.resolve()
+        options = ComputeOptions(
+            torch_threads=torch_threads or settings.torch_threads,
+            device=settings.device,
+            dtype=settings.dtype,
+            pass_memory_bytes=None if settings.pass_memory_mb is None else settings.pass_memory_mb * 2**20,
+            max_tokens_per_pass=settings.max_tokens_per_pass,
+            custom_loss_seconds=settings.custom_loss_seconds,
+            max_resident_adapters=settings.max_resident_adapters,
+            host_budget_bytes=settings.host_adapter_budget_mb * 2**20,
+            spill_dir=data_dir / "lora-spill",
+        )
+        return cls(
+            lambda: resolve_base_model(model, data_dir, allow_download=settings.allow_download), model, options,
+            FolderStore(data_dir),
+        )
+
     def _run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T | Failure:
         """On the compute thread: the call, then a fresh snapshot of the pool for status readers
         (reading the trainer from another thread while it works would not be safe)."""
@@ -99,6 +122,10 @@ class LocalEngine:
         # Not through _call: a model that cannot be loaded stops the server with its own message
         # (what was tried, what to install), not as a request's failure.
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._load)
+
+    def start_blocking(self) -> BaseModelInfo:
+        """`start` for a caller without an event loop (a Ray Serve replica's constructor)."""
+        return self._pool.submit(self._load).result()
 
     def _load(self) -> BaseModelInfo:
         started = time.perf_counter()

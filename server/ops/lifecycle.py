@@ -11,6 +11,10 @@ and a new client loads them with create_training_client_from_state. A finished s
 are freed at once (its client said it is done). An expired session's adapters are paged out of the
 compute device, not deleted, and freed for good after `expired_adapter_retention_seconds`, so that
 neither host memory nor the spill folder grows with every client that disappears.
+
+With several server processes, a session may end on one that does not hold its models (a local
+engine's adapters live in the process that owns the model). The owner notices at its next reaper
+round (`free_ended_elsewhere`) and frees them the same way.
 """
 
 from __future__ import annotations
@@ -65,7 +69,10 @@ async def release(rt: Runtime, ended: Ended, message: str, *, wait_for_engine: b
             log.exception("cancel_failed", extra={"request_id": request_id, "session_id": ended.session_id})
     keep = ended.reason == "expired" and rt.settings.expired_adapter_retention_seconds > 0
     for model_id in ended.model_ids:
-        rt.quotas.model_unloaded(ended.tenant_id, model_id)
+        try:
+            await rt.release_model(ended.tenant_id, model_id)
+        except Exception:  # Redis down: the rest of the release goes on
+            log.exception("model_slot_release_failed", extra={"model_id": model_id})
         if keep:
             rt.retention.retire(model_id, time.monotonic())  # freed after the retention, even if the page-out fails
     freeing = _free_adapters(rt, ended, keep)
@@ -119,6 +126,32 @@ async def free_retired(rt: Runtime) -> list[str]:
     return freed
 
 
+def _ended_among(s: Session, held: dict[str, str]) -> list[Ended]:
+    rows = s.execute(
+        select(Model.id, SessionRow.id, SessionRow.tenant_id, SessionRow.finish_reason)
+        .join(SessionRow, Model.session_id == SessionRow.id)
+        .where(Model.id.in_(list(held)), SessionRow.finished_at.is_not(None))
+    ).all()
+    by_session: dict[str, Ended] = {}
+    for model_id, session_id, tenant_id, reason in rows:
+        ended = by_session.setdefault(session_id, Ended(session_id, tenant_id, reason, [], []))
+        ended.model_ids.append(model_id)
+    return list(by_session.values())
+
+
+async def free_ended_elsewhere(rt: Runtime) -> list[Ended]:
+    """Free the adapters this process holds for sessions that ended on another process."""
+    held = rt.quotas.held_models()
+    if not held:
+        return []
+    ended = await rt.db.run(lambda s: _ended_among(s, held))
+    for session in ended:
+        await release(rt, session, "the session ended")
+        log.info("session_ended_elsewhere_freed", extra={"session_id": session.session_id,
+                                                        "models": len(session.model_ids)})
+    return ended
+
+
 async def run_session_reaper(rt: Runtime, interval: float | None = None) -> None:
     """Expire sessions and free retired adapters forever (cancel the task to stop); a failed round
     is logged and retried."""
@@ -127,6 +160,7 @@ async def run_session_reaper(rt: Runtime, interval: float | None = None) -> None
         await asyncio.sleep(interval)
         try:
             await expire_sessions(rt)
+            await free_ended_elsewhere(rt)
             await free_retired(rt)
         except Exception:
             log.exception("session_reap_failed")

@@ -12,7 +12,7 @@ from schemas.futures import SamplingSessionTarget
 from schemas.tensors import TargetIds, check_sample_options, decode_target_ids
 from schemas.wire import SampledSequenceOut, encode_sample_response
 from server import ids
-from server.errors import Busy, InvalidRequest, NotFound
+from server.errors import InvalidRequest, NotFound
 from server.kinds import FutureState, OpKind, ResultFormat
 from server.ops.checkpoints import readable_by, resolve_checkpoint
 from server.ops.sessions import live_session
@@ -143,7 +143,7 @@ async def sample(rt: Runtime, tenant_id: str, req: api.SampleRequest, fingerprin
     # Samples of the bare base model name it: several base models never share a pass.
     on = adapter_ref or f"{BASE_ADAPTER}:{base}"
     queue = sample_queue(tenant_id, on)
-    admit(rt, tenant_id)
+    release = await rt.admit_sample(tenant_id)
 
     async def run_many(payloads: list[tuple[SampleJob, TargetIds | None]]) -> list[OpResult]:
         outputs = await rt.engine_for(base).sample_batch(adapter_ref, [job for job, _ in payloads])
@@ -155,7 +155,7 @@ async def sample(rt: Runtime, tenant_id: str, req: api.SampleRequest, fingerprin
     publish = completion_notifier(rt, feed_key(tenant_id, req.sampling_session_id or DIRECT_SAMPLER, req.seq_id))
 
     def done(request_id: str, state: str, result: bytes | None) -> None:
-        rt.sample_admission.release()
+        release()
         publish(request_id, state, result)
 
     # Requests on the same checkpoint share one batched prefill and decode (one adapter per pass).
@@ -167,23 +167,13 @@ async def sample(rt: Runtime, tenant_id: str, req: api.SampleRequest, fingerprin
             fingerprint=fingerprint, run=run, queue=queue, batch=batch, notify=done, cost=tokens,
         )
     except BaseException:
-        rt.sample_admission.release()
+        release()
         raise
     if not sub.is_new:  # a retry of a request already admitted: it holds its own place
-        rt.sample_admission.release()
+        release()
     return api.UntypedAPIFuture(
         request_id=sub.request_id, sample_sequence_ids=[f"{sub.request_id}:{i}" for i in range(req.num_samples)]
     )
-
-
-def admit(rt: Runtime, tenant_id: str) -> None:
-    """Take a place among the samples admitted and not finished, or shed the request with a 429
-    (the SDK backs off and resends: docs/tinker-protocol-notes.md, "429 and Retry-After"). Checked and
-    taken with no await in between, so concurrent requests cannot all slip past the limit."""
-    if not rt.sample_admission.take():
-        limit = rt.sample_admission.limit
-        log.info("sample_refused_busy", extra={"tenant_id": tenant_id, "limit": limit})
-        raise Busy(f"the sampler queue is full ({limit} requests); retry shortly")
 
 
 def _job(rt: Runtime, base: BaseModelInfo, req: api.SampleRequest, prompt: list[int]

@@ -16,7 +16,7 @@ from schemas import tinker as api
 from schemas.wire import ForwardBackwardCall, encode_forward_backward_output
 from server import ids
 from server.engine.protocol import Engine
-from server.errors import InvalidRequest, NotFound, OperationFailed, TwinkleError
+from server.errors import Elsewhere, InvalidRequest, NotFound, OperationFailed, TwinkleError
 from server.kinds import OpKind, ResultFormat
 from server.ops import custom_losses
 from server.ops.checkpoints import check_ttl, expiry, is_expired, new_checkpoint_ref, resolve_checkpoint
@@ -34,9 +34,14 @@ from workers.types import AdamConfig, LoraSpec
 log = logging.getLogger(__name__)
 
 
-async def owned_model(rt: Runtime, tenant_id: str, model_id: str, *, touch: bool = True) -> Model:
-    """The tenant's model; by default also records the request as the run's last_request_time
-    (in the same transaction, at submission: off the compute path)."""
+async def owned_model(
+    rt: Runtime, tenant_id: str, model_id: str, *, touch: bool = True, route: bool | None = None
+) -> Model:
+    """The tenant's model; by default (a request that runs on the model) also checks that this
+    process runs its work (else Elsewhere: the gateway forwards the request to the process that
+    does) and records the request as the run's last_request_time (in the same transaction, at
+    submission: off the compute path). `route`: check where it runs without touching (default:
+    as `touch`)."""
 
     def read(s: Session) -> Model:
         model = owned(s, Model, tenant_id, model_id, field="model_id")
@@ -49,6 +54,8 @@ async def owned_model(rt: Runtime, tenant_id: str, model_id: str, *, touch: bool
             live_session(s, tenant_id, model.session_id, field="model_id")  # 410 once it has ended
             rt.served(model.base_model, field="model_id")  # 400 if this server no longer serves its base model
             model.last_request_at = utcnow()
+        if (touch if route is None else route) and (url := rt.instances.claim(s, model)) is not None:
+            raise Elsewhere(url, model.id)
         return model
 
     return await rt.db.run(read)
@@ -90,17 +97,17 @@ async def release_seq(rt: Runtime, tenant_id: str, model_id: object, seq_id: obj
 @asynccontextmanager
 async def _model_slot(rt: Runtime, tenant_id: str, model_id: str, base: str) -> AsyncIterator[None]:
     """Claim a live-model slot for a model being made in the block. Checked again here, when the
-    creation runs (the check and the claim have no await between them), so concurrent submissions cannot together exceed
-    the quota; a creation that fails frees the slot and whatever adapter it made."""
+    creation runs (the check and the claim are one step), so concurrent submissions cannot
+    together exceed the quota (over every server process, with Redis); a creation that fails
+    frees the slot and whatever adapter it made."""
     try:
-        rt.quotas.check_new_model(tenant_id)
+        await rt.claim_model(tenant_id, model_id)
     except TwinkleError as exc:
         raise OperationFailed(exc.message) from None
-    rt.quotas.model_loaded(tenant_id, model_id)
     try:
         yield
     except BaseException:
-        rt.quotas.model_unloaded(tenant_id, model_id)
+        await rt.release_model(tenant_id, model_id)
         try:
             await rt.engine_for(base).unload(model_id)  # a no-op when no adapter was made
         except Exception:
@@ -115,7 +122,7 @@ async def create_model(rt: Runtime, tenant_id: str, req: api.CreateModelRequest,
     lora = req.lora_config or api.LoraConfig(rank=32)
     await rt.refresh_limits(tenant_id)
     rt.quotas.check_rank(tenant_id, lora.rank)
-    rt.quotas.check_new_model(tenant_id)
+    await rt.check_model_room(tenant_id)
     spec = LoraSpec(
         rank=lora.rank,
         seed=lora.seed if lora.seed is not None else random.getrandbits(31),
@@ -132,7 +139,7 @@ async def create_model(rt: Runtime, tenant_id: str, req: api.CreateModelRequest,
         async with _model_slot(rt, tenant_id, model_id, base):
             await rt.engine_for(base).create_adapter(model_id, spec)
             await rt.db.run(lambda s: _insert_model(s, tenant_id, req.session_id, req.model_seq_id, base, spec,
-                                                    req.user_metadata))
+                                                    req.user_metadata, rt.instances.id))
         log.info("model_created", extra={"model_id": model_id, "tenant_id": tenant_id, "rank": spec.rank})
         return json_result(api.CreateModelResponse(model_id=model_id))
 
@@ -148,7 +155,9 @@ def engine_of(rt: Runtime, model: Model) -> Engine:
     return rt.engine_for(model.base_model)
 
 
-def _insert_model(s: Session, tenant_id: str, session_id: str, seq: int, base: str, spec: LoraSpec, meta: dict | None) -> None:
+def _insert_model(
+    s: Session, tenant_id: str, session_id: str, seq: int, base: str, spec: LoraSpec, meta: dict | None, owner: str
+) -> None:
     # A write to the live session row first: it takes the row lock (PostgreSQL) or the write lock
     # (SQLite, where a SELECT ... FOR UPDATE locks nothing), so that a session that ended while the
     # adapter was being made gets no model, and an end that comes later lists this one.
@@ -166,6 +175,7 @@ def _insert_model(s: Session, tenant_id: str, session_id: str, seq: int, base: s
             session_id=session_id,
             model_seq_id=seq,
             base_model=base,
+            owner=owner,
             lora_rank=spec.rank,
             lora_spec=spec.__dict__.copy(),
             user_metadata=dict(meta or {}),
@@ -356,11 +366,11 @@ async def save_weights_external(
 
 async def unload_model(rt: Runtime, tenant_id: str, req: api.UnloadModelRequest, fingerprint: str) -> api.UntypedAPIFuture:
     """Free the model's weights after everything already queued for it; its checkpoints stay."""
-    model = await owned_model(rt, tenant_id, req.model_id, touch=False)
+    model = await owned_model(rt, tenant_id, req.model_id, touch=False, route=True)
 
     async def run() -> OpResult:
         await engine_of(rt, model).unload(model.id)
-        rt.quotas.model_unloaded(tenant_id, model.id)
+        await rt.release_model(tenant_id, model.id)
         log.info("model_unloaded", extra={"model_id": model.id, "tenant_id": tenant_id})
         return json_result(api.UnloadModelResponse(model_id=model.id))
 
@@ -415,7 +425,7 @@ async def _create_from_checkpoint(
     rank = source.lora_rank
     if rank > (cap := rt.quotas.limits(tenant_id).max_lora_rank):
         raise InvalidRequest(f"{req.path} has LoRA rank {rank}, over this tenant's max_lora_rank {cap}", field="path")
-    rt.quotas.check_new_model(tenant_id)
+    await rt.check_model_room(tenant_id)
     model_id = ids.model_id(session_id, seq)
 
     async def run() -> OpResult:
@@ -423,7 +433,8 @@ async def _create_from_checkpoint(
             raise OperationFailed(f"model {model_id} already exists (model_seq_id {seq} was used before)")
         async with _model_slot(rt, tenant_id, model_id, base):
             spec = await rt.engine_for(base).load(model_id, checkpoint.storage_dir, with_optimizer=req.optimizer)
-            await rt.db.run(lambda s: _insert_model(s, tenant_id, session_id, seq, base, spec, req.user_metadata))
+            await rt.db.run(lambda s: _insert_model(s, tenant_id, session_id, seq, base, spec, req.user_metadata,
+                                                    rt.instances.id))
         log.info("model_created_from_checkpoint", extra={"model_id": model_id, "tenant_id": tenant_id})
         return json_result(api.LoadWeightsResponse(path=req.path, model_id=model_id))
 

@@ -6,6 +6,12 @@ process is gone when its row is missing, its heartbeat is older than `timeout`, 
 host and its pid no longer exists (so a crash followed by a restart is noticed at once). At start
 and at every heartbeat, a process fails the pending futures of gone processes, and of none other:
 several servers can share one database, and one restarting never fails another's work.
+
+A model's work runs in one process, its *owner* (`models.owner`): that process's queue keeps the
+model's seq_id order, which requests spread over several processes (a load balancer, a client with
+two base URLs) would otherwise lose. `claim` says where a model's request must go: here (this
+process owns it, or has just adopted it because it had no owner or its owner is gone), or the
+owner's URL, where the gateway forwards it (gateway/forwarding.py).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from sqlalchemy.orm import Session
 from server import ids
 from server.kinds import ErrorCategory, FutureState
 from server.store.database import Database
-from server.store.tables import Future, Instance, utcnow
+from server.store.tables import Future, Instance, Model, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +40,25 @@ GONE_MESSAGE = (
 class Instances:
     """This process's row, and the sweep of gone processes' futures."""
 
-    def __init__(self, db: Database, *, timeout: float = 30.0) -> None:
+    def __init__(self, db: Database, *, timeout: float = 30.0, url: str | None = None) -> None:
+        """`url`: where the other processes reach this one (None: they cannot forward to it)."""
         self._db = db
         self.timeout = timeout
+        self.url = url
         self.id = ids.new_id("inst")
         self.host = socket.gethostname()[:255]
 
+    def _row(self) -> Instance:
+        return Instance(id=self.id, host=self.host, pid=os.getpid(), url=self.url)
+
     def register(self) -> None:
-        self._db.call(lambda s: s.add(Instance(id=self.id, host=self.host, pid=os.getpid())))
+        self._db.call(lambda s: s.add(self._row()))
 
     def heartbeat(self) -> None:
         def write(s: Session) -> None:
             touched = s.execute(update(Instance).where(Instance.id == self.id).values(heartbeat_at=utcnow()))
             if touched.rowcount != 1:  # swept by a peer after a long pause: come back
-                s.add(Instance(id=self.id, host=self.host, pid=os.getpid()))
+                s.add(self._row())
 
         self._db.call(write)
 
@@ -62,6 +73,30 @@ class Instances:
 
         return self._db.call(write)
 
+    def claim(self, s: Session, model: Model) -> str | None:
+        """Where `model`'s work runs: None for here (owned by this process, or adopted now), or
+        the URL of the live process that owns it. In the caller's transaction."""
+        if model.owner == self.id:
+            return None
+        if model.owner is not None:
+            owner = s.get(Instance, model.owner)
+            if owner is not None and owner.url and not self._is_gone(owner):
+                return owner.url
+        # No owner, or a gone one: adopt the model. A peer adopting it at the same moment wins or
+        # loses on the conditional update; the loser forwards to the winner.
+        held_by = Model.owner.is_(None) if model.owner is None else Model.owner == model.owner
+        adopted = s.execute(update(Model).where(Model.id == model.id, held_by).values(owner=self.id))
+        if adopted.rowcount == 1:
+            log.info("model_adopted", extra={"model_id": model.id, "previous_owner": model.owner})
+            model.owner = self.id
+            return None
+        s.refresh(model)  # a peer adopted it first: its URL, or here if that peer is already gone
+        return self.claim(s, model)
+
+    def _is_gone(self, row: Instance) -> bool:
+        cutoff = utcnow() - timedelta(seconds=self.timeout)
+        return row.heartbeat_at < cutoff or (row.host == self.host and not self._alive(row.pid))
+
     @staticmethod
     def _alive(pid: int) -> bool:
         """Whether a process of this host is still there; our own pid in another row is a process
@@ -71,11 +106,9 @@ class Instances:
     def sweep(self) -> list[str]:
         """Fail the pending futures of gone processes (and of none other), remove their rows;
         the request ids failed."""
-        cutoff = utcnow() - timedelta(seconds=self.timeout)
-
         def write(s: Session) -> list[str]:
             rows = s.scalars(select(Instance).where(Instance.id != self.id)).all()
-            gone = [r.id for r in rows if r.heartbeat_at < cutoff or (r.host == self.host and not self._alive(r.pid))]
+            gone = [r.id for r in rows if self._is_gone(r)]
             live = [r.id for r in rows if r.id not in gone] + [self.id]
             failed = _fail(s, or_(Future.owner.is_(None), Future.owner.not_in(live)), GONE_MESSAGE)
             if gone:

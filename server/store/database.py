@@ -4,6 +4,7 @@ server runs them on a small thread pool so that a slow query never stalls the ev
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,8 +15,12 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from server.errors import Unavailable
+
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -105,9 +110,17 @@ class Database:
             )
 
     def call(self, fn: Callable[[Session], T]) -> T:
-        """Run fn in one transaction (committed if fn returns, rolled back if it raises)."""
-        with self._sessions.begin() as session:
-            return fn(session)
+        """Run fn in one transaction (committed if fn returns, rolled back if it raises). A database
+        that cannot be reached is Unavailable (a 503 the client retries); the pool checks each
+        connection before use, so once the database is back (a restart), the next call reconnects."""
+        try:
+            with self._sessions.begin() as session:
+                return fn(session)
+        except OperationalError as exc:
+            if self.engine.dialect.name == "sqlite":  # a file, not a server: nothing to reach
+                raise
+            log.warning("database_unavailable", extra={"error": str(exc.orig).splitlines()[0][:200]})
+            raise Unavailable("the database cannot be reached right now; try again shortly", retry_after=2.0) from None
 
     async def run(self, fn: Callable[[Session], T]) -> T:
         loop = asyncio.get_running_loop()

@@ -106,6 +106,9 @@ class Model(Base):
     # Set on runs made by copy_weights: the tinker path the weights came from. Such a run only
     # holds its copied checkpoint; it cannot be trained on.
     copied_from: Mapped[str | None] = mapped_column(String(700))
+    # The server process (instances.id) whose queue runs the model's work, in seq_id order; the
+    # others forward its requests there (server/queue/instances.py). None: not owned yet.
+    owner: Mapped[str | None] = mapped_column(String(64))
 
 
 class Future(Base):
@@ -146,6 +149,7 @@ class Instance(Base):
     pid: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    url: Mapped[str | None] = mapped_column(String(500))  # where the other processes reach it
 
 
 class Checkpoint(Base):

@@ -127,11 +127,12 @@ class Quotas:
         return self.state(tenant).limits
 
     # ----- admission of a submission -------------------------------------------------------------
-    def admit(self, tenant: str, now: float) -> None:
-        """Count one submission against requests/s and in-flight, or refuse it with a 429."""
+    def admit(self, tenant: str, now: float, *, rate: bool = True) -> None:
+        """Count one submission against requests/s (unless `rate` is False: counted in Redis, see
+        server/tenancy/shared.py) and in-flight, or refuse it with a 429."""
         st = self.state(tenant)
         budget = st.limits.requests_per_second * self.window
-        at = st.requests.free_at(now, budget, 1)
+        at = st.requests.free_at(now, budget, 1) if rate else now
         if at > now:
             log.info("submission_refused", extra={"tenant_id": tenant, "limit": "requests_per_second"})
             raise Busy(
@@ -144,7 +145,8 @@ class Quotas:
                 f"quota: at most {st.limits.max_inflight_requests} requests of this tenant may be in flight; "
                 "wait for some to finish", retry_after=1.0,
             )
-        st.requests.add(now, 1)
+        if rate:
+            st.requests.add(now, 1)
         st.inflight += 1
 
     def finished(self, tenant: str) -> None:
@@ -176,6 +178,10 @@ class Quotas:
 
     def model_unloaded(self, tenant: str, model_id: str) -> None:
         self.state(tenant).live_models.discard(model_id)
+
+    def held_models(self) -> dict[str, str]:
+        """Every live model this process counts, with its tenant."""
+        return {model: tenant for tenant, st in self._tenants.items() for model in st.live_models or ()}
 
     def live_models(self, tenant: str) -> int:
         return len(self.state(tenant).live_models)

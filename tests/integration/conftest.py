@@ -1,7 +1,12 @@
-"""A real `twinkle serve` process (tiny-qwen3, SQLite, local engine), shared by the SDK tests."""
+"""A real `twinkle serve` process (tiny-qwen3, SQLite, local engine), shared by the SDK tests.
+
+TWINKLE_TEST_SERVER_ARGS adds flags to that server: scripts/ray-suite.sh runs the SDK suite
+against `--engine ray --database-url postgresql+psycopg://… --redis-url …` with it."""
 
 from __future__ import annotations
 
+import os
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +24,8 @@ TEXTS = [
 
 @pytest.fixture(scope="session")
 def server(data_dir: Path, tiny_model_dir: Path) -> Iterator[ServerProcess]:
-    with running_server(data_dir) as proc:
+    extra = shlex.split(os.environ.get("TWINKLE_TEST_SERVER_ARGS", ""))
+    with running_server(data_dir, extra_args=extra, timeout=300.0) as proc:
         yield proc
 
 

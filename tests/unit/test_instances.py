@@ -18,7 +18,8 @@ from sqlalchemy import select, update
 from server.queue.futures import STOP_MESSAGE, FutureHub
 from server.queue.instances import GONE_MESSAGE, Instances
 from server.store.database import Database
-from server.store.tables import Future, Instance, Tenant, utcnow
+from server.store.tables import Future, Instance, Model, Tenant, utcnow
+from server.store.tables import Session as SessionRow
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -106,3 +107,70 @@ def test_futures_from_before_owners_were_recorded_are_failed_by_the_next_start(d
     starting = Instances(db)
     starting.register()
     assert starting.sweep() == [old] and states(db)[old] == ("failed", GONE_MESSAGE)
+
+
+# ----- model owners ------------------------------------------------------------------------------
+def a_model(db: Database, owner: str | None) -> str:
+    suffix = uuid.uuid4().hex[:8]
+    tenant, session, model = f"ten-{suffix}", f"sess-{suffix}", f"sess-{suffix}:train:0"
+
+    def write(s) -> None:
+        s.add(Tenant(id=tenant, name=tenant))
+        s.flush()
+        s.add(SessionRow(id=session, tenant_id=tenant))
+        s.flush()
+        s.add(Model(id=model, tenant_id=tenant, session_id=session, model_seq_id=0, base_model="tiny-qwen3",
+                    lora_rank=2, owner=owner))
+
+    db.call(write)
+    return model
+
+
+def claim(db: Database, instance: Instances, model_id: str) -> str | None:
+    return db.call(lambda s: instance.claim(s, s.get(Model, model_id)))
+
+
+def owner_of(db: Database, model_id: str) -> str | None:
+    return db.call(lambda s: s.get(Model, model_id).owner)
+
+
+def test_a_model_runs_where_its_live_owner_is(db: Database) -> None:
+    here, there = Instances(db, url="http://here:1"), Instances(db, url="http://there:2")
+    here.register()
+    there.register()
+    set_pid(db, there, 1)  # another live process of this host (this one's own pid would read as a restart)
+    mine, theirs = a_model(db, here.id), a_model(db, there.id)
+    assert claim(db, here, mine) is None
+    assert claim(db, here, theirs) == "http://there:2"
+    assert owner_of(db, theirs) == there.id
+
+
+def test_a_model_without_a_live_owner_is_adopted(db: Database) -> None:
+    here, gone = Instances(db, url="http://here:1", timeout=30), Instances(db, url="http://gone:2")
+    here.register()
+    gone.register()
+    set_pid(db, gone, 2**22 + 12345)  # a pid of this host that does not exist
+    orphan, unowned = a_model(db, gone.id), a_model(db, None)
+    assert claim(db, here, orphan) is None and owner_of(db, orphan) == here.id
+    assert claim(db, here, unowned) is None and owner_of(db, unowned) == here.id
+    stale = Instances(db, url="http://stale:3", timeout=30)
+    stale.register()
+    stale_model = a_model(db, stale.id)
+    db.call(lambda s: s.execute(update(Instance).where(Instance.id == stale.id)
+                                .values(heartbeat_at=utcnow() - timedelta(seconds=60), host="elsewhere")))
+    assert claim(db, here, stale_model) is None and owner_of(db, stale_model) == here.id
+
+
+def test_two_processes_adopting_at_once_agree_on_one_owner(db: Database) -> None:
+    first, second = Instances(db, url="http://first:1"), Instances(db, url="http://second:2")
+    first.register()
+    second.register()
+    set_pid(db, first, 1)  # alive, from the second's point of view
+    model_id = a_model(db, None)
+
+    def race(s) -> str | None:
+        row = s.get(Model, model_id)  # read before the other adopts
+        assert claim(db, first, model_id) is None  # the other process wins meanwhile
+        return second.claim(s, row)
+
+    assert db.call(race) == "http://first:1" and owner_of(db, model_id) == first.id

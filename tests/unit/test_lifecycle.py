@@ -18,10 +18,10 @@ from server.boot import build_runtime
 from server.config import Settings
 from server.engine.retention import Retention
 from server.ops import training
-from server.ops.lifecycle import Ended, end_session, free_retired, release
+from server.ops.lifecycle import Ended, end_session, free_ended_elsewhere, free_retired, release
 from server.store.database import Database
+from server.store.tables import Model, Tenant, utcnow
 from server.store.tables import Session as SessionRow
-from server.store.tables import Tenant
 from server.tenancy.quotas import Quotas
 from tests.support.engines import IdleEngine
 from workers.types import LoraSpec
@@ -59,8 +59,14 @@ def runtime(tmp_path, engine: RecordingEngine, **settings) -> SimpleNamespace:
     def spawn(work, name: str) -> None:
         spawned.append(asyncio.get_running_loop().create_task(work, name=name))
 
-    return SimpleNamespace(settings=config, engine=engine, engines={"tiny-qwen3": engine}, quotas=Quotas(config), retention=Retention(),
-                           fail_queued=fail_queued, failed=failed, spawn=spawn, spawned=spawned)
+    quotas = Quotas(config)
+
+    async def release_model(tenant_id: str, model_id: str) -> None:
+        quotas.model_unloaded(tenant_id, model_id)
+
+    return SimpleNamespace(settings=config, engine=engine, engines={"tiny-qwen3": engine}, quotas=quotas,
+                           retention=Retention(), fail_queued=fail_queued, failed=failed, spawn=spawn, spawned=spawned,
+                           release_model=release_model)
 
 
 def ended(reason: str | None, models: list[str], pending: list[str] = ()) -> Ended:
@@ -193,9 +199,33 @@ def test_a_session_ending_during_the_model_insert_still_lists_the_model(tmp_path
 
     training.Model = model_between_check_and_insert
     try:
-        db.call(lambda s: training._insert_model(s, "t1", "sess-1", 0, "tiny-qwen3", LoraSpec(4, 0), None))
+        db.call(lambda s: training._insert_model(s, "t1", "sess-1", 0, "tiny-qwen3", LoraSpec(4, 0), None, "inst-1"))
     finally:
         training.Model = real_model
     ended["thread"].join(10)
     assert ended["blocked"] and ended["what"].model_ids == ["sess-1:train:0"]
     db.close()
+
+
+def test_adapters_of_a_session_ended_on_another_process_are_freed_by_their_holder(tmp_path) -> None:
+    rt = runtime(tmp_path, RecordingEngine())
+    rt.db = Database(f"sqlite:///{tmp_path / 'shared.db'}", threads=1)
+    rt.db.migrate()
+
+    def write(s) -> None:
+        s.add(Tenant(id="tenant-a", name="tenant-a"))
+        s.flush()
+        s.add(SessionRow(id="s-ended", tenant_id="tenant-a", finished_at=utcnow(), finish_reason="success"))
+        s.add(SessionRow(id="s-live", tenant_id="tenant-a"))
+        s.flush()
+        for model_id, session in (("m-ended", "s-ended"), ("m-live", "s-live")):
+            s.add(Model(id=model_id, tenant_id="tenant-a", session_id=session, model_seq_id=0,
+                        base_model="tiny-qwen3", lora_rank=2))
+
+    rt.db.call(write)
+    loaded(rt, ["m-ended", "m-live"])  # both held here; the first's session was ended elsewhere
+    freed = asyncio.run(free_ended_elsewhere(rt))
+    assert [(e.session_id, e.model_ids, e.reason) for e in freed] == [("s-ended", ["m-ended"], "success")]
+    assert rt.engine.calls == [("unload", "m-ended")] and live(rt) == 1
+    assert asyncio.run(free_ended_elsewhere(rt)) == []  # freed once
+    rt.db.close()
