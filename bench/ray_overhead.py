@@ -104,7 +104,7 @@ def main() -> None:
         deciles = statistics.quantiles(spent, n=10)
         table.add_row(engine, f"{statistics.median(spent) * 1e3:.1f}", f"{deciles[0] * 1e3:.1f}",
                       f"{deciles[-1] * 1e3:.1f}")
-    console = Console()
+    console = Console(width=120)
     console.print(table)
     ratio = statistics.median(times["ray"]) / statistics.median(times["local"])
     console.print(f"ray / local median step time: {ratio:.3f} (target <= 1.15)")
