@@ -45,8 +45,9 @@ test: $(STAMP)
 test-ray: $(STAMP)
 	scripts/ray-suite.sh $(ARGS)
 
+# The quick tier on two workers (each test process uses one torch thread).
 test-fast: $(STAMP)
-	$(PYTEST) -q -m "not slow" tests/unit $(ARGS)
+	$(PYTEST) -q -n 2 -m "not slow" tests/unit $(ARGS)
 
 test-slow: $(STAMP)
 	$(PYTEST) -q -m "slow and not ray" $(ARGS)

@@ -203,6 +203,7 @@ def assert_same_run(got, want) -> None:
         assert len(set(want_losses[t.name])) == STEPS
 
 
+@pytest.mark.slow  # 4-12 s each: the whole-run comparisons run in make test, not the quick tier
 @pytest.mark.parametrize("shells", [0, 1, 64], ids=lambda n: f"{n}-shells")
 def test_five_tenants_two_slots_match_unlimited(new_trainer, unlimited_run, shells: int) -> None:
     """With no shells every page-in rebuilds the peft adapter; with one, some do; with 64, none."""
@@ -227,6 +228,7 @@ def test_five_tenants_two_slots_match_unlimited(new_trainer, unlimited_run, shel
     assert max(pending_paged) == 3
 
 
+@pytest.mark.slow
 def test_five_tenants_spilling_to_disk_match_unlimited(new_trainer, unlimited_run, tmp_path: Path) -> None:
     spill = tmp_path / "spill"
     # Room in host memory for about one small adapter: the rest goes to disk.
