@@ -155,9 +155,11 @@ class Runtime:
         self.quotas.model_loaded(tenant_id, model_id)
 
     async def release_model(self, tenant_id: str, model_id: str) -> None:
+        """The model no longer counts as live. Never raises: whatever freed the model goes on even
+        with Redis down (its shared count then stays one too high until Redis forgets it)."""
         self.quotas.model_unloaded(tenant_id, model_id)
         if self.shared is not None:
-            await self.shared.release_model(tenant_id, model_id)
+            await _quietly(self.shared.release_model(tenant_id, model_id))
 
     async def live_models(self, tenant_id: str) -> int:
         if self.shared is not None:
@@ -172,20 +174,22 @@ class Runtime:
         token = None
         if self.shared is not None and (token := await self.shared.take_sample_place(limit)) is None:
             raise _sampler_full(tenant_id, limit)
-        if not self.sample_admission.take():  # checked and taken with no await in between
+
+        def give_back_shared() -> None:
             if token is not None:
-                self.spawn(self.shared.release_sample_place(token), name="sample-place")  # type: ignore[union-attr]
+                self.spawn(_quietly(self.shared.release_sample_place(token)), name="sample-place")  # type: ignore[union-attr]
+
+        if not self.sample_admission.take():  # checked and taken with no await in between
+            give_back_shared()
             raise _sampler_full(tenant_id, limit)
         released = False
 
         def release() -> None:
             nonlocal released
-            if released:
-                return
-            released = True
-            self.sample_admission.release()
-            if token is not None:
-                self.spawn(_quietly(self.shared.release_sample_place(token)), name="sample-place")  # type: ignore[union-attr]
+            if not released:
+                released = True
+                self.sample_admission.release()
+                give_back_shared()
 
         return release
 
@@ -278,7 +282,7 @@ def _sampler_full(tenant_id: str, limit: int) -> Busy:
 
 
 async def _quietly(work: Coroutine[Any, Any, None]) -> None:
-    """A give-back that may fail (Redis down): its lease expires by itself."""
+    """A give-back to Redis that may fail (Redis down): logged, never raised."""
     try:
         await work
     except Exception:

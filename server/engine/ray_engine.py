@@ -28,7 +28,7 @@ from ray.serve.exceptions import RayServeException
 
 from schemas.wire import ForwardBackwardCall
 from server.config import Settings
-from server.engine.ray_serve_app import SAMPLER, TRAINER, app_args, app_name, build_app, serve_config
+from server.engine.ray_serve_app import LOGGING, SAMPLER, TRAINER, app_args, app_name, build_app
 from server.errors import OperationFailed
 from server.kinds import ErrorCategory, Lane
 from workers.guard import Failure
@@ -75,8 +75,7 @@ class RayCluster:
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=self._temp_dir,
                      object_store_memory=s.ray_object_store_mb * 2**20, **common)
             self._started_here = True
-        config = serve_config(s)
-        serve.start(proxy_location="Disabled", logging_config=config["logging_config"])
+        serve.start(proxy_location="Disabled", logging_config=LOGGING)
         if self._started_here:
             self._check_room()
 
@@ -113,7 +112,10 @@ class RayCluster:
 
     def shutdown(self) -> None:
         """Tear a private cluster down; leave a joined cluster's applications running (other
-        gateways use them) and only disconnect from it."""
+        gateways use them) and only disconnect from it. Every base model's engine calls it; the
+        first does it."""
+        if not ray.is_initialized():
+            return
         try:
             if self._started_here:
                 serve.shutdown()

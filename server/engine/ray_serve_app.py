@@ -33,6 +33,8 @@ REPLICA_FIELDS = (
     "data_dir", "allow_download", "torch_threads", "device", "dtype", "pass_memory_mb", "max_tokens_per_pass",
     "custom_loss_seconds", "max_resident_adapters", "host_adapter_budget_mb",
 )
+# Serve's logs: warnings and up, no line per request (access logs double a handle call's cost).
+LOGGING = {"enable_access_log": False, "log_level": "WARNING"}
 # The engine methods a gateway may call on a replica.
 TRAINER_CALLS = frozenset({"create_adapter", "forward_backward", "optim_step", "save", "load", "unload", "page_out"})
 SAMPLER_CALLS = frozenset({"sample_batch"})
@@ -110,5 +112,5 @@ def serve_config(settings: Settings) -> dict[str, Any]:
         for model in settings.base_models
         for role in (TRAINER, SAMPLER)
     ]
-    return {"proxy_location": "Disabled", "http_options": {"host": "127.0.0.1"}, "logging_config": {"enable_access_log": False, "log_level": "WARNING"},
+    return {"proxy_location": "Disabled", "http_options": {"host": "127.0.0.1"}, "logging_config": dict(LOGGING),
             "applications": applications}

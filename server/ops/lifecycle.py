@@ -69,10 +69,7 @@ async def release(rt: Runtime, ended: Ended, message: str, *, wait_for_engine: b
             log.exception("cancel_failed", extra={"request_id": request_id, "session_id": ended.session_id})
     keep = ended.reason == "expired" and rt.settings.expired_adapter_retention_seconds > 0
     for model_id in ended.model_ids:
-        try:
-            await rt.release_model(ended.tenant_id, model_id)
-        except Exception:  # Redis down: the rest of the release goes on
-            log.exception("model_slot_release_failed", extra={"model_id": model_id})
+        await rt.release_model(ended.tenant_id, model_id)
         if keep:
             rt.retention.retire(model_id, time.monotonic())  # freed after the retention, even if the page-out fails
     freeing = _free_adapters(rt, ended, keep)

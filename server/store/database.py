@@ -119,7 +119,7 @@ class Database:
         except OperationalError as exc:
             if self.engine.dialect.name == "sqlite":  # a file, not a server: nothing to reach
                 raise
-            log.warning("database_unavailable", extra={"error": str(exc.orig).splitlines()[0][:200]})
+            log.warning("database_unavailable", extra={"error": str(exc.orig).partition("\n")[0][:200]})
             raise Unavailable("the database cannot be reached right now; try again shortly", retry_after=2.0) from None
 
     async def run(self, fn: Callable[[Session], T]) -> T:
