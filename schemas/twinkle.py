@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import Literal
+
 from schemas.tinker import ResponseModel
 
 
@@ -23,6 +26,10 @@ class TenantUsage(ResponseModel):
     inflight_requests: int
     live_models: int
     limits: dict[str, float]
+    # In-memory adapter versions (save_weights_and_get_sampling_client) this server process holds for
+    # the tenant, and their bytes (server/engine/versions.py).
+    adapter_versions: int = 0
+    adapter_version_bytes: int = 0
 
 
 class CapacityResponse(ResponseModel):
@@ -39,3 +46,12 @@ class StatusResponse(ResponseModel):
     base_models: list[str] = []  # all served, the default first
     uptime_seconds: float
     capacity: CapacityResponse
+
+
+class ExportResponse(ResponseModel):
+    """``GET /twinkle/v1/export/{model_id}/{checkpoint_id}?format=peft|merged``: a signed download
+    link per file of the exported folder (links need no API key and end at ``expires``)."""
+
+    format: Literal["peft", "merged"]
+    files: dict[str, str]  # file name -> signed URL
+    expires: datetime

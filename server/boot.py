@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from server.config import Settings
 from server.engine.local import LocalEngine
 from server.engine.protocol import Engine
+from server.engine.versions import Versions
 from server.kinds import Lane
 from server.ops.lifecycle import run_session_reaper
 from server.ops.reaper import run_reaper
@@ -69,6 +70,7 @@ def build_runtime(settings: Settings, engine: Engine | None = None) -> Runtime:
         quotas=quotas,
         sample_admission=Admission(settings.sample_queue_limit),
         instances=instances,
+        versions=Versions(settings.sampler_versions_per_model, settings.sampler_version_idle_seconds),
         bus=bus,
         shared=SharedQuotas(settings.redis_url, settings.redis_prefix) if settings.redis_url else None,
     )

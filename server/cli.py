@@ -41,6 +41,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", choices=("local", "ray"),
                    help="local: compute in this process (default); ray: Ray Serve trainer and sampler deployments "
                         "(env TWINKLE_ENGINE)")
+    p.add_argument("--sampler", choices=("hf", "vllm"),
+                   help="hf: transformers on the trainer's model (default); vllm: vLLM with runtime LoRA, from "
+                        ".venv-vllm on a CPU (make install-vllm; env TWINKLE_SAMPLER)")
     p.add_argument("--ray-address", help="with --engine ray: the Ray cluster to join, 'auto' or host:port (default: "
                                          "start a private local cluster; env TWINKLE_RAY_ADDRESS)")
     p.add_argument("--ray-sampler-replicas", type=int,

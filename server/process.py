@@ -40,11 +40,13 @@ def running_server(
     env: dict[str, str] | None = None,
     timeout: float = 180.0,
     log_name: str = "server.log",
+    python: str | None = None,
 ) -> Iterator[ServerProcess]:
-    """Start a server on a free loopback port with its log (stderr) in data_dir/`log_name`."""
+    """Start a server on a free loopback port with its log (stderr) in data_dir/`log_name`
+    (`python`: another interpreter than this one, e.g. .venv-vllm's)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / log_name
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", "0", "--host", "127.0.0.1",
+    cmd = [python or sys.executable, "-m", "server.cli", "serve", "--port", "0", "--host", "127.0.0.1",
            "--base-model", base_model, "--data-dir", str(data_dir), *extra_args]
     child_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "ab") as log:

@@ -16,6 +16,7 @@ from server import ids
 from server.config import Settings
 from server.engine.protocol import Engine
 from server.engine.retention import Retention
+from server.engine.versions import Versions
 from server.errors import Busy, InvalidRequest
 from server.kinds import ErrorCategory, FutureState, OpKind
 from server.queue.admission import Admission
@@ -44,6 +45,7 @@ class Runtime:
     quotas: Quotas
     sample_admission: Admission
     instances: Instances  # this process among those sharing the database
+    versions: Versions  # in-memory adapter versions this process holds (the checkpoint engine)
     bus: RedisBus | None = None  # with --redis-url: messages from and to the other server processes
     shared: SharedQuotas | None = None  # with --redis-url: the limits that hold over every server process
     feeds: CompletionFeeds = field(default_factory=CompletionFeeds)

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from schemas.wire import DatumIn
 from workers import adapter_files as files
+from workers.adapter_versions import AdapterWeights
 from workers.custom_loss import CustomLoss, EvalBudget
 from workers.lora_pool import ADAM_SLOTS, Adapter, AdapterPool, optimizer_tensors, restore_optimizer
 from workers.losses import LossFn
@@ -209,7 +210,7 @@ class LoraTrainer:
                 per_datum = loss.body(leaf, batch.inputs, batch.mask, {**loss.config_defaults, **config})
                 if not forward_only and per_datum.requires_grad:
                     per_datum.sum().backward()
-                values, metrics = per_datum.detach().cpu().tolist(), [{} for _ in data]
+                values, metrics = per_datum.detach().cpu().tolist(), _sampler_gaps(leaf.detach(), batch, loss)
         if not forward_only and leaf.grad is not None:
             lp.backward(leaf.grad)
         logprobs = lp.detach().cpu().numpy()
@@ -316,6 +317,45 @@ class LoraTrainer:
             restore_optimizer(adapter, opt_tensors)
         return spec
 
+    # ----- in-memory versions (the checkpoint engine) -----------------------------------------
+    def snapshot(self, name: str) -> AdapterWeights:
+        """The adapter's weights as they are now, copied to the host: an immutable version that
+        further training never changes. (The pool's parameters are keyed like peft's state dict.)"""
+        adapter = self.pool.get(name)
+        tensors = {key: param.detach().to("cpu", copy=True) for key, param in adapter.params.items()}
+        config = self.model.peft_config[name].to_dict()
+        # What peft's save_pretrained writes: sets as lists.
+        config = {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
+        return AdapterWeights(adapter.spec, tensors, config)
+
+    def step_of(self, name: str) -> int:
+        """How many optimizer steps the adapter's optimizer has taken (0 before the first)."""
+        optimizer = self.pool.get(name).optimizer
+        for state in (optimizer.state.values() if optimizer is not None else ()):
+            if "step" in state:
+                return int(state["step"])
+        return 0
+
+    def load_version(self, name: str, weights: AdapterWeights) -> None:
+        """Pinned adapter `name` holding a version's weights (a sampler's copy): made if needed,
+        else overwritten in place (a sampler reuses an evicted version's adapter: copying weights
+        is far cheaper than peft adding layers)."""
+        created = not self.has_adapter(name)
+        if not created and replace(self.adapter_spec(name), seed=weights.spec.seed) != weights.spec:
+            raise AdapterError(f"adapter {name} has LoRA {self.adapter_spec(name)}, the version has {weights.spec}")
+        if created:
+            self.create_adapter(name, weights.spec, pinned=True)
+        params = self.pool.get(name).params
+        try:
+            _check_tensors(weights.tensors, params, None)
+        except BaseException:
+            if created:
+                self.remove_adapter(name)
+            raise
+        with torch.no_grad():
+            for key, param in params.items():
+                param.copy_(weights.tensors[key])
+
     def _load_weights(self, name: str, state: dict[str, torch.Tensor]) -> None:
         result = set_peft_model_state_dict(self.model, state, adapter_name=name)
         unexpected = getattr(result, "unexpected_keys", [])
@@ -390,6 +430,19 @@ def _custom_losses(
         values.append(float(value.detach()))
         metrics.append({k: float(v) for k, v in datum_metrics.items()})
     return values, metrics
+
+
+def _sampler_gaps(lp: torch.Tensor, batch: Batch, loss: LossFn) -> list[dict[str, float]]:
+    """Per datum, for the losses that take the sampler's logprobs: the mean absolute difference
+    between them and this forward's logprobs over the sampled tokens (those whose sampler logprob
+    is not 0: prompt positions carry 0). Near 0 when sampler and trainer agree on the weights."""
+    if "logprobs" not in loss.required_inputs:
+        return [{} for _ in batch.lengths]
+    sampler = batch.inputs["logprobs"]
+    sampled = (sampler != 0) & (batch.mask > 0) & torch.isfinite(sampler)
+    gap = torch.where(sampled, (lp - sampler).abs(), torch.zeros_like(lp))
+    means = (gap.sum(dim=-1) / sampled.sum(dim=-1).clamp(min=1)).cpu().tolist()
+    return [{"sampler_logprob_gap:mean": float(m)} for m in means]
 
 
 def _group_result(results: list[_DatumResult]) -> ForwardBackwardResult:

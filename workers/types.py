@@ -125,6 +125,24 @@ class SampleOutput:
 
 
 @dataclass(frozen=True)
+class SampleTarget:
+    """The adapter weights a sample uses: version `key` (the same key always names the same
+    weights; samplers cache by it). Its weights are the engine's in-memory version `key`, or
+    (`ref` set) the checkpoint the store holds under `ref`."""
+
+    key: str
+    ref: str | None = None
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """An in-memory adapter version, as made: its size and its model's optimizer step."""
+
+    nbytes: int
+    step: int
+
+
+@dataclass(frozen=True)
 class BaseModelInfo:
     name: str
     architecture: str
@@ -172,3 +190,5 @@ class ComputeOptions:
     max_resident_adapters: int | None = None
     host_budget_bytes: int | None = None
     spill_dir: Path | None = None
+    sampler: Literal["hf", "vllm"] = "hf"  # the sampler backend (workers/hf_sampler.py, workers/vllm_sampler.py)
+    sampler_cache_versions: int = 8  # adapter versions a sampler keeps built (LRU)

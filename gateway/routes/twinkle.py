@@ -25,9 +25,11 @@ def _pool_view(pool: PoolStatus) -> tw.PoolView:
 async def capacity(rt: Runtime, tenant: str) -> tw.CapacityResponse:
     limits = await rt.refresh_limits(tenant)
     pools = {name: _pool_view(pool) for name, engine in rt.engines.items() if (pool := engine.pool_status())}
+    held = [v for v in rt.versions.held() if v.tenant_id == tenant]
     usage = tw.TenantUsage(
         queue_depth=rt.scheduler.tenant_depth(tenant), inflight_requests=rt.quotas.inflight(tenant),
         live_models=await rt.live_models(tenant), limits={k: float(v) for k, v in asdict(limits).items()},
+        adapter_versions=len(held), adapter_version_bytes=sum(v.nbytes for v in held),
     )
     return tw.CapacityResponse(pool=pools.get(rt.base.name), pools=pools, samples_pending=rt.sample_admission.pending,
                                sample_queue_limit=rt.settings.sample_queue_limit, tenant=usage)

@@ -14,7 +14,6 @@ import hashlib
 import logging
 import shutil
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,11 +27,12 @@ from schemas.wire import ForwardBackwardCall
 from server.config import Settings
 from server.errors import OperationFailed
 from server.kinds import Lane
-from workers import sampler
 from workers.adapter_files import encrypt_folder
+from workers.adapter_versions import AdapterSource, AdapterWeights, SamplerBackend, read_weights
 from workers.base_models import resolve_base_model
 from workers.custom_loss import CustomLoss, compile_graph
 from workers.guard import Failure, guarded
+from workers.hf_sampler import HfSampler
 from workers.losses import LossFn, get_loss
 from workers.peft_host import AdapterError
 from workers.storage import CheckpointStore, FolderStore
@@ -47,11 +47,13 @@ from workers.types import (
     PoolStatus,
     SampleJob,
     SampleOutput,
+    SampleTarget,
+    VersionInfo,
 )
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-SAMPLING_ADAPTER_CACHE = 8
+Fetch = Callable[[], AdapterWeights]
 
 
 class LocalEngine:
@@ -73,7 +75,8 @@ class LocalEngine:
         self._pool_status: PoolStatus | None = None  # a snapshot, refreshed after every compute call
         self._trainer: LoraTrainer | None = None
         self._tokenizer = None
-        self._sampling_adapters: OrderedDict[str, str] = OrderedDict()  # checkpoint ref -> adapter
+        self._versions: dict[str, AdapterWeights] = {}  # in-memory versions made here, until released
+        self._sampler: SamplerBackend | None = None
         self._custom_losses: dict[str, CustomLoss] = {}
 
     async def _call(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
@@ -99,6 +102,8 @@ class LocalEngine:
             max_resident_adapters=settings.max_resident_adapters,
             host_budget_bytes=settings.host_adapter_budget_mb * 2**20,
             spill_dir=data_dir / "lora-spill",
+            sampler=settings.sampler,
+            sampler_cache_versions=settings.sampler_cache_versions,
         )
         return cls(
             lambda: resolve_base_model(model, data_dir, allow_download=settings.allow_download), model, options,
@@ -150,13 +155,31 @@ class LocalEngine:
             pass_memory_bytes=opts.pass_memory_bytes or _pass_memory(device),
             max_tokens_per_pass=opts.max_tokens_per_pass, custom_loss_seconds=opts.custom_loss_seconds,
         )
+        self._sampler = self._make_sampler(model_dir, info, dtype)
         log.info("base_model_loaded", extra={"model": self._name, "device": str(device), "dtype": str(dtype),
+                                             "sampler": opts.sampler,
                                              "tokens_per_pass": self._trainer.max_tokens_per_pass,
                                              "seconds": round(time.perf_counter() - started, 2)})
         return info
 
+    def _make_sampler(self, model_dir: Path, info: BaseModelInfo, dtype: torch.dtype) -> SamplerBackend:
+        opts = self._options
+        if opts.sampler == "vllm":
+            from workers.vllm_sampler import VllmSampler  # needs .venv-vllm (make install-vllm)
+
+            return VllmSampler(model_dir, info, dtype=str(dtype).removeprefix("torch."),
+                               max_cpu_loras=opts.sampler_cache_versions)
+        return HfSampler(self.trainer, self._decode, opts.sampler_cache_versions)
+
     async def stop(self) -> None:
+        if self._sampler is not None:
+            await self._call(self._sampler.close)
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def _samplers(self) -> SamplerBackend:
+        assert self._sampler is not None, "engine not started"
+        return self._sampler
 
     @property
     def trainer(self) -> LoraTrainer:
@@ -231,35 +254,59 @@ class LocalEngine:
             )
         return name
 
-    # ----- sampling --------------------------------------------------------------------------
-    async def sample_batch(self, adapter_ref: str | None, jobs: list[SampleJob]) -> list[SampleOutput]:
-        return await self._call(self._sample_batch, adapter_ref, jobs)
+    # ----- adapter versions and sampling -------------------------------------------------------
+    async def snapshot(self, model_id: str, key: str) -> VersionInfo:
+        return await self._call(self._snapshot, model_id, key)
 
-    def _sample_batch(self, adapter_ref: str | None, jobs: list[SampleJob]) -> list[SampleOutput]:
-        adapter = None if adapter_ref is None else self._sampling_adapter(adapter_ref)
-        with self.trainer.using(adapter) as model:
-            return sampler.sample_batch(
-                model, jobs, eos_token_ids=self.trainer.info.eos_token_ids, decode=self._decode,
-                pad_token_id=self.trainer.pad_token_id,
-            )
+    def _snapshot(self, model_id: str, key: str) -> VersionInfo:
+        weights, info = self._capture(model_id)
+        self._versions[key] = weights
+        return info
+
+    async def capture(self, model_id: str) -> tuple[AdapterWeights, VersionInfo]:
+        """The model's adapter weights now, as a new immutable version, not kept here (a Ray
+        trainer replica hands them to the object store)."""
+        return await self._call(self._capture, model_id)
+
+    def _capture(self, model_id: str) -> tuple[AdapterWeights, VersionInfo]:
+        name = self._require(model_id)
+        weights = self.trainer.snapshot(name)
+        return weights, VersionInfo(nbytes=weights.nbytes, step=self.trainer.step_of(name))
 
     def _decode(self, tokens: list[int]) -> str:
         return self._tokenizer.decode(tokens, skip_special_tokens=False)
 
-    def _sampling_adapter(self, ref: str) -> str:
-        """Adapter holding a checkpoint's weights for sampling; checkpoints are immutable, so one
-        loaded copy serves every request until it falls out of the LRU cache."""
-        if ref in self._sampling_adapters:
-            self._sampling_adapters.move_to_end(ref)
-            return self._sampling_adapters[ref]
-        name = "smp" + hashlib.sha1(ref.encode()).hexdigest()[:16]
-        # Outside the tenant pool: pinned.
-        self.trainer.load(name, self._store.local_path(ref), with_optimizer=False, pinned=True)
-        self._sampling_adapters[ref] = name
-        if len(self._sampling_adapters) > SAMPLING_ADAPTER_CACHE:
-            _, evicted = self._sampling_adapters.popitem(last=False)
-            self.trainer.remove_adapter(evicted)
-        return name
+    async def release(self, key: str) -> None:
+        await self._call(self._release, key)
+
+    def _release(self, key: str) -> None:
+        self._versions.pop(key, None)
+        self._samplers.forget(key)
+
+    async def sample_batch(
+        self, target: SampleTarget | None, jobs: list[SampleJob], fetch: Fetch | None = None
+    ) -> list[SampleOutput]:
+        """`fetch`: where a sampler replica gets an in-memory version it does not hold (the Ray
+        object store); called only when the version is not cached here."""
+        return await self._call(self._sample_batch, target, jobs, fetch)
+
+    def _sample_batch(self, target: SampleTarget | None, jobs: list[SampleJob], fetch: Fetch | None) -> list[SampleOutput]:
+        source = None if target is None else self._source(target, fetch)
+        return self._samplers.sample_batch(source, jobs)
+
+    def _source(self, target: SampleTarget, fetch: Fetch | None) -> AdapterSource:
+        folder = None if target.ref is None else self._store.local_path(target.ref)
+
+        def weights() -> AdapterWeights:
+            if (held := self._versions.get(target.key)) is not None:
+                return held
+            if folder is not None:
+                return read_weights(folder)
+            if fetch is not None:
+                return fetch()
+            raise AdapterError(f"adapter version {target.key} is no longer held: it was released")
+
+        return AdapterSource(target.key, weights, folder)
 
 
 def _pass_memory(device: torch.device) -> int:

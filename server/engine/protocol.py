@@ -2,11 +2,11 @@
 
 Methods are async and take and return plain data (numbers, strings, numpy arrays and the
 dataclasses of workers.types), so an engine can run its work in a thread (LocalEngine) or in
-Ray Serve deployments without the callers noticing. Adapters are addressed by model id and
-checkpoints by reference (a storage key the engine resolves through its own CheckpointStore,
-workers/storage.py), never by a path of the caller's disk. A failure crosses as data
-(workers/guard.py, `Failure(category, message)`) and reaches the caller as OperationFailed with
-that category and message.
+Ray Serve deployments without the callers noticing. Adapters are addressed by model id,
+in-memory adapter versions by key, and checkpoints by reference (a storage key the engine
+resolves through its own CheckpointStore, workers/storage.py), never by a path of the caller's
+disk. A failure crosses as data (workers/guard.py, `Failure(category, message)`) and reaches the
+caller as OperationFailed with that category and message.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from workers.types import (
     PoolStatus,
     SampleJob,
     SampleOutput,
+    SampleTarget,
+    VersionInfo,
 )
 
 
@@ -73,7 +75,16 @@ class Engine(Protocol):
         """The LoRA pool as of the last compute call (None before the first)."""
         ...
 
-    async def sample_batch(self, adapter_ref: str | None, jobs: list[SampleJob]) -> list[SampleOutput]:
-        """Sample several requests in one batch from the base model with adapter checkpoint
-        `adapter_ref` (None: no adapter); one output per job."""
+    async def snapshot(self, model_id: str, key: str) -> VersionInfo:
+        """Keep the model's adapter weights as they are now, in memory, as immutable version `key`
+        (the checkpoint engine: nothing is written to disk), where this engine's samplers find it."""
+        ...
+
+    async def release(self, key: str) -> None:
+        """Forget in-memory version `key` (and what samplers built from it); a no-op if unknown."""
+        ...
+
+    async def sample_batch(self, target: SampleTarget | None, jobs: list[SampleJob]) -> list[SampleOutput]:
+        """Sample several requests in one batch from the base model with the adapter version
+        `target` (None: no adapter); one output per job."""
         ...

@@ -41,6 +41,8 @@ from workers.types import (
     PoolStatus,
     SampleJob,
     SampleOutput,
+    SampleTarget,
+    VersionInfo,
 )
 
 log = logging.getLogger(__name__)
@@ -137,6 +139,7 @@ class RayEngine:
         self._trainer: Any = None
         self._sampler: Any = None
         self._pool_status: PoolStatus | None = None
+        self._versions: dict[str, Any] = {}  # in-memory version key -> its ObjectRef
 
     async def start(self) -> BaseModelInfo:
         started = time.perf_counter()
@@ -207,8 +210,19 @@ class RayEngine:
     async def page_out(self, model_id: str) -> None:
         await self._call(TRAINER, "page_out", model_id)
 
-    async def sample_batch(self, adapter_ref: str | None, jobs: list[SampleJob]) -> list[SampleOutput]:
-        return await self._call(SAMPLER, "sample_batch", adapter_ref, jobs)
+    async def snapshot(self, model_id: str, key: str) -> VersionInfo:
+        info, refs = await self._call(TRAINER, "snapshot", model_id)
+        self._versions[key] = refs[0]
+        return info
+
+    async def release(self, key: str) -> None:
+        # Dropping the reference frees the object; sampler replicas that built the version keep
+        # it until their LRU evicts it (nothing samples a released version: the gateway refuses).
+        self._versions.pop(key, None)
+
+    async def sample_batch(self, target: SampleTarget | None, jobs: list[SampleJob]) -> list[SampleOutput]:
+        held = None if target is None else self._versions.get(target.key)
+        return await self._call(SAMPLER, "sample_batch", target, jobs, [] if held is None else [held])
 
 
 def _lost_message(role: str, base_model: str, exc: Exception) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve import Application
 
@@ -23,7 +24,7 @@ from server.config import Settings
 from server.engine.local import LocalEngine
 from server.errors import OperationFailed
 from workers.guard import Failure
-from workers.types import BaseModelInfo, PoolStatus
+from workers.types import BaseModelInfo, PoolStatus, SampleJob, SampleOutput, SampleTarget, VersionInfo
 
 TRAINER, SAMPLER = "trainer", "sampler"
 BUILDER = "server.engine.ray_serve_app:build_app"
@@ -31,13 +32,15 @@ BUILDER = "server.engine.ray_serve_app:build_app"
 # else (no database URL, no keys) is handed to the cluster.
 REPLICA_FIELDS = (
     "data_dir", "allow_download", "torch_threads", "device", "dtype", "pass_memory_mb", "max_tokens_per_pass",
-    "custom_loss_seconds", "max_resident_adapters", "host_adapter_budget_mb",
+    "custom_loss_seconds", "max_resident_adapters", "host_adapter_budget_mb", "sampler", "sampler_cache_versions",
 )
 # Serve's logs: warnings and up, no line per request (access logs double a handle call's cost).
 LOGGING = {"enable_access_log": False, "log_level": "WARNING"}
-# The engine methods a gateway may call on a replica.
-TRAINER_CALLS = frozenset({"create_adapter", "forward_backward", "optim_step", "save", "load", "unload", "page_out"})
-SAMPLER_CALLS = frozenset({"sample_batch"})
+# The engine methods a gateway may call on a replica ("snapshot" and "sample_batch" are adapted
+# to the object store by the replica: see EngineReplica).
+TRAINER_CALLS = frozenset(
+    {"create_adapter", "forward_backward", "optim_step", "save", "load", "unload", "page_out", "snapshot"})
+SAMPLER_CALLS = frozenset({"sample_batch", "release"})
 
 
 class EngineReplica:
@@ -61,10 +64,31 @@ class EngineReplica:
         if method not in allowed:
             return Failure("server", f"the {self._role} replica has no call {method!r}"), None
         try:
-            outcome = await getattr(self._engine, method)(*args, **kwargs)
+            if method == "snapshot":
+                outcome = await self._snapshot(*args)
+            elif method == "sample_batch":
+                outcome = await self._sample_batch(*args)
+            else:
+                outcome = await getattr(self._engine, method)(*args, **kwargs)
         except OperationFailed as exc:
             outcome = Failure("user" if exc.category == "user" else "server", exc.message)
         return outcome, self._engine.pool_status()
+
+
+    async def _snapshot(self, model_id: str) -> tuple[VersionInfo, list[ray.ObjectRef]]:
+        """A new in-memory version, put in the object store (this replica owns the object; the
+        gateway holds the reference, and releasing it frees the object). The reference goes back
+        in a list, so that nothing resolves it on the way."""
+        weights, info = await self._engine.capture(model_id)
+        return info, [ray.put(weights)]
+
+    async def _sample_batch(
+        self, target: SampleTarget | None, jobs: list[SampleJob], refs: list[ray.ObjectRef]
+    ) -> list[SampleOutput]:
+        """`refs`: the object holding an in-memory version's weights, fetched only if this replica
+        has not built that version yet (or evicted it)."""
+        fetch = (lambda: ray.get(refs[0])) if refs else None
+        return await self._engine.sample_batch(target, jobs, fetch)
 
 
 def app_name(prefix: str, role: str, base_model: str) -> str:

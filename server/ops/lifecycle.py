@@ -6,11 +6,12 @@ A session ends when its client finishes it (`POST /sessions/{id}/finish`, from S
 finished as "expired".
 
 Either way its queued work fails with a `user` error that says why, its models stop counting
-against the tenant's live-model quota, and further requests on it get 410; its checkpoints stay,
-and a new client loads them with create_training_client_from_state. A finished session's adapters
-are freed at once (its client said it is done). An expired session's adapters are paged out of the
-compute device, not deleted, and freed for good after `expired_adapter_retention_seconds`, so that
-neither host memory nor the spill folder grows with every client that disappears.
+against the tenant's live-model quota, further requests on it get 410, and its in-memory adapter
+versions are released; its checkpoints stay, and a new client loads them with
+create_training_client_from_state. A finished session's adapters are freed at once (its client
+said it is done). An expired session's adapters are paged out of the compute device, not deleted,
+and freed for good after `expired_adapter_retention_seconds`, so that neither host memory nor the
+spill folder grows with every client that disappears.
 
 With several server processes, a session may end on one that does not hold its models (a local
 engine's adapters live in the process that owns the model). The owner notices at its next reaper
@@ -29,6 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.kinds import FutureState
+from server.ops import versions
 from server.queue.scopes import session_scopes
 from server.runtime import Runtime
 from server.store.tables import Future, Model, SamplingSession, utcnow
@@ -67,6 +69,7 @@ async def release(rt: Runtime, ended: Ended, message: str, *, wait_for_engine: b
             await rt.fail_queued(request_id, message)
         except Exception:
             log.exception("cancel_failed", extra={"request_id": request_id, "session_id": ended.session_id})
+    versions.release(rt, rt.versions.take_session(ended.session_id), "session ended")
     keep = ended.reason == "expired" and rt.settings.expired_adapter_retention_seconds > 0
     for model_id in ended.model_ids:
         await rt.release_model(ended.tenant_id, model_id)
@@ -149,6 +152,19 @@ async def free_ended_elsewhere(rt: Runtime) -> list[Ended]:
     return ended
 
 
+async def free_versions_ended_elsewhere(rt: Runtime) -> int:
+    """Release the in-memory versions this process holds for sessions that ended on another
+    process (one whose models this process no longer holds is not found by free_ended_elsewhere)."""
+    sessions = {v.session_id for v in rt.versions.held()}
+    if not sessions:
+        return 0
+    ended = await rt.db.run(lambda s: list(s.scalars(
+        select(SessionRow.id).where(SessionRow.id.in_(list(sessions)), SessionRow.finished_at.is_not(None)))))
+    freed = [v for session_id in ended for v in rt.versions.take_session(session_id)]
+    versions.release(rt, freed, "session ended")
+    return len(freed)
+
+
 async def run_session_reaper(rt: Runtime, interval: float | None = None) -> None:
     """Expire sessions and free retired adapters forever (cancel the task to stop); a failed round
     is logged and retried."""
@@ -158,6 +174,8 @@ async def run_session_reaper(rt: Runtime, interval: float | None = None) -> None
         try:
             await expire_sessions(rt)
             await free_ended_elsewhere(rt)
+            await free_versions_ended_elsewhere(rt)
+            versions.release_idle(rt)
             await free_retired(rt)
         except Exception:
             log.exception("session_reap_failed")

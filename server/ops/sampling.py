@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from sqlalchemy.orm import Session
@@ -12,17 +15,19 @@ from schemas.futures import SamplingSessionTarget
 from schemas.tensors import TargetIds, check_sample_options, decode_target_ids
 from schemas.wire import SampledSequenceOut, encode_sample_response
 from server import ids
-from server.errors import InvalidRequest, NotFound
+from server.errors import Elsewhere, InvalidRequest, NotFound, OperationFailed
 from server.kinds import FutureState, OpKind, ResultFormat
+from server.ops import versions
 from server.ops.checkpoints import readable_by, resolve_checkpoint
 from server.ops.sessions import live_session
 from server.ops.validation import check_token_ids
+from server.queue.futures import Submission
 from server.queue.scheduler import Batch, OpResult
 from server.queue.scopes import BASE_ADAPTER, DIRECT_SAMPLER, sample_batch_key, sample_queue, sampler_scope
 from server.runtime import Runtime
 from server.store.queries import owned
 from server.store.tables import Checkpoint, Model, SamplingSession
-from workers.types import BaseModelInfo, PromptScoring, SampleJob, SampleOutput, SampleParams
+from workers.types import BaseModelInfo, PromptScoring, SampleJob, SampleOutput, SampleParams, SampleTarget
 
 log = logging.getLogger(__name__)
 MAX_NUM_SAMPLES = 128
@@ -56,42 +61,71 @@ async def get_sampler(rt: Runtime, tenant_id: str, sampler_id: str) -> api.GetSa
     return api.GetSamplerResponse(sampler_id=row.id, base_model=row.base_model, model_path=row.model_path)
 
 
-async def _checkpoint_for(rt: Runtime, tenant_id: str, model_path: str) -> tuple[Checkpoint, str]:
+async def _checkpoint_for(
+    rt: Runtime, tenant_id: str, model_path: str, *, field: str = "model_path"
+) -> tuple[Checkpoint, str]:
     """The readable checkpoint at `model_path`, and the served base model it was trained on."""
 
     def read(s: Session) -> tuple[Checkpoint, str]:
-        checkpoint = resolve_checkpoint(s, tenant_id, model_path, field="model_path")
+        checkpoint = resolve_checkpoint(s, tenant_id, model_path, field=field)
         return checkpoint, s.get(Model, checkpoint.model_id).base_model
 
     checkpoint, base = await rt.db.run(read)
-    return checkpoint, rt.served(base, field="model_path")
+    return checkpoint, rt.served(base, field=field)
 
 
-async def _target(rt: Runtime, tenant_id: str, req: api.SampleRequest) -> tuple[str | None, str]:
-    """The checkpoint (its storage reference; None: the bare base model) to sample with, and its
-    base model. A sampling session's checkpoint is checked again at every request: it may have been
-    deleted, expired or (if it is another tenant's) unpublished since the session was made."""
+@dataclass(frozen=True)
+class Target:
+    """What a sample runs on: the adapter version (None: the bare base model), its base model,
+    and the in-memory version it pins while it runs (None for a checkpoint or the base model)."""
+
+    adapter: SampleTarget | None
+    base: str
+    pinned: str | None = None
+
+    @property
+    def batch_on(self) -> str:
+        # Samples of the bare base model name it: several base models never share a pass.
+        return self.adapter.key if self.adapter is not None else f"{BASE_ADAPTER}:{self.base}"
+
+
+def _checkpoint_target(checkpoint: Checkpoint, base: str) -> Target:
+    # A checkpoint's folder is immutable (an overwrite makes a new one): its storage ref is its version key.
+    return Target(SampleTarget(key=checkpoint.storage_dir, ref=checkpoint.storage_dir), base)
+
+
+async def _target(rt: Runtime, tenant_id: str, req: api.SampleRequest) -> Target:
+    """The adapter version to sample with, and its base model. A sampling session's checkpoint is
+    checked again at every request: it may have been deleted, expired or (if it is another
+    tenant's) unpublished since the session was made. An in-memory version is sampled where it
+    lives, in the process that owns its model (elsewhere: the request is forwarded there)."""
     if req.sampling_session_id is not None:
+        field = "sampling_session_id"
 
-        def find(s: Session) -> tuple[str | None, str]:
-            row = owned(s, SamplingSession, tenant_id, req.sampling_session_id, field="sampling_session_id")
-            live_session(s, tenant_id, row.session_id, field="sampling_session_id")  # 410 once it has ended
+        def find(s: Session) -> Target:
+            row = owned(s, SamplingSession, tenant_id, req.sampling_session_id, field=field)
+            live_session(s, tenant_id, row.session_id, field=field)  # 410 once it has ended
+            if row.version is not None:
+                model = s.get(Model, row.model_id)
+                if model is not None and (url := rt.instances.claim(s, model)) is not None:
+                    raise Elsewhere(url, model.id)
+                return Target(SampleTarget(key=row.version), row.base_model, pinned=row.version)
             if row.checkpoint_id is None:
                 if row.model_path:  # its checkpoint was deleted: resolving the path says so
-                    found = resolve_checkpoint(s, tenant_id, row.model_path, field="sampling_session_id")
-                    return found.storage_dir, row.base_model
-                return None, row.base_model
+                    return _checkpoint_target(resolve_checkpoint(s, tenant_id, row.model_path, field=field), row.base_model)
+                return Target(None, row.base_model)
             checkpoint = s.get(Checkpoint, row.checkpoint_id)
             if checkpoint is None or not readable_by(checkpoint, tenant_id):
-                raise NotFound(f"the checkpoint of sampler {row.id} is no longer available", field="sampling_session_id")
-            return checkpoint.storage_dir, row.base_model
+                raise NotFound(f"the checkpoint of sampler {row.id} is no longer available", field=field)
+            return _checkpoint_target(checkpoint, row.base_model)
 
-        ref, base = await rt.db.run(find)
-        return ref, rt.served(base, field="sampling_session_id")
+        target = await rt.db.run(find)
+        rt.served(target.base, field=field)
+        return target
     if req.model_path is not None:
         checkpoint, base = await _checkpoint_for(rt, tenant_id, req.model_path)
-        return checkpoint.storage_dir, base
-    return None, rt.served(req.base_model)
+        return _checkpoint_target(checkpoint, base)
+    return Target(None, rt.served(req.base_model))
 
 
 def _prompt_tokens(base: BaseModelInfo, req: api.SampleRequest) -> list[int]:
@@ -133,47 +167,116 @@ def _params(rt: Runtime, base: BaseModelInfo, req: api.SampleRequest, prompt_len
 async def sample(rt: Runtime, tenant_id: str, req: api.SampleRequest, fingerprint: str) -> api.UntypedAPIFuture:
     if req.num_samples > MAX_NUM_SAMPLES:
         raise InvalidRequest(f"num_samples is limited to {MAX_NUM_SAMPLES}", field="num_samples")
-    adapter_ref, base = await _target(rt, tenant_id, req)
-    info = rt.base_for(base)
+    target = await _target(rt, tenant_id, req)
+    info = rt.base_for(target.base)
     prompt = _prompt_tokens(info, req)
-    job, target = _job(rt, info, req, prompt)
-    await rt.refresh_limits(tenant_id)
-    tokens = (len(prompt) + job.params.max_tokens) * req.num_samples
-    rt.quotas.check_tokens(tenant_id, tokens, "sampling_params.max_tokens")
-    # Samples of the bare base model name it: several base models never share a pass.
-    on = adapter_ref or f"{BASE_ADAPTER}:{base}"
-    queue = sample_queue(tenant_id, on)
-    release = await rt.admit_sample(tenant_id)
+    job, target_ids = _job(rt, info, req, prompt)
+    sub = await _submit(rt, tenant_id, target, _Payload(job, target_ids), sampler_id=req.sampling_session_id,
+                        seq_id=req.seq_id, fingerprint=fingerprint)
+    return api.UntypedAPIFuture(
+        request_id=sub.request_id, sample_sequence_ids=[f"{sub.request_id}:{i}" for i in range(req.num_samples)]
+    )
 
-    async def run_many(payloads: list[tuple[SampleJob, TargetIds | None]]) -> list[OpResult]:
-        outputs = await rt.engine_for(base).sample_batch(adapter_ref, [job for job, _ in payloads])
-        return [_encode(out, tgt) for out, (_, tgt) in zip(outputs, payloads)]
+
+async def resolve_model(rt: Runtime, tenant_id: str, model: str, *, field: str = "model") -> Target:
+    """What `model` names: a tinker:// checkpoint path the tenant may read, or a served base model."""
+    if model.startswith("tinker://"):
+        checkpoint, base = await _checkpoint_for(rt, tenant_id, model, field=field)
+        return _checkpoint_target(checkpoint, base)
+    return Target(None, rt.served(model, field=field))
+
+
+async def generate(rt: Runtime, tenant_id: str, target: Target, job: SampleJob) -> SampleOutput:
+    """One sample request held in the caller (the OpenAI-compatible API): admitted, counted,
+    queued and batched with asample's, and recorded as a future like them; the output itself."""
+    if job.num_samples > MAX_NUM_SAMPLES:
+        raise InvalidRequest(f"num_samples is limited to {MAX_NUM_SAMPLES}", field="n")
+    waiter: asyncio.Future[SampleOutput] = asyncio.get_running_loop().create_future()
+    await _submit(rt, tenant_id, target, _Payload(job, None, waiter), sampler_id=None, seq_id=None, fingerprint="")
+    return await waiter
+
+
+@dataclass(frozen=True, eq=False)
+class _Payload:
+    job: SampleJob
+    target_ids: TargetIds | None
+    waiter: asyncio.Future[SampleOutput] | None = None  # a caller waiting in-process for the output
+
+
+async def _submit(
+    rt: Runtime, tenant_id: str, target: Target, payload: _Payload, *, sampler_id: str | None,
+    seq_id: int | None, fingerprint: str,
+) -> Submission:
+    job = payload.job
+    await rt.refresh_limits(tenant_id)
+    tokens = (len(job.prompt) + job.params.max_tokens) * job.num_samples
+    rt.quotas.check_tokens(tenant_id, tokens, "sampling_params.max_tokens")
+    release = await rt.admit_sample(tenant_id)
+    if target.pinned is not None:
+        try:  # held until the sample ends, so that the version is not released under it
+            versions.pin(rt, target.pinned, sampler_id or "")
+        except BaseException:
+            release()
+            raise
+        release = _also(release, lambda: versions.unpin(rt, target.pinned))
+
+    async def run_many(payloads: list[_Payload]) -> list[OpResult]:
+        try:
+            outputs = await rt.engine_for(target.base).sample_batch(target.adapter, [p.job for p in payloads])
+        except BaseException as exc:
+            for p in payloads:
+                _settle(p.waiter, exc=exc)
+            raise
+        for p, out in zip(payloads, outputs):
+            _settle(p.waiter, out)
+        return [_encode(out, p.target_ids) for out, p in zip(outputs, payloads)]
 
     async def run() -> OpResult:
-        return (await run_many([(job, target)]))[0]
+        return (await run_many([payload]))[0]
 
-    publish = completion_notifier(rt, feed_key(tenant_id, req.sampling_session_id or DIRECT_SAMPLER, req.seq_id))
+    publish = completion_notifier(rt, feed_key(tenant_id, sampler_id or DIRECT_SAMPLER, seq_id))
 
     def done(request_id: str, state: str, result: bytes | None) -> None:
         release()
+        if state != FutureState.DONE:  # cancelled or failed before it ran
+            _settle(payload.waiter, exc=OperationFailed(f"sample {request_id} did not run"))
         publish(request_id, state, result)
 
-    # Requests on the same checkpoint share one batched prefill and decode (one adapter per pass).
-    batch = Batch(key=sample_batch_key(on), size=req.num_samples, budget=rt.settings.sample_batch_rows,
-                  payload=(job, target), run=run_many)
+    # Requests on the same adapter version share one batched prefill and decode (one adapter per pass).
+    batch = Batch(key=sample_batch_key(target.batch_on), size=job.num_samples, budget=rt.settings.sample_batch_rows,
+                  payload=payload, run=run_many)
     try:
         sub = await rt.enqueue(
-            tenant_id, kind=OpKind.SAMPLE, scope=sampler_scope(req.sampling_session_id), seq_id=req.seq_id,
-            fingerprint=fingerprint, run=run, queue=queue, batch=batch, notify=done, cost=tokens,
+            tenant_id, kind=OpKind.SAMPLE, scope=sampler_scope(sampler_id), seq_id=seq_id,
+            fingerprint=fingerprint, run=run, queue=sample_queue(tenant_id, target.batch_on), batch=batch,
+            notify=done, cost=tokens,
         )
     except BaseException:
         release()
         raise
     if not sub.is_new:  # a retry of a request already admitted: it holds its own place
         release()
-    return api.UntypedAPIFuture(
-        request_id=sub.request_id, sample_sequence_ids=[f"{sub.request_id}:{i}" for i in range(req.num_samples)]
-    )
+    return sub
+
+
+def _settle(waiter: asyncio.Future | None, out: SampleOutput | None = None, *, exc: BaseException | None = None) -> None:
+    if waiter is None or waiter.done():
+        return
+    if exc is not None:
+        waiter.set_exception(exc)
+    else:
+        waiter.set_result(out)
+
+
+def _also(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    """Both, each once, the second even if the first raises."""
+    def both() -> None:
+        try:
+            first()
+        finally:
+            second()
+
+    return both
 
 
 def _job(rt: Runtime, base: BaseModelInfo, req: api.SampleRequest, prompt: list[int]

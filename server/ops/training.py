@@ -18,7 +18,7 @@ from server import ids
 from server.engine.protocol import Engine
 from server.errors import Elsewhere, InvalidRequest, NotFound, OperationFailed, TwinkleError
 from server.kinds import OpKind, ResultFormat
-from server.ops import custom_losses
+from server.ops import custom_losses, versions
 from server.ops.checkpoints import check_ttl, expiry, is_expired, new_checkpoint_ref, resolve_checkpoint
 from server.ops.sessions import live_session
 from server.ops.validation import check_custom_loss_data, check_forward_backward
@@ -259,7 +259,6 @@ async def save_checkpoint(
     name: str,
     with_optimizer: bool,
     overwrite: bool = False,
-    ephemeral: bool = False,
     ttl_seconds: int | None = None,
     user_metadata: dict | None = None,
     encrypt_to: list[str] | None = None,
@@ -279,7 +278,7 @@ async def save_checkpoint(
             row = Checkpoint(id=checkpoint_id, tenant_id=tenant_id, model_id=model.id, kind=kind, name=name)
             s.add(row)
         row.storage_dir, row.size_bytes, row.created_at = relative, size, utcnow()
-        row.has_optimizer, row.ephemeral, row.user_metadata = with_optimizer, ephemeral, dict(user_metadata or {})
+        row.has_optimizer, row.ephemeral, row.user_metadata = with_optimizer, False, dict(user_metadata or {})
         row.expires_at, row.public = expiry(ttl_seconds), False
         return row
 
@@ -309,34 +308,36 @@ async def save_weights(rt: Runtime, tenant_id: str, req: api.SaveWeightsRequest,
 async def save_weights_for_sampler(
     rt: Runtime, tenant_id: str, req: api.SaveWeightsForSamplerRequest, fingerprint: str
 ) -> api.UntypedAPIFuture:
+    """Named (`path`): a checkpoint folder, listed and downloadable. Ephemeral
+    (`sampling_session_seq_id`, behind save_weights_and_get_sampling_client): an in-memory adapter
+    version and a sampling session on it, nothing on disk (server/engine/versions.py)."""
     model = await owned_model(rt, tenant_id, req.model_id)
     with refusing(rt, model, req.seq_id):
         check_ttl(req.ttl_seconds)
         if req.sampling_session_seq_id is not None:
             await rt.db.run(lambda s: live_session(s, tenant_id, model.session_id))
-    if req.sampling_session_seq_id is not None:
-        sampler_id = ids.sampling_session_id(model.session_id, req.sampling_session_seq_id)
-        name = f"ephemeral-{req.sampling_session_seq_id}"
-    else:
-        sampler_id, name = None, req.path
 
-    async def run() -> OpResult:
-        row = await save_checkpoint(
-            rt, tenant_id, model, kind="sampler", name=name, with_optimizer=False, ephemeral=sampler_id is not None,
+    async def run_named() -> OpResult:
+        await save_checkpoint(
+            rt, tenant_id, model, kind="sampler", name=req.path, with_optimizer=False,
             ttl_seconds=req.ttl_seconds, user_metadata=req.user_metadata,
         )
-        if sampler_id is None:
-            return json_result(api.SaveWeightsForSamplerResponse(path=str(ids.TinkerPath(model.id, "sampler", name))))
+        return json_result(api.SaveWeightsForSamplerResponse(path=str(ids.TinkerPath(model.id, "sampler", req.path))))
+
+    async def run_ephemeral() -> OpResult:
+        sampler_id = ids.sampling_session_id(model.session_id, req.sampling_session_seq_id)
+        version = await versions.make_version(rt, model)
         await rt.db.run(
             lambda s: s.merge(
                 SamplingSession(
                     id=sampler_id, tenant_id=tenant_id, session_id=model.session_id, base_model=model.base_model,
-                    checkpoint_id=row.id,
+                    version=version.key, model_id=model.id,
                 )
             )
         )
         return json_result(api.SaveWeightsForSamplerResponse(sampling_session_id=sampler_id))
 
+    run = run_named if req.sampling_session_seq_id is None else run_ephemeral
     return await _model_op(rt, tenant_id, model, kind=OpKind.SAVE_WEIGHTS_FOR_SAMPLER, seq_id=req.seq_id, fingerprint=fingerprint, run=run)
 
 

@@ -181,6 +181,10 @@ class SamplingSession(Base):
     base_model: Mapped[str] = mapped_column(String(500))
     model_path: Mapped[str | None] = mapped_column(String(700))
     checkpoint_id: Mapped[str | None] = mapped_column(ForeignKey("checkpoints.id"))
+    # An ephemeral sampler (save_weights_and_get_sampling_client): the in-memory adapter version it
+    # samples, held by the process that owns `model_id` (server/engine/versions.py); lost on restart.
+    version: Mapped[str | None] = mapped_column(String(64))
+    model_id: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -17,6 +17,7 @@ from gateway.app import create_app
 from server.boot import build_runtime
 from server.config import Settings
 from server.engine.retention import Retention
+from server.engine.versions import Versions
 from server.ops import training
 from server.ops.lifecycle import Ended, end_session, free_ended_elsewhere, free_retired, release
 from server.store.database import Database
@@ -66,7 +67,7 @@ def runtime(tmp_path, engine: RecordingEngine, **settings) -> SimpleNamespace:
 
     return SimpleNamespace(settings=config, engine=engine, engines={"tiny-qwen3": engine}, quotas=quotas,
                            retention=Retention(), fail_queued=fail_queued, failed=failed, spawn=spawn, spawned=spawned,
-                           release_model=release_model)
+                           release_model=release_model, versions=Versions(4, 60.0))
 
 
 def ended(reason: str | None, models: list[str], pending: list[str] = ()) -> Ended:

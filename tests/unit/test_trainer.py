@@ -175,7 +175,15 @@ def test_ragged_batch_equals_unpadded_per_datum(trainer: LoraTrainer, make, loss
         assert out["logprobs"].dtype == np.float32
         assert out["logprobs"].shape == d.loss_fn_inputs["target_tokens"].shape
         np.testing.assert_allclose(out["logprobs"], ref_lp, atol=1e-5, rtol=0)
-    assert set(res.metrics) == {"loss:sum"}
+    if loss_name == "cross_entropy":
+        assert set(res.metrics) == {"loss:sum"}
+    else:  # the sampler's logprobs against this forward's, over the tokens that carry one
+        gaps = []
+        for d, (ref_lp, _, _) in zip(data, refs):
+            sampled = d.loss_fn_inputs["logprobs"] != 0
+            gaps.append(np.abs(ref_lp - d.loss_fn_inputs["logprobs"])[sampled].mean() if sampled.any() else 0.0)
+        assert set(res.metrics) == {"loss:sum", "sampler_logprob_gap:mean"}
+        assert res.metrics["sampler_logprob_gap:mean"] == pytest.approx(np.mean(gaps), abs=1e-5)
     assert res.metrics["loss:sum"] == pytest.approx(sum(r[1] for r in refs), abs=1e-5 * len(data), rel=1e-5)
 
     grads = grads_of(trainer, name)
