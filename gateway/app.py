@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from gateway import errors
 from gateway.forwarding import Forwarder
 from gateway.limits import BodySizeLimit
-from gateway.routes import admin, futures, rest, sampling, service, training, twinkle
+from gateway.routes import admin, export, futures, openai_compat, rest, sampling, service, training, twinkle
 from server import boot
 from server.config import settings_from_env
 from server.logs import setup_logging
@@ -18,6 +18,7 @@ from server.runtime import Runtime
 
 API_PREFIX = "/api/v1"
 TWINKLE_PREFIX = "/twinkle/v1"  # Twinkle's own extensions
+OPENAI_PREFIX = "/v1"  # the OpenAI-compatible API, where OpenAI clients look for it
 
 
 def create_app(runtime: Runtime) -> FastAPI:
@@ -42,6 +43,8 @@ def create_app(runtime: Runtime) -> FastAPI:
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(admin.router)
     app.include_router(twinkle.router, prefix=TWINKLE_PREFIX)
+    app.include_router(export.router, prefix=TWINKLE_PREFIX)
+    app.include_router(openai_compat.router, prefix=OPENAI_PREFIX)
     return app
 
 

@@ -29,6 +29,21 @@ async def get_tenant(
     return await tenant_for_key(rt.keys, rt.db, x_api_key, open_mode=rt.settings.auth == "open")
 
 
+async def get_bearer_tenant(
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+    x_api_key: Annotated[str | None, Header(alias="X-API-Key")] = None,
+) -> str:
+    """The OpenAI-compatible API's caller: the same keys, sent as OpenAI clients send them
+    (`Authorization: Bearer tml-…`); X-API-Key works too."""
+    scheme, _, token = (authorization or "").partition(" ")
+    key = token.strip() if scheme.lower() == "bearer" else None
+    if not (key or x_api_key):
+        raise Unauthorized("missing API key: send it as 'Authorization: Bearer tml-…' (the openai client's api_key)")
+    rt = get_runtime(request)
+    return await tenant_for_key(rt.keys, rt.db, key or x_api_key, open_mode=rt.settings.auth == "open")
+
+
 async def require_admin(
     request: Request, x_admin_key: Annotated[str | None, Header(alias="X-Admin-Key")] = None
 ) -> None:
@@ -51,6 +66,7 @@ async def get_fingerprint(request: Request) -> str:
 
 Rt = Annotated[Runtime, Depends(get_runtime)]
 TenantId = Annotated[str, Depends(get_tenant)]
+BearerTenantId = Annotated[str, Depends(get_bearer_tenant)]
 Fingerprint = Annotated[str, Depends(get_fingerprint)]
 
 

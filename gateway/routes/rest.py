@@ -26,7 +26,7 @@ AccessScope = Annotated[Literal["owned", "accessible"], Query()]
 RUN_CHECKPOINT = "/training_runs/{model_id}/checkpoints/{segment}/{name}"
 
 
-def _download_base(request: Request) -> str:
+def download_base(request: Request) -> str:
     """Absolute URL of the signed download route, ending in '/' (the object path follows)."""
     return str(request.url_for("signed_download", object_path="_"))[:-1]
 
@@ -91,7 +91,7 @@ async def set_checkpoint_ttl(
 async def external_weights_urls(
     model_id: str, segment: str, name: str, request: Request, rt: Rt, tenant: TenantId
 ) -> api.ExternalWeightsUrlsResponse:
-    return await checkpoints.download_urls(rt, tenant, model_id, f"{segment}/{name}", _download_base(request))
+    return await checkpoints.download_urls(rt, tenant, model_id, f"{segment}/{name}", download_base(request))
 
 
 @router.get(RUN_CHECKPOINT + "/archive")
@@ -100,7 +100,7 @@ async def checkpoint_archive(
 ) -> JSONResponse:
     """A signed link to a tar of the checkpoint, as SDKs before 0.38 download one: a 302 to it
     (0.16 accepts nothing else), with the link and its expiry in the body too."""
-    link = await checkpoints.archive_url(rt, tenant, model_id, f"{segment}/{name}", _download_base(request))
+    link = await checkpoints.archive_url(rt, tenant, model_id, f"{segment}/{name}", download_base(request))
     headers = {"Location": link.url, "Expires": format_datetime(link.expires, usegmt=True)}
     return JSONResponse(link.model_dump(mode="json"), status_code=302, headers=headers)
 
@@ -187,7 +187,7 @@ async def assign_session_project(
 
 @router.get("/sessions/{session_id}/trace_export", response_model_exclude_none=True)
 async def export_session_trace(session_id: str, request: Request, rt: Rt, tenant: TenantId) -> api.TraceExportResponse:
-    return await catalog.export_trace(rt, tenant, session_id, _download_base(request))
+    return await catalog.export_trace(rt, tenant, session_id, download_base(request))
 
 
 # ----- the hosted service's own endpoints --------------------------------------------------------

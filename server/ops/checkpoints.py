@@ -130,9 +130,10 @@ async def set_public(rt: Runtime, tenant_id: str, model_id: str, checkpoint_id: 
 
 # ----- delete (and the reaper's removal) ---------------------------------------------------------
 def forget(s: Session, rows: Iterable[Checkpoint]) -> list[str]:
-    """Delete checkpoint rows; return their folders (relative to the data dir) for removal after
-    the commit. Sampling sessions that sampled with one keep its path and lose the row, so their
-    next sample reports the checkpoint as not found instead of silently using the base model."""
+    """Delete checkpoint rows; return their folders (relative to the data dir: each one's own,
+    then its merged exports') for removal after the commit. Sampling sessions that sampled with
+    one keep its path and lose the row, so their next sample reports the checkpoint as not found
+    instead of silently using the base model."""
     rows = list(rows)
     if not rows:
         return []
@@ -143,14 +144,16 @@ def forget(s: Session, rows: Iterable[Checkpoint]) -> list[str]:
     s.flush()
     for row in rows:
         s.delete(row)
-    return [row.storage_dir for row in rows]
+    return [row.storage_dir for row in rows] + [(MERGED_DIR / row.id).as_posix() for row in rows]
 
 
 async def remove_folders(rt: Runtime, relatives: Iterable[str]) -> None:
+    roots = [rt.data_dir / "checkpoints", rt.data_dir / MERGED_DIR]
+
     def remove() -> None:
         for relative in relatives:
             folder = (rt.data_dir / relative).resolve()
-            if folder.is_relative_to(rt.data_dir / "checkpoints"):  # server-made, but never trust a path twice
+            if any(folder.is_relative_to(root) for root in roots):  # server-made, but never trust a path twice
                 shutil.rmtree(folder, ignore_errors=True)
 
     await asyncio.to_thread(remove)
@@ -183,6 +186,7 @@ async def weights_info(rt: Runtime, tenant_id: str, tinker_path: str) -> api.Wei
 # ----- signed downloads --------------------------------------------------------------------------
 TRACES_DIR = Path("exports") / "traces"  # under the data dir
 ARCHIVES_DIR = Path("exports") / "archives"  # tar files of checkpoints, made for download links
+MERGED_DIR = Path("exports") / "merged"  # merged models of checkpoints (ops/export.py), removed with them
 
 
 def link_expiry(rt: Runtime) -> int:
@@ -238,12 +242,13 @@ async def signed_file(rt: Runtime, object_path: str, expires: int, signature: st
     signing.verify(signing.secret_for(rt.data_dir), object_path, expires, signature)
     gone = NotFound("the file behind this download link no longer exists")
     kind, _, rest = object_path.partition("/")
-    if kind in ("checkpoints", "archives"):
+    if kind in ("checkpoints", "archives", "merged"):
         checkpoint_id, _, relative = rest.partition("/")
         row = await rt.db.run(lambda s: s.get(Checkpoint, checkpoint_id))
         if row is None or is_expired(row) or not relative:
             raise gone
-        root = rt.data_dir / (row.storage_dir if kind == "checkpoints" else ARCHIVES_DIR / checkpoint_id)
+        derived = {"archives": ARCHIVES_DIR, "merged": MERGED_DIR}
+        root = rt.data_dir / (row.storage_dir if kind == "checkpoints" else derived[kind] / checkpoint_id)
     elif kind == "traces":
         root, relative = rt.data_dir / TRACES_DIR, rest
     else:

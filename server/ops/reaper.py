@@ -8,9 +8,11 @@ import asyncio
 import logging
 import time
 
+from sqlalchemy.orm import Session
+
 from server.ops.checkpoints import ARCHIVES_DIR, TRACES_DIR, forget, remove_folders
 from server.runtime import Runtime
-from server.store.queries import expired_checkpoints
+from server.store.queries import ended_ephemeral_checkpoints, expired_checkpoints
 from server.store.tables import utcnow
 
 log = logging.getLogger(__name__)
@@ -22,15 +24,23 @@ async def reap_expired(rt: Runtime) -> int:
     """Delete every checkpoint whose TTL has passed (rows, then folders); return how many."""
     reaped = 0
     while True:
-        folders = await rt.db.run(lambda s: forget(s, expired_checkpoints(s, utcnow(), BATCH)))
+        count, folders = await rt.db.run(_forget_expired)
         await remove_folders(rt, folders)
-        reaped += len(folders)
-        if len(folders) < BATCH:
+        reaped += count
+        if count < BATCH:
             break
     removed_traces = await asyncio.to_thread(_remove_old_exports, rt)
     if reaped or removed_traces:
         log.info("reaped_expired", extra={"checkpoints": reaped, "trace_exports": removed_traces})
     return reaped
+
+
+def _forget_expired(s: Session) -> tuple[int, list[str]]:
+    """Up to BATCH expired checkpoints forgotten (and ephemeral sampler folders an older server
+    wrote for sessions that have ended): how many, and the folders to remove."""
+    rows = expired_checkpoints(s, utcnow(), BATCH)
+    rows += ended_ephemeral_checkpoints(s, BATCH - len(rows))
+    return len(rows), forget(s, rows)
 
 
 def _remove_old_exports(rt: Runtime) -> int:

@@ -186,14 +186,15 @@ async def resolve_model(rt: Runtime, tenant_id: str, model: str, *, field: str =
     return Target(None, rt.served(model, field=field))
 
 
-async def generate(rt: Runtime, tenant_id: str, target: Target, job: SampleJob) -> SampleOutput:
-    """One sample request held in the caller (the OpenAI-compatible API): admitted, counted,
-    queued and batched with asample's, and recorded as a future like them; the output itself."""
+async def submit_generate(rt: Runtime, tenant_id: str, target: Target, job: SampleJob) -> asyncio.Future[SampleOutput]:
+    """One sample request whose caller waits in-process for the output (the OpenAI-compatible
+    API): admitted, counted, queued and batched with asample's, and recorded as a future like
+    them. Refusals (quotas, a full queue) raise here; the returned future gives the output."""
     if job.num_samples > MAX_NUM_SAMPLES:
         raise InvalidRequest(f"num_samples is limited to {MAX_NUM_SAMPLES}", field="n")
     waiter: asyncio.Future[SampleOutput] = asyncio.get_running_loop().create_future()
     await _submit(rt, tenant_id, target, _Payload(job, None, waiter), sampler_id=None, seq_id=None, fingerprint="")
-    return await waiter
+    return waiter
 
 
 @dataclass(frozen=True, eq=False)

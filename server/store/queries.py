@@ -103,6 +103,16 @@ def expired_checkpoints(s: Session, now: datetime, limit: int) -> list[Checkpoin
     return list(rows)
 
 
+def ended_ephemeral_checkpoints(s: Session, limit: int) -> list[Checkpoint]:
+    """Folders of save_weights_and_get_sampling_client written before it made in-memory versions
+    (schema 0008), whose session has ended: nothing can sample them any more."""
+    rows = s.scalars(
+        select(Checkpoint).join(Model, Checkpoint.model_id == Model.id).join(SessionRow, Model.session_id == SessionRow.id)
+        .where(Checkpoint.ephemeral.is_(True), SessionRow.finished_at.is_not(None)).limit(limit)
+    ).all()
+    return list(rows)
+
+
 def list_sessions(s: Session, tenant_id: str, limit: int, offset: int) -> tuple[list[SessionRow], int]:
     where = SessionRow.tenant_id == tenant_id
     total = s.scalar(select(func.count()).select_from(SessionRow).where(where)) or 0

@@ -35,6 +35,7 @@ class Probe:
     path: Callable[[dict], str]
     json: Callable[[dict], Any] | None = None
     proto: Callable[[dict], bytes] | None = None
+    prefix: str = "/api/v1"
 
 
 def ckpt(kind: str) -> Callable[[dict], str]:
@@ -111,6 +112,16 @@ PROBES = [
           lambda o: {"tinker_path": o["weights"]}),
     Probe("copy_weights", "POST", "/api/v1/copy_weights", lambda o: "/copy_weights",
           lambda o: {"source_path": o["weights"], "destination_project_id": "stolen"}),
+    Probe("export (peft)", "GET", "/twinkle/v1/export/{model_id}/{checkpoint_id:path}",
+          lambda o: f"/export/{o['model']}/weights/kept", prefix="/twinkle/v1"),
+    Probe("export (merged)", "GET", "/twinkle/v1/export/{model_id}/{checkpoint_id:path}",
+          lambda o: f"/export/{o['model']}/sampler_weights/sw?format=merged", prefix="/twinkle/v1"),
+    Probe("openai model", "GET", "/v1/models/{model:path}", lambda o: f"/models/{o['sampler']}", prefix="/v1"),
+    Probe("openai completion", "POST", "/v1/completions", lambda o: "/completions",
+          lambda o: {"model": o["sampler"], "prompt": "x", "max_tokens": 1}, prefix="/v1"),
+    Probe("openai chat completion", "POST", "/v1/chat/completions", lambda o: "/chat/completions",
+          lambda o: {"model": o["sampler"], "messages": [{"role": "user", "content": "x"}], "max_tokens": 1},
+          prefix="/v1"),
 ]
 
 NOT_OBJECT_SCOPED = {
@@ -127,6 +138,8 @@ NOT_OBJECT_SCOPED = {
     "/api/v1/audit": "hosted-only, 404 for everyone", "/api/v1/billing/usage/events": "hosted-only",
     "/api/v1/billing/usage/checkpoints/current": "hosted-only", "/api/v1/auth/apikey/me": "hosted-only",
     "/twinkle/v1/capacity": "the caller's own usage", "/twinkle/v1/status": "the caller's own usage",
+    "/v1/models": "the base models and the caller's own checkpoints (tests/integration/test_openai_api.py)",
+    "/v1/{rest:path}": "catch-all answering unknown /v1 routes",
 }
 ADMIN_PREFIX = "/twinkle/v1/admin"  # admin-key guarded, tested in tests/unit/test_admin.py
 
@@ -201,7 +214,7 @@ def fake(objects: dict) -> dict:
 
 
 def send(server, probe: Probe, objs: dict) -> httpx.Response:
-    url = f"{server.base_url}/api/v1{probe.path(objs)}"
+    url = f"{server.base_url}{probe.prefix}{probe.path(objs)}"
     headers = {"X-API-Key": KEY_B}
     if probe.proto is not None:
         headers["Content-Type"] = "application/x-protobuf"

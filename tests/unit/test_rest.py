@@ -30,6 +30,7 @@ from server.ops.checkpoints import resolve_checkpoint
 from server.ops.reaper import reap_expired
 from server.runtime import Runtime
 from server.store.tables import ApiKey, Checkpoint, Model, SamplingSession, utcnow
+from server.store.tables import Session as SessionRow
 from tests.support.engines import IdleEngine
 from tests.support.http import error
 
@@ -303,6 +304,19 @@ def test_expired_checkpoints_vanish_at_once_and_the_reaper_removes_them(client: 
     sampler = rt.db.call(lambda ss: ss.get(SamplingSession, ids.sampling_session_id(session_id, 1)))
     assert sampler.checkpoint_id is None and sampler.model_path == kept
     assert asyncio.run(reap_expired(rt)) == 0
+
+
+def test_the_reaper_removes_an_older_servers_ephemeral_folders_once_their_session_ended(client: TestClient) -> None:
+    """Before in-memory versions, save_weights_and_get_sampling_client wrote a folder per call."""
+    session_id, model_id = new_run(client)
+    _, live_folder = add_checkpoint(client, model_id, "ephemeral-1", kind="sampler", ephemeral=True)
+    _, named_folder = add_checkpoint(client, model_id, "named", kind="sampler")
+    rt = runtime(client)
+    asyncio.run(reap_expired(rt))
+    assert live_folder.exists()  # its session still runs: a sampling client may still use it
+    rt.db.call(lambda ss: setattr(ss.get(SessionRow, session_id), "finished_at", utcnow()))
+    assert asyncio.run(reap_expired(rt)) == 1
+    assert not live_folder.exists() and named_folder.exists()
 
 
 def test_resolve_checkpoint_names_its_field(client: TestClient) -> None:
