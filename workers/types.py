@@ -192,3 +192,4 @@ class ComputeOptions:
     spill_dir: Path | None = None
     sampler: Literal["hf", "vllm"] = "hf"  # the sampler backend (workers/hf_sampler.py, workers/vllm_sampler.py)
     sampler_cache_versions: int = 8  # adapter versions a sampler keeps built (LRU)
+    max_lora_rank: int = 128  # the largest rank a sampler must take (vLLM sizes its LoRA buffers by it)

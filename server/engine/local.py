@@ -104,6 +104,7 @@ class LocalEngine:
             spill_dir=data_dir / "lora-spill",
             sampler=settings.sampler,
             sampler_cache_versions=settings.sampler_cache_versions,
+            max_lora_rank=settings.max_lora_rank,
         )
         return cls(
             lambda: resolve_base_model(model, data_dir, allow_download=settings.allow_download), model, options,
@@ -168,7 +169,7 @@ class LocalEngine:
             from workers.vllm_sampler import VllmSampler  # needs .venv-vllm (make install-vllm)
 
             return VllmSampler(model_dir, info, dtype=str(dtype).removeprefix("torch."),
-                               max_cpu_loras=opts.sampler_cache_versions)
+                               max_cpu_loras=opts.sampler_cache_versions, max_lora_rank=opts.max_lora_rank)
         return HfSampler(self.trainer, self._decode, opts.sampler_cache_versions)
 
     async def stop(self) -> None:

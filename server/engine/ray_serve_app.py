@@ -33,6 +33,7 @@ BUILDER = "server.engine.ray_serve_app:build_app"
 REPLICA_FIELDS = (
     "data_dir", "allow_download", "torch_threads", "device", "dtype", "pass_memory_mb", "max_tokens_per_pass",
     "custom_loss_seconds", "max_resident_adapters", "host_adapter_budget_mb", "sampler", "sampler_cache_versions",
+    "max_lora_rank",
 )
 # Serve's logs: warnings and up, no line per request (access logs double a handle call's cost).
 LOGGING = {"enable_access_log": False, "log_level": "WARNING"}
