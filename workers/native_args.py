@@ -49,10 +49,9 @@ def above(low: float) -> Rule:
     return Rule(f"> {low}", lambda v: v > low)
 
 
-def within(low: float, high: float, high_open: bool = False) -> Rule:
-    if high_open:
-        return Rule(f"in [{low}, {high})", lambda v: low <= v < high)
-    return Rule(f"in [{low}, {high}]", lambda v: low <= v <= high)
+def within(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Rule:
+    text = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    return Rule(text, lambda v: (low < v if low_open else low <= v) and (v < high if high_open else v <= high))
 
 
 # Kinds of values: "float", "int", "bool", "str", "floats" (a list of numbers), "ints" (a list of
@@ -90,7 +89,9 @@ def parse_value(label: str, field: str, spec: Arg, value: Any) -> Any:
         raise NativeArgError(field, f"{field}: {label} must not be null")
     parsed = _PARSERS[spec.kind](label, field, value)
     if spec.choices is not None and parsed not in spec.choices:
-        raise NativeArgError(field, f"{field}: {label} must be one of {', '.join(map(repr, spec.choices))}, got {value!r}")
+        raise NativeArgError(
+            field, f"{field}: {label} must be one of {', '.join(map(repr, spec.choices))}, got {value!r}"
+        )
     items = parsed if isinstance(parsed, (list, tuple)) else [parsed]
     if spec.rule is not None and not all(spec.rule.ok(v) for v in items):
         raise NativeArgError(field, f"{field}: {label} must be {spec.rule.text}, got {value!r}")

@@ -115,7 +115,7 @@ def test_an_rl_loop_leaves_no_folder_and_a_bounded_number_of_versions(server, da
         gaps.append(fb.result().metrics["sampler_logprob_gap:mean"])
         client = resolve(tc.save_weights_and_get_sampling_client())
         counts.append(held_versions(server))
-    assert checkpoint_folders(data_dir) == folders  # nothing written for any of the 50 versions
+    assert checkpoint_folders(data_dir) <= folders  # nothing written for any of the 50 versions (the reaper may remove others)
     assert max(counts) <= 4, counts  # sampler_versions_per_model, whatever the number of rounds
     # The datum's logprobs were sampled with the weights the step computes with.
     assert max(gaps) <= LOGPROB_ATOL, gaps
