@@ -8,8 +8,10 @@ PYTEST := $(BIN)/python -m pytest
 OLD_SDKS := 0.16.1 0.24.1
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
+TWINKLE_REF_VENV := .venv-twinkle-ref
+TWINKLE_REF_STAMP := $(TWINKLE_REF_VENV)/.installed
 
-.PHONY: install serve test test-fast test-slow test-ray install-vllm test-vllm lint bench bench-pool bench-memory bench-ray proto clean
+.PHONY: install serve test test-fast test-slow test-ray install-vllm test-vllm install-twinkle-ref lint bench bench-pool bench-memory bench-ray proto clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -68,6 +70,18 @@ test-vllm: $(VLLM_STAMP)
 		tests/integration/test_sdk_sampling.py tests/integration/test_sdk_sampling_options.py \
 		tests/integration/test_sdk_versions.py $(ARGS)
 
+# twinkle-kit 0.5.1 (ModelScope's library and twinkle_client): the reference of the native API's
+# parity tests (tests/support/twinkle_ref.py; without it they skip). Its own venv: 1.7 GB, and
+# other transformers/peft pins than ours.
+$(TWINKLE_REF_STAMP): tests/support/twinkle-ref-constraints.txt
+	test -x $(TWINKLE_REF_VENV)/bin/python || $(PYTHON) -m venv $(TWINKLE_REF_VENV)
+	# torch first and pinned: the CPU wheel; twinkle-kit alone would pull a CUDA build.
+	$(TWINKLE_REF_VENV)/bin/pip install -q torch==2.13.0
+	$(TWINKLE_REF_VENV)/bin/pip install -q -c tests/support/twinkle-ref-constraints.txt twinkle-kit==0.5.1
+	touch $(TWINKLE_REF_STAMP)
+
+install-twinkle-ref: $(TWINKLE_REF_STAMP)
+
 # The quick tier on two workers (each test process uses one torch thread).
 test-fast: $(STAMP)
 	$(PYTEST) -q -n 2 -m "not slow" tests/unit $(ARGS)
@@ -97,4 +111,4 @@ proto: $(STAMP)
 	scripts/gen_proto.sh
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(TWINKLE_REF_VENV) .pytest_cache

@@ -44,13 +44,23 @@ class TinkerPath:
         return f"tinker://{self.model_id}/{KIND_TO_SEGMENT[self.kind]}/{self.name}"
 
     @property
+    def twinkle(self) -> str:
+        """The same checkpoint as the native Twinkle API names it."""
+        return f"twinkle://{self.model_id}/{KIND_TO_SEGMENT[self.kind]}/{self.name}"
+
+    @property
     def checkpoint_id(self) -> str:
         return f"{KIND_TO_SEGMENT[self.kind]}/{self.name}"
 
 
+# The native Twinkle API names the same checkpoints twinkle://… (docs/twinkle-native.md).
+PATH_SCHEMES = ("tinker://", "twinkle://")
+
+
 def parse_tinker_path(path: str, field: str = "path") -> TinkerPath:
-    prefix = "tinker://"
-    if not path.startswith(prefix):
+    """A tinker:// (or twinkle://) checkpoint path."""
+    prefix = next((p for p in PATH_SCHEMES if path.startswith(p)), None)
+    if prefix is None:
         raise InvalidRequest(f"expected a tinker:// path, got {path!r}", field=field)
     parts = path[len(prefix) :].split("/")
     if len(parts) != 3 or not all(parts):

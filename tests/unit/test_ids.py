@@ -72,6 +72,16 @@ def test_parse_rejects_malformed_paths(path: str, reason: str) -> None:
         assert "segment" in err.message
 
 
+def test_a_twinkle_path_names_the_same_checkpoint() -> None:
+    """The native Twinkle API's twinkle:// paths and Tinker's tinker:// paths are one namespace."""
+    tinker = parse_tinker_path("tinker://sess-1-A/sampler_weights/final")
+    twinkle = parse_tinker_path("twinkle://sess-1-A/sampler_weights/final")
+    assert tinker == twinkle
+    assert twinkle.twinkle == "twinkle://sess-1-A/sampler_weights/final"
+    with pytest.raises(InvalidRequest):
+        parse_tinker_path("twinkles://sess-1-A/weights/x")
+
+
 def test_parse_default_field_is_path() -> None:
     with pytest.raises(InvalidRequest) as info:
         parse_tinker_path("nope")
