@@ -36,4 +36,8 @@ DATABASE_URL="postgresql+psycopg://postgres@/$DB?host=$PGSOCKET"
 
 export TWINKLE_TEST_SERVER_ARGS="--engine ray --database-url $DATABASE_URL --redis-url redis://127.0.0.1:$REDIS_PORT/0"
 echo "ray-suite: server args: $TWINKLE_TEST_SERVER_ARGS"
-.venv/bin/python -m pytest -q -p no:cacheprovider tests/integration/test_ray_*.py tests/integration/test_sdk_*.py "$@"
+# The 50-round RL loop is left to the local run (make test) and test-vllm: on Ray it takes minutes,
+# and the object-store path of versions is covered by the other test_sdk_versions tests.
+.venv/bin/python -m pytest -q -p no:cacheprovider tests/integration/test_ray_*.py tests/integration/test_sdk_*.py \
+  --deselect tests/integration/test_sdk_versions.py::test_an_rl_loop_leaves_no_folder_and_a_bounded_number_of_versions \
+  "$@"
