@@ -44,7 +44,7 @@ endif
 # The whole suite on tinker 0.38.0, then the sdk-marked tests on each older SDK, one at a time
 # (exit status 5, nothing selected by ARGS, is not a failure there), then the SDK suite again on
 # the Ray engine with PostgreSQL and Redis (test-ray).
-test: $(STAMP)
+test: $(STAMP) $(TWINKLE_REF_STAMP)
 	$(PYTEST) -q -m "not ray" $(ARGS)
 	for v in $(OLD_SDKS); do $(PYTEST) -q -m "sdk and not ray" --sdk $$v $(ARGS); rc=$$?; \
 		[ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc; done
@@ -86,7 +86,7 @@ install-twinkle-ref: $(TWINKLE_REF_STAMP)
 test-fast: $(STAMP)
 	$(PYTEST) -q -n 2 -m "not slow" tests/unit $(ARGS)
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) $(TWINKLE_REF_STAMP)
 	$(PYTEST) -q -m "slow and not ray" $(ARGS)
 
 lint: $(STAMP)

@@ -10,7 +10,19 @@ from fastapi import FastAPI
 from gateway import errors
 from gateway.forwarding import Forwarder
 from gateway.limits import BodySizeLimit
-from gateway.routes import admin, export, futures, openai_compat, rest, sampling, service, training, twinkle
+from gateway.routes import (
+    admin,
+    export,
+    futures,
+    native,
+    native_model,
+    openai_compat,
+    rest,
+    sampling,
+    service,
+    training,
+    twinkle,
+)
 from server import boot
 from server.config import settings_from_env
 from server.logs import setup_logging
@@ -44,7 +56,11 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(twinkle.router, prefix=TWINKLE_PREFIX)
     app.include_router(export.router, prefix=TWINKLE_PREFIX)
+    app.include_router(native.router, prefix=API_PREFIX)
+    app.include_router(openai_compat.router, prefix=API_PREFIX)  # the native API's OpenAI bridge
     app.include_router(openai_compat.router, prefix=OPENAI_PREFIX)
+    app.include_router(openai_compat.unknown, prefix=OPENAI_PREFIX)
+    app.include_router(native_model.router, prefix=API_PREFIX)  # the native Twinkle API (twinkle_client)
     return app
 
 

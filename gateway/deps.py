@@ -36,12 +36,30 @@ async def get_bearer_tenant(
 ) -> str:
     """The OpenAI-compatible API's caller: the same keys, sent as OpenAI clients send them
     (`Authorization: Bearer tml-…`); X-API-Key works too."""
-    scheme, _, token = (authorization or "").partition(" ")
-    key = token.strip() if scheme.lower() == "bearer" else None
+    key = _bearer(authorization)
     if not (key or x_api_key):
         raise Unauthorized("missing API key: send it as 'Authorization: Bearer tml-…' (the openai client's api_key)")
     rt = get_runtime(request)
     return await tenant_for_key(rt.keys, rt.db, key or x_api_key, open_mode=rt.settings.auth == "open")
+
+
+async def get_native_tenant(
+    request: Request,
+    twinkle_authorization: Annotated[str | None, Header(alias="Twinkle-Authorization")] = None,
+    authorization: Annotated[str | None, Header()] = None,
+) -> str:
+    """The native Twinkle API's caller: `Twinkle-Authorization: Bearer tml-…`, else `Authorization`
+    (twinkle_client sends both), with the same keys and tenants as every other route."""
+    key = _bearer(twinkle_authorization) or _bearer(authorization)
+    if not key:
+        raise Unauthorized("missing API key: send 'Twinkle-Authorization: Bearer tml-…' (twinkle_client's api_key)")
+    rt = get_runtime(request)
+    return await tenant_for_key(rt.keys, rt.db, key, open_mode=rt.settings.auth == "open")
+
+
+def _bearer(header: str | None) -> str | None:
+    scheme, _, token = (header or "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
 
 
 async def require_admin(
@@ -67,6 +85,7 @@ async def get_fingerprint(request: Request) -> str:
 Rt = Annotated[Runtime, Depends(get_runtime)]
 TenantId = Annotated[str, Depends(get_tenant)]
 BearerTenantId = Annotated[str, Depends(get_bearer_tenant)]
+NativeTenantId = Annotated[str, Depends(get_native_tenant)]
 Fingerprint = Annotated[str, Depends(get_fingerprint)]
 
 

@@ -3,8 +3,9 @@ case, as the SDK expects), plus "field" when one request field is at fault. No t
 reaches a client: unexpected exceptions are logged here and answered with a generic 500.
 
 The OpenAI-compatible routes (/v1) answer OpenAI's shape instead, which its clients parse:
-{"error": {"message", "type", "param", "code"}}, "param" being the field at fault. Their routes
-are `OpenAIRoute`s, which catch errors where the route runs (its dependencies included)."""
+{"error": {"message", "type", "param", "code"}}, "param" being the field at fault; the native
+Twinkle API's routes answer {"detail", "field"}, which twinkle_client shows. Their routes are
+`OpenAIRoute`s / `NativeRoute`s, which catch errors where the route runs (dependencies included)."""
 
 from __future__ import annotations
 
@@ -111,18 +112,56 @@ def openai_error(exc: Exception, path: str) -> JSONResponse:
     return JSONResponse(openai_body("internal server error; the server log has details", 500), 500)
 
 
-class OpenAIRoute(APIRoute):
-    """A route whose errors (its dependencies' too) leave in OpenAI's shape."""
+# ----- the native Twinkle API --------------------------------------------------------------------
+# twinkle_client reads `detail` from any non-2xx body and turns a 410 into StopIteration (the end
+# of a data loader), so an ended session or released weights must not answer 410 here.
+NATIVE_STATUS = {**STATUS, "gone": 404}
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
 
-        async def guarded(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except Elsewhere:
-                raise  # forwarded to the process that runs the model (gateway/forwarding.py)
-            except Exception as exc:
-                return openai_error(exc, request.url.path)
+def native_body(message: str, field: str | None = None) -> dict:
+    return {"detail": message if field is None else f"{field}: {message}", "field": field}
 
-        return guarded
+
+def native_error(exc: Exception, path: str) -> JSONResponse:
+    """An exception as the native API's error body; anything unexpected is logged and becomes a bare 500."""
+    if isinstance(exc, TwinkleError):
+        status = NATIVE_STATUS[exc.kind]
+        return JSONResponse(native_body(exc.message, exc.field), status, retry_headers(exc))
+    if isinstance(exc, RequestValidationError):
+        problems = [{**p, "field": p["field"].removeprefix("body.")} for p in validation_problems(exc)]
+        message = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
+        return JSONResponse({"detail": message, "field": problems[0]["field"] if problems else None}, 422)
+    if isinstance(exc, WireError):
+        return JSONResponse(native_body(str(exc), exc.field), 400)
+    if isinstance(exc, OperationFailed):  # it ran and failed (the engine's message names the field)
+        status = 400 if exc.category == ErrorCategory.USER else 500
+        return JSONResponse({"detail": exc.message, "field": exc.field}, status)
+    if isinstance(exc, HTTPException):
+        return JSONResponse(native_body(str(exc.detail)), exc.status_code, headers=exc.headers)
+    log.error("unhandled_error", exc_info=exc, extra={"path": path})
+    return JSONResponse(native_body("internal server error; the server log has details"), 500)
+
+
+def shaped_route(render: Callable[[Exception, str], Response], doc: str) -> type[APIRoute]:
+    """A route class whose errors (its dependencies' too) leave as `render` shapes them."""
+
+    class ShapedRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def guarded(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except Elsewhere:
+                    raise  # forwarded to the process that runs the model (gateway/forwarding.py)
+                except Exception as exc:
+                    return render(exc, request.url.path)
+
+            return guarded
+
+    ShapedRoute.__doc__ = doc
+    return ShapedRoute
+
+
+OpenAIRoute = shaped_route(openai_error, "A route whose errors leave in OpenAI's shape.")
+NativeRoute = shaped_route(native_error, "A route whose errors leave as the native Twinkle API's {detail}.")

@@ -64,10 +64,11 @@ class Gone(TwinkleError):
 class OperationFailed(Exception):
     """An operation failed while running; it becomes the future's error."""
 
-    def __init__(self, message: str, category: ErrorCategory = ErrorCategory.USER) -> None:
+    def __init__(self, message: str, category: ErrorCategory = ErrorCategory.USER, field: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.category = category
+        self.field = field  # the request field at fault, when the engine knows it
 
 
 class Elsewhere(Exception):

@@ -8,6 +8,7 @@ computes the id itself and never asks the server
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -20,6 +21,15 @@ KIND_TO_SEGMENT = {v: k for k, v in SEGMENT_TO_KIND.items()}
 
 def new_id(prefix: str, nbytes: int = 12) -> str:
     return f"{prefix}-{secrets.token_hex(nbytes)}"
+
+
+_NOT_NAME = re.compile(r"[^\w-]")
+
+
+def native_model_id(session_id: str, adapter_name: str) -> str:
+    """The training run of a native Twinkle adapter: one per (session, adapter name), named as
+    Twinkle names it (`<session>-<name>`, the name with anything but word characters and '-' as '_')."""
+    return f"{session_id}-{_NOT_NAME.sub('_', adapter_name)}"
 
 
 def model_id(session_id: str, model_seq_id: int) -> str:

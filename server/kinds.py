@@ -21,6 +21,7 @@ class OpKind(StrEnum):
     UNLOAD_MODEL = "unload_model"
     SAMPLE = "sample"
     CREATE_CUSTOM_LOSS = "create_custom_loss"
+    NATIVE = "native"  # a native Twinkle API call on a model (server/ops/native_models.py)
 
 
 class FutureState(StrEnum):

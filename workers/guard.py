@@ -15,17 +15,19 @@ from typing import Literal, TypeVar
 
 from workers.adapter_files import CheckpointFormatError
 from workers.custom_loss import CustomLossError
+from workers.native_args import NativeArgError
 from workers.peft_host import AdapterError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-USER_ERRORS = (AdapterError, CheckpointFormatError, CustomLossError)
+USER_ERRORS = (AdapterError, CheckpointFormatError, CustomLossError, NativeArgError)
 
 
 @dataclass(frozen=True)
 class Failure:
     category: Literal["user", "server"]
     message: str
+    field: str | None = None  # the request field at fault (errors that name one, e.g. NativeArgError)
 
 
 def guarded(fn: Callable[..., T], *args: object, **kwargs: object) -> T | Failure:
@@ -33,7 +35,7 @@ def guarded(fn: Callable[..., T], *args: object, **kwargs: object) -> T | Failur
     try:
         return fn(*args, **kwargs)
     except USER_ERRORS as exc:
-        return Failure("user", str(exc))
+        return Failure("user", str(exc), getattr(exc, "field", None))
     except Exception as exc:
         log.exception("engine_call_crashed", extra={"call": getattr(fn, "__qualname__", repr(fn))})
         return Failure("server", f"internal error in the engine ({type(exc).__name__}); the server log has details")

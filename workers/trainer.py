@@ -216,17 +216,27 @@ class LoraTrainer:
         logprobs = lp.detach().cpu().numpy()
         return [_DatumResult(float(values[j]), logprobs[j, :n].copy(), metrics[j]) for j, n in enumerate(batch.lengths)]
 
-    def _target_logprobs(self, model: PeftModel, batch: Batch) -> torch.Tensor:
-        """log p(target) at every position, [B, T] float32, in bounded memory (workers/passes.py)."""
+    def _target_logprobs(self, model: PeftModel, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+        """log p(target) at every position, [B, T] float32, in bounded memory (workers/passes.py),
+        from the logits divided by `temperature` (the native Twinkle API's forward kwarg)."""
         if self._split_head:
             lm = self.host.causal_lm
             hidden = lm.get_decoder()(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
             ).last_hidden_state
-            return target_logprobs(hidden, batch.targets, lm.get_output_embeddings(), self.info.vocab_size,
-                                   self.logit_elements)
+            head = lm.get_output_embeddings()
+            if temperature != 1.0:
+                out = head
+                head = lambda h: out(h) / temperature  # noqa: E731
+            return target_logprobs(hidden, batch.targets, head, self.info.vocab_size, self.logit_elements)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        if temperature != 1.0:
+            logits = logits / temperature
         return target_logprobs(logits, batch.targets, _identity, logits.shape[-1], self.logit_elements)
+
+    def target_logprobs(self, model: PeftModel, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+        """`_target_logprobs` for callers of their own passes (workers/native_training.py)."""
+        return self._target_logprobs(model, batch, temperature)
 
     def _head_is_last(self) -> bool:
         """Whether the model's logits are its output embedding applied to its decoder's last hidden

@@ -1,7 +1,8 @@
-"""The OpenAI-compatible API, mounted at /v1: models, completions, chat completions (server-sent
-events with `stream: true`). Keys go in `Authorization: Bearer`; errors leave in OpenAI's shape
-(gateway/errors.py `OpenAIRoute`), those of a stream that has begun as a last `data: {"error": …}`
-event. The logic is server/ops/openai_compat.py."""
+"""The OpenAI-compatible API, mounted at /v1 (and at /api/v1: the native Twinkle API's OpenAI
+bridge): models, completions, chat completions (server-sent events with `stream: true`). Keys go
+in `Authorization: Bearer`; errors leave in OpenAI's shape (gateway/errors.py `OpenAIRoute`),
+those of a stream that has begun as a last `data: {"error": …}` event. The logic is
+server/ops/openai_compat.py."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ from server.ops import openai_compat as ops
 
 log = logging.getLogger(__name__)
 router = APIRouter(route_class=OpenAIRoute)
+# /v1's answer to any other path. Apart from `router`, because the same endpoints are mounted at
+# /api/v1 too (the native Twinkle API's OpenAI bridge), where the Tinker API answers unknown paths.
+unknown = APIRouter(route_class=OpenAIRoute)
 
 
 @router.get("/models")
@@ -50,7 +54,7 @@ async def chat_completions(req: oa.ChatCompletionRequest, request: Request, rt: 
     return JSONResponse(oa.dump(ops.chat_response(plan, choices, usage)))
 
 
-@router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+@unknown.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
 async def not_an_endpoint(rest: str, request: Request) -> JSONResponse:
     message = f"{request.method} /v1/{rest} is not an endpoint of this server's OpenAI-compatible API"
     return JSONResponse(openai_body(message, 404, code="unknown_url"), 404)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from transformers import AutoTokenizer
@@ -34,6 +34,7 @@ from workers.custom_loss import CustomLoss, compile_graph
 from workers.guard import Failure, guarded
 from workers.hf_sampler import HfSampler
 from workers.losses import LossFn, get_loss
+from workers.native_training import NativeTraining
 from workers.peft_host import AdapterError
 from workers.storage import CheckpointStore, FolderStore
 from workers.trainer import LoraTrainer, load_base_model, resolve_device
@@ -77,6 +78,7 @@ class LocalEngine:
         self._tokenizer = None
         self._versions: dict[str, AdapterWeights] = {}  # in-memory versions made here, until released
         self._sampler: SamplerBackend | None = None
+        self._native: NativeTraining | None = None  # the native Twinkle API's per-adapter training state
         self._custom_losses: dict[str, CustomLoss] = {}
 
     async def _call(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
@@ -84,7 +86,7 @@ class LocalEngine:
         loop = asyncio.get_running_loop()
         outcome = await loop.run_in_executor(self._pool, functools.partial(self._run, fn, *args, **kwargs))
         if isinstance(outcome, Failure):
-            raise OperationFailed(outcome.message, outcome.category)
+            raise OperationFailed(outcome.message, outcome.category, outcome.field)
         return outcome
 
     @classmethod
@@ -241,7 +243,20 @@ class LocalEngine:
         )
 
     async def unload(self, model_id: str) -> None:
-        await self._call(lambda: self.trainer.remove_adapter(_adapter_name(model_id)))
+        await self._call(self._unload, model_id)
+
+    def _unload(self, model_id: str) -> None:
+        self.trainer.remove_adapter(_adapter_name(model_id))
+        self._native_training.forget(_adapter_name(model_id))
+
+    async def native(self, model_id: str, op: str, kwargs: dict[str, Any]) -> Any:
+        return await self._call(lambda: self._native_training.call(self._require(model_id), op, kwargs))
+
+    @property
+    def _native_training(self) -> NativeTraining:
+        if self._native is None:
+            self._native = NativeTraining(self.trainer)
+        return self._native
 
     async def page_out(self, model_id: str) -> None:
         await self._call(lambda: self.trainer.page_out(_adapter_name(model_id)))

@@ -12,7 +12,7 @@ caller as OperationFailed with that category and message.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from schemas.wire import ForwardBackwardCall
 from server.kinds import Lane
@@ -65,6 +65,11 @@ class Engine(Protocol):
 
     async def unload(self, model_id: str) -> None:
         """Drop the model's adapter (weights, optimizer state, gradients) from memory."""
+        ...
+
+    async def native(self, model_id: str, op: str, kwargs: dict[str, Any]) -> Any:
+        """A native Twinkle API training op on the model's adapter (workers/native_training.py):
+        JSON-like kwargs in, a JSON-like result out."""
         ...
 
     async def page_out(self, model_id: str) -> None:

@@ -184,7 +184,7 @@ class RayEngine:
         if role == TRAINER and status is not None:
             self._pool_status = status
         if isinstance(outcome, Failure):
-            raise OperationFailed(outcome.message, outcome.category)
+            raise OperationFailed(outcome.message, outcome.category, outcome.field)
         return outcome
 
     async def create_adapter(self, model_id: str, spec: LoraSpec) -> None:
@@ -209,6 +209,9 @@ class RayEngine:
 
     async def page_out(self, model_id: str) -> None:
         await self._call(TRAINER, "page_out", model_id)
+
+    async def native(self, model_id: str, op: str, kwargs: dict[str, Any]) -> Any:
+        return await self._call(TRAINER, "native", model_id, op, kwargs)
 
     async def snapshot(self, model_id: str, key: str) -> VersionInfo:
         info, refs = await self._call(TRAINER, "snapshot", model_id)

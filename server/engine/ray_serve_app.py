@@ -40,7 +40,7 @@ LOGGING = {"enable_access_log": False, "log_level": "WARNING"}
 # The engine methods a gateway may call on a replica ("snapshot" and "sample_batch" are adapted
 # to the object store by the replica: see EngineReplica).
 TRAINER_CALLS = frozenset(
-    {"create_adapter", "forward_backward", "optim_step", "save", "load", "unload", "page_out", "snapshot"})
+    {"create_adapter", "forward_backward", "optim_step", "save", "load", "unload", "page_out", "snapshot", "native"})
 SAMPLER_CALLS = frozenset({"sample_batch", "release"})
 
 

@@ -71,7 +71,7 @@ async def list_models(rt: Runtime, tenant_id: str) -> oa.ModelList:
 
 async def get_model(rt: Runtime, tenant_id: str, model: str) -> oa.ModelCard:
     """One model the caller may sample: a served base model or a checkpoint it may read."""
-    if not model.startswith("tinker://"):
+    if not model.startswith(ids.PATH_SCHEMES):
         return _base_card(rt, rt.served(model, field="model"))
 
     def read(s: Session) -> oa.ModelCard:

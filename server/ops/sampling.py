@@ -180,7 +180,7 @@ async def sample(rt: Runtime, tenant_id: str, req: api.SampleRequest, fingerprin
 
 async def resolve_model(rt: Runtime, tenant_id: str, model: str, *, field: str = "model") -> Target:
     """What `model` names: a tinker:// checkpoint path the tenant may read, or a served base model."""
-    if model.startswith("tinker://"):
+    if model.startswith(ids.PATH_SCHEMES):
         checkpoint, base = await _checkpoint_for(rt, tenant_id, model, field=field)
         return _checkpoint_target(checkpoint, base)
     return Target(None, rt.served(model, field=field))

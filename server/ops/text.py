@@ -48,8 +48,12 @@ def encode(tokenizer: Tokenizer, text: str) -> list[int]:
         return list(tokenizer(text)["input_ids"])
 
 
-def apply_chat_template(tokenizer: Tokenizer, base: str, messages: list[dict[str, str]]) -> list[int]:
-    """The chat's ids as the base model's template renders them, ending with the assistant's turn."""
+def apply_chat_template(
+    tokenizer: Tokenizer, base: str, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+    **template_kwargs: Any,
+) -> list[int]:
+    """The chat's ids as the base model's template renders them, by default ending with the
+    assistant's turn begun. `template_kwargs` go to the template (tools, enable_thinking, ...)."""
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequest(
             f"base model {base!r} has no chat template, so it cannot be chatted with: "
@@ -58,8 +62,8 @@ def apply_chat_template(tokenizer: Tokenizer, base: str, messages: list[dict[str
         )
     try:
         with _encoding:
-            encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                    return_dict=True)
+            encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                    tokenize=True, return_dict=True, **template_kwargs)
     except Exception as exc:  # jinja's errors: a template that refuses these messages (roles, order)
         raise InvalidRequest(f"the chat template of {base!r} refused these messages: {exc}", field="messages") from None
     return list(encoded["input_ids"])

@@ -95,7 +95,7 @@ async def release_seq(rt: Runtime, tenant_id: str, model_id: object, seq_id: obj
 
 
 @asynccontextmanager
-async def _model_slot(rt: Runtime, tenant_id: str, model_id: str, base: str) -> AsyncIterator[None]:
+async def model_slot(rt: Runtime, tenant_id: str, model_id: str, base: str) -> AsyncIterator[None]:
     """Claim a live-model slot for a model being made in the block. Checked again here, when the
     creation runs (the check and the claim are one step), so concurrent submissions cannot
     together exceed the quota (over every server process, with Redis); a creation that fails
@@ -136,9 +136,9 @@ async def create_model(rt: Runtime, tenant_id: str, req: api.CreateModelRequest,
     async def run() -> OpResult:
         if await rt.db.run(lambda s: s.get(Model, model_id)) is not None:
             raise OperationFailed(f"model {model_id} already exists (model_seq_id {req.model_seq_id} was used before)")
-        async with _model_slot(rt, tenant_id, model_id, base):
+        async with model_slot(rt, tenant_id, model_id, base):
             await rt.engine_for(base).create_adapter(model_id, spec)
-            await rt.db.run(lambda s: _insert_model(s, tenant_id, req.session_id, req.model_seq_id, base, spec,
+            await rt.db.run(lambda s: insert_model(s, tenant_id, req.session_id, req.model_seq_id, base, spec,
                                                     req.user_metadata, rt.instances.id))
         log.info("model_created", extra={"model_id": model_id, "tenant_id": tenant_id, "rank": spec.rank})
         return json_result(api.CreateModelResponse(model_id=model_id))
@@ -155,9 +155,11 @@ def engine_of(rt: Runtime, model: Model) -> Engine:
     return rt.engine_for(model.base_model)
 
 
-def _insert_model(
-    s: Session, tenant_id: str, session_id: str, seq: int, base: str, spec: LoraSpec, meta: dict | None, owner: str
+def insert_model(
+    s: Session, tenant_id: str, session_id: str, seq: int, base: str, spec: LoraSpec, meta: dict | None, owner: str,
+    model_id: str | None = None,
 ) -> None:
+    """The model row (`model_id`: a native adapter's run id instead of Tinker's `<session>:train:<seq>`)."""
     # A write to the live session row first: it takes the row lock (PostgreSQL) or the write lock
     # (SQLite, where a SELECT ... FOR UPDATE locks nothing), so that a session that ended while the
     # adapter was being made gets no model, and an end that comes later lists this one.
@@ -170,7 +172,7 @@ def _insert_model(
         raise OperationFailed(f"session {session_id} ended while the model was being created")
     s.add(
         Model(
-            id=ids.model_id(session_id, seq),
+            id=model_id or ids.model_id(session_id, seq),
             tenant_id=tenant_id,
             session_id=session_id,
             model_seq_id=seq,
@@ -432,9 +434,9 @@ async def _create_from_checkpoint(
     async def run() -> OpResult:
         if await rt.db.run(lambda s: s.get(Model, model_id)) is not None:
             raise OperationFailed(f"model {model_id} already exists (model_seq_id {seq} was used before)")
-        async with _model_slot(rt, tenant_id, model_id, base):
+        async with model_slot(rt, tenant_id, model_id, base):
             spec = await rt.engine_for(base).load(model_id, checkpoint.storage_dir, with_optimizer=req.optimizer)
-            await rt.db.run(lambda s: _insert_model(s, tenant_id, session_id, seq, base, spec, req.user_metadata,
+            await rt.db.run(lambda s: insert_model(s, tenant_id, session_id, seq, base, spec, req.user_metadata,
                                                     rt.instances.id))
         log.info("model_created_from_checkpoint", extra={"model_id": model_id, "tenant_id": tenant_id})
         return json_result(api.LoadWeightsResponse(path=req.path, model_id=model_id))

@@ -8,6 +8,7 @@ until it is probed or classified as not object-scoped."""
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from collections.abc import Callable
@@ -36,6 +37,7 @@ class Probe:
     json: Callable[[dict], Any] | None = None
     proto: Callable[[dict], bytes] | None = None
     prefix: str = "/api/v1"
+    native: bool = False  # the native Twinkle API: the key as a bearer, the native session in a header
 
 
 def ckpt(kind: str) -> Callable[[dict], str]:
@@ -122,6 +124,30 @@ PROBES = [
     Probe("openai chat completion", "POST", "/v1/chat/completions", lambda o: "/chat/completions",
           lambda o: {"model": o["sampler"], "messages": [{"role": "user", "content": "x"}], "max_tokens": 1},
           prefix="/v1"),
+    Probe("openai bridge model", "GET", "/api/v1/models/{model:path}", lambda o: f"/models/{o['sampler']}"),
+    Probe("openai bridge completion", "POST", "/api/v1/completions", lambda o: "/completions",
+          lambda o: {"model": o["sampler"], "prompt": "x", "max_tokens": 1}),
+    Probe("openai bridge chat", "POST", "/api/v1/chat/completions", lambda o: "/chat/completions",
+          lambda o: {"model": o["sampler"], "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}),
+    Probe("native model op", "POST", "/api/v1/model/{base:path}/twinkle/{op}",
+          lambda o: f"/model/{BASE}/twinkle/forward_backward",
+          lambda o: {"adapter_name": "N", "inputs": [{"input_ids": [1, 2], "labels": [2, -100]}]}, native=True),
+    Probe("native sampler adapter_uri", "POST", "/api/v1/sampler/{base:path}/twinkle/{op}",
+          lambda o: f"/sampler/{BASE}/twinkle/sample",
+          lambda o: {"inputs": [{"input_ids": [1, 2], "labels": [-100, -100]}], "sampling_params": {"max_tokens": 1},
+                     "adapter_uri": o["sampler"].replace("tinker://", "twinkle://")}, native=True),
+    Probe("native heartbeat", "POST", "/api/v1/twinkle/session_heartbeat", lambda o: "/twinkle/session_heartbeat",
+          lambda o: {"session_id": o["native_session"]}, native=True),
+    Probe("native training run", "GET", "/api/v1/twinkle/training_runs/{run_id}",
+          lambda o: f"/twinkle/training_runs/{o['model']}", native=True),
+    Probe("native run checkpoints", "GET", "/api/v1/twinkle/training_runs/{run_id}/checkpoints",
+          lambda o: f"/twinkle/training_runs/{o['model']}/checkpoints", native=True),
+    Probe("native checkpoint path", "GET", "/api/v1/twinkle/checkpoint_path/{run_id}/{checkpoint_id:path}",
+          lambda o: f"/twinkle/checkpoint_path/{o['model']}/weights/kept", native=True),
+    Probe("native delete checkpoint", "DELETE", "/api/v1/twinkle/training_runs/{run_id}/checkpoints/{checkpoint_id:path}",
+          lambda o: f"/twinkle/training_runs/{o['model']}/checkpoints/weights/kept", native=True),
+    Probe("native weights_info", "POST", "/api/v1/twinkle/weights_info", lambda o: "/twinkle/weights_info",
+          lambda o: {"twinkle_path": o["weights"].replace("tinker://", "twinkle://")}, native=True),
 ]
 
 NOT_OBJECT_SCOPED = {
@@ -140,6 +166,11 @@ NOT_OBJECT_SCOPED = {
     "/twinkle/v1/capacity": "the caller's own usage", "/twinkle/v1/status": "the caller's own usage",
     "/v1/models": "the base models and the caller's own checkpoints (tests/integration/test_openai_api.py)",
     "/v1/{rest:path}": "catch-all answering unknown /v1 routes",
+    "/api/v1/models": "the base models and the caller's own checkpoints (the OpenAI bridge of the native API)",
+    "/api/v1/twinkle/create_session": "creates the caller's own session",
+    "/api/v1/twinkle/get_server_capabilities": "the served models, the same for all",
+    "/api/v1/twinkle/healthz": "no objects", "/api/v1/twinkle/capacity_info": "the caller's own usage",
+    "/api/v1/twinkle/training_runs": "lists the caller's own runs",
 }
 ADMIN_PREFIX = "/twinkle/v1/admin"  # admin-key guarded, tested in tests/unit/test_admin.py
 
@@ -177,8 +208,16 @@ def objects(server, token_rows) -> dict:
     tb = b.create_lora_training_client(BASE, rank=4, seed=0).result()
     b_weights = tb.save_state("mine").result().path
     fwd.result()
+    # A native adapter "N" of tenant A, in a native session.
+    native = {"Authorization": f"Bearer {KEY_A}", "Twinkle-Authorization": f"Bearer {KEY_A}"}
+    native_session = httpx.post(f"{server.base_url}/api/v1/twinkle/create_session", json={"metadata": None},
+                                headers=native).json()["session_id"]
+    lora = json.dumps({"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "_TWINKLE_TYPE_": "LoraConfig"})
+    added = httpx.post(f"{server.base_url}/api/v1/model/{BASE}/twinkle/add_adapter_to_model", timeout=60,
+                       json={"adapter_name": "N", "config": lora}, headers={**native, "X-Twinkle-Session-Id": native_session})
+    assert added.status_code == 200, added.text
     objs = {
-        "session": a.holder.get_session_id(), "model": tc.model_id, "weights": weights, "sampler": sampler,
+        "session": a.holder.get_session_id(), "native_session": native_session, "model": tc.model_id, "weights": weights, "sampler": sampler,
         "sampling": sampling._sampling_session_id,
         "loss_id": handle.loss_id, "data": data, "b_model": tb.model_id, "b_session": b.holder.get_session_id(),
         "b_weights": b_weights, "clients": (a, b, tc, sampling),
@@ -208,7 +247,8 @@ def fake(objects: dict) -> dict:
     """The same shapes with ids that exist nowhere."""
     sess = f"sess-{secrets.token_hex(12)}"
     model = f"{sess}:train:0"
-    return {**objects, "session": sess, "model": model, "sampling": f"{sess}:sample:0",
+    return {**objects, "session": sess, "native_session": f"sess-{secrets.token_hex(12)}", "model": model,
+            "sampling": f"{sess}:sample:0",
             "weights": f"tinker://{model}/weights/kept", "sampler": f"tinker://{model}/sampler_weights/sw",
             "future": f"req-{secrets.token_hex(12)}", "loss_id": f"loss-{secrets.token_hex(12)}"}
 
@@ -216,6 +256,8 @@ def fake(objects: dict) -> dict:
 def send(server, probe: Probe, objs: dict) -> httpx.Response:
     url = f"{server.base_url}{probe.prefix}{probe.path(objs)}"
     headers = {"X-API-Key": KEY_B}
+    if probe.native:  # tenant B, claiming tenant A's native session
+        headers = {"Authorization": f"Bearer {KEY_B}", "X-Twinkle-Session-Id": objs["native_session"]}
     if probe.proto is not None:
         headers["Content-Type"] = "application/x-protobuf"
         return httpx.request(probe.method, url, content=probe.proto(objs), headers=headers, timeout=30)
@@ -229,7 +271,7 @@ def outcome(response: httpx.Response, objs: dict, server) -> tuple[int, str]:
         if response.status_code == 200 and "request_id" in body:  # accepted: the verdict is in the future
             body = httpx.post(f"{server.base_url}/api/v1/retrieve_future", json={"request_id": body["request_id"]},
                               headers={"X-API-Key": KEY_B}, timeout=30).json()
-        text = str(body.get("error", body))
+        text = str(body.get("error", body.get("detail", body)))
     else:
         text = f"<{response.headers.get('content-type')}>"
     for key in ("model", "session", "sampling", "weights", "sampler", "future", "loss_id"):

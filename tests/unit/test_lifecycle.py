@@ -200,7 +200,7 @@ def test_a_session_ending_during_the_model_insert_still_lists_the_model(tmp_path
 
     training.Model = model_between_check_and_insert
     try:
-        db.call(lambda s: training._insert_model(s, "t1", "sess-1", 0, "tiny-qwen3", LoraSpec(4, 0), None, "inst-1"))
+        db.call(lambda s: training.insert_model(s, "t1", "sess-1", 0, "tiny-qwen3", LoraSpec(4, 0), None, "inst-1"))
     finally:
         training.Model = real_model
     ended["thread"].join(10)

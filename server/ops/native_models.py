@@ -1,0 +1,197 @@
+"""The native Twinkle API's model app: `POST /api/v1/model/{base}/twinkle/{op}`.
+
+A native adapter is a training run like a Tinker model (the same pool, quotas, queue, fairness,
+owner routing and checkpoints), named per (session, adapter name) as Twinkle names it
+(`ids.native_model_id`). Each call is queued on its model like a Tinker operation and held inside
+the HTTP request until it has run (twinkle_client waits, with no futures). The compute is
+workers/native_training.py, on the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import secrets
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from server import ids
+from server.errors import Conflict, InvalidRequest, NotFound, OperationFailed
+from server.kinds import FutureState, OpKind, ResultFormat
+from server.ops import training
+from server.ops.checkpoints import resolve_checkpoint
+from server.ops.sessions import live_session
+from server.queue.scheduler import OpResult
+from server.queue.scopes import model_scope
+from server.runtime import Runtime
+from server.store.tables import Model
+from workers.types import LoraSpec
+
+log = logging.getLogger(__name__)
+ENGINE_OPS = frozenset({
+    "set_loss", "set_optimizer", "set_lr_scheduler", "forward_backward", "forward_only", "clip_grad_and_step",
+    "clip_grad_norm", "step", "zero_grad", "lr_step", "calculate_metric", "get_train_configs",
+})
+REFUSED = {
+    "apply_patch": "apply_patch is never run here: it would patch the base model every tenant shares",
+    "upload_to_hub": "this server has no model hub to upload to; download the checkpoint instead "
+                     "(GET /twinkle/v1/export/{run}/{checkpoint_id})",
+}
+ATTN, MLP = {"q_proj", "k_proj", "v_proj", "o_proj"}, {"gate_proj", "up_proj", "down_proj"}
+NAME = re.compile(r"[^\w-]")
+
+
+def served_base(rt: Runtime, base: str) -> str:
+    """The base model a path names, or 404 (the client drops any `ms://`-like scheme itself)."""
+    if base not in rt.settings.base_models:
+        raise NotFound(f"base model {base!r} is not served here; served: {', '.join(rt.settings.base_models)}",
+                       field="base_model")
+    return base
+
+
+async def call(rt: Runtime, tenant_id: str, session_id: str | None, base: str, op: str, body: dict[str, Any]) -> Any:
+    base = served_base(rt, base)
+    if op == "create":
+        return {"status": "ok"}
+    if op in REFUSED:
+        raise InvalidRequest(REFUSED[op], field="op")
+    if session_id is None:
+        raise InvalidRequest("send the session id (twinkle_client's init_twinkle_client does)", field="X-Twinkle-Session-Id")
+    name = body.pop("adapter_name", None)
+    if not isinstance(name, str) or not 1 <= len(name) <= 64:
+        raise InvalidRequest("the adapter's name: a string of 1 to 64 characters", field="adapter_name")
+    if op == "add_adapter_to_model":
+        return await add_adapter(rt, tenant_id, session_id, base, name, body)
+    model = await training.owned_model(rt, tenant_id, ids.native_model_id(session_id, name))
+    if op in ENGINE_OPS:
+        return await queued(rt, tenant_id, model, lambda: rt.engine_for(base).native(model.id, op, body))
+    if op == "save":
+        return await queued(rt, tenant_id, model, lambda: save(rt, tenant_id, model, body))
+    if op == "load":
+        return await queued(rt, tenant_id, model, lambda: load(rt, tenant_id, model, body))
+    allowed = sorted({"create", "add_adapter_to_model", "save", "load", *ENGINE_OPS})
+    raise NotFound(f"unknown model operation {op!r}; this server runs: {', '.join(allowed)}", field="op")
+
+
+async def queued(rt: Runtime, tenant_id: str, model: Model, work: Callable[[], Awaitable[Any]]) -> Any:
+    """Run `work` as an operation of the model's queue (after what is queued before it, in turn
+    with other tenants) and return its result, for a caller that waits in the request."""
+    waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    async def run() -> OpResult:
+        try:
+            value = await work()
+        except BaseException as exc:
+            if not waiter.done():
+                waiter.set_exception(exc)
+            raise
+        if not waiter.done():
+            waiter.set_result(value)
+        return json.dumps(value).encode(), ResultFormat.JSON
+
+    def done(request_id: str, state: str, _: bytes | None) -> None:
+        if state != FutureState.DONE and not waiter.done():  # cancelled before it ran (its session ended)
+            waiter.set_exception(OperationFailed(f"{request_id} did not run: its session ended"))
+
+    await rt.enqueue(tenant_id, kind=OpKind.NATIVE, scope=model_scope(model.id), seq_id=None, fingerprint="",
+                     run=run, ordered=True, notify=done)
+    return await waiter
+
+
+# ----- adapters ------------------------------------------------------------------------------------
+async def add_adapter(rt: Runtime, tenant_id: str, session_id: str, base: str, name: str, body: dict[str, Any]) -> dict:
+    config = lora_config(body.pop("config", None))
+    steps = body.pop("gradient_accumulation_steps", None)
+    body.pop("save_dir", None)  # a client-side path: never a server path
+    if body:
+        key = next(iter(body))
+        raise InvalidRequest(f"add_adapter_to_model takes no argument {key!r}", field=key)
+    await rt.db.run(lambda s: live_session(s, tenant_id, session_id, field="X-Twinkle-Session-Id"))
+    spec = lora_spec(rt, config)
+    await rt.refresh_limits(tenant_id)
+    rt.quotas.check_rank(tenant_id, spec.rank)
+    model_id = ids.native_model_id(session_id, name)
+    if await rt.db.run(lambda s: s.get(Model, model_id)) is not None:
+        raise Conflict(f"adapter {name!r} already exists in this session", field="adapter_name")
+    await rt.check_model_room(tenant_id)
+    async with training.model_slot(rt, tenant_id, model_id, base):
+        engine = rt.engine_for(base)
+        await engine.create_adapter(model_id, spec)
+        if steps is not None:
+            await engine.native(model_id, "configure", {"gradient_accumulation_steps": steps})
+        await rt.db.run(lambda s: training.insert_model(
+            s, tenant_id, session_id, -1, base, spec, {"twinkle_adapter_name": name}, rt.instances.id, model_id))
+    log.info("native_adapter_created", extra={"model_id": model_id, "tenant_id": tenant_id, "rank": spec.rank})
+    return {"status": "ok", "adapter_name": model_id}
+
+
+def lora_config(config: Any) -> dict[str, Any]:
+    """peft's LoraConfig as twinkle_client sends it: a JSON string tagged with its type (or the
+    object itself)."""
+    if config is None:
+        raise InvalidRequest("this server trains LoRA adapters only: send a peft LoraConfig", field="config")
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except ValueError:
+            raise InvalidRequest("not JSON: a serialised peft LoraConfig", field="config") from None
+    if not isinstance(config, dict):
+        raise InvalidRequest("a peft LoraConfig object", field="config")
+    return config
+
+
+def lora_spec(rt: Runtime, config: dict[str, Any]) -> LoraSpec:
+    rank, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= rt.settings.max_lora_rank:
+        raise InvalidRequest(f"LoRA rank r must be an integer in [1, {rt.settings.max_lora_rank}]", field="config.r")
+    if not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise InvalidRequest("lora_alpha must be a positive number", field="config.lora_alpha")
+    if config.get("lora_dropout") not in (None, 0, 0.0):
+        raise InvalidRequest("adapters here train without dropout: send lora_dropout 0", field="config.lora_dropout")
+    attn, mlp, unembed = _targets(config.get("target_modules", "all-linear"))
+    return LoraSpec(rank=rank, seed=secrets.randbits(31), alpha=float(alpha), train_attn=attn, train_mlp=mlp,
+                    train_unembed=unembed)
+
+
+def _targets(modules: Any) -> tuple[bool, bool, bool]:
+    """(attention, MLP, lm_head) from target_modules: 'all-linear' or whole groups of projections."""
+    if modules in ("all-linear", None):
+        return True, True, False
+    names = {modules} if isinstance(modules, str) else set(modules) if isinstance(modules, list) else None
+    if not names or not all(isinstance(n, str) for n in names):
+        raise InvalidRequest("'all-linear' or a list of module names", field="config.target_modules")
+    attn, mlp = bool(names & ATTN), bool(names & MLP)
+    if (attn and not ATTN <= names) or (mlp and not MLP <= names) or names - ATTN - MLP - {"lm_head"}:
+        raise InvalidRequest(
+            "this server trains whole groups of layers: 'all-linear', or a union of attention "
+            f"({', '.join(sorted(ATTN))}), MLP ({', '.join(sorted(MLP))}) and lm_head", field="config.target_modules")
+    return attn, mlp, "lm_head" in names
+
+
+# ----- checkpoints ---------------------------------------------------------------------------------
+async def save(rt: Runtime, tenant_id: str, model: Model, body: dict[str, Any]) -> dict[str, Any]:
+    name = NAME.sub("_", str(body.get("name") or "checkpoint"))[:80]
+    is_sampler = bool(body.get("is_sampler", False))
+    kind = "sampler" if is_sampler else "training"
+    if is_sampler:  # a new path every time: the sampler caches weights by path
+        name = f"{name}-{datetime.now(UTC):%Y%m%d_%H%M%S}-{secrets.token_hex(3)}"
+    await training.save_checkpoint(rt, tenant_id, model, kind=kind, name=name,
+                                   with_optimizer=bool(body.get("save_optimizer", False)), overwrite=not is_sampler)
+    return {"twinkle_path": ids.TinkerPath(model.id, kind, name).twinkle, "checkpoint_dir": None}
+
+
+async def load(rt: Runtime, tenant_id: str, model: Model, body: dict[str, Any]) -> None:
+    path = body.get("name")
+    if not isinstance(path, str):
+        raise InvalidRequest("the twinkle:// path of a checkpoint", field="name")
+
+    def find(s: Session) -> str:
+        return resolve_checkpoint(s, tenant_id, path, field="name").storage_dir
+
+    ref = await rt.db.run(find)
+    await rt.engine_for(model.base_model).load(model.id, ref, with_optimizer=False)

@@ -1,0 +1,161 @@
+"""ModelScope's own client, `twinkle_client` (twinkle-kit 0.5.1, unmodified), against a running
+Twinkle server: the real-client side of tests/integration/test_twinkle_client.py.
+
+Run with the reference venv's python (never the project's; -P keeps tests/support, which has an
+http.py, off sys.path):
+
+    .venv-twinkle-ref/bin/python -P twinkle_client_flow.py FLOWS CONFIG_JSON
+
+FLOWS is a comma-separated list of `service`, `sampler`, `model`, run in that order in one client
+process (one session, as a user's program has). CONFIG_JSON holds base_url, api_key, base_model,
+prompt (token ids) and rows (token-id rows to train on), and for `sampler` an optional adapter_uri.
+The last stdout line is `TWINKLE-FLOW <json>`: per flow what the client got back, or the error
+it raised (`{"error": "..."}`), so that the pytest side asserts on it and shows it when it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from typing import Any
+
+MARK = "TWINKLE-FLOW "
+
+
+def http_error(call: Any) -> str:
+    """What the client raises for a call that fails (its message carries the status and detail)."""
+    try:
+        call()
+    except Exception as exc:  # requests.HTTPError, TwinkleClientError
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+def feature(prompt: list[int]) -> dict[str, list[int]]:
+    return {"input_ids": prompt, "labels": [-100] * len(prompt)}
+
+
+def sequences(samples: list[Any]) -> list[list[dict]]:
+    return [[seq.model_dump() for seq in s.sequences] for s in samples]
+
+
+# ----- service -----------------------------------------------------------------------------------
+def service_flow(client: Any, cfg: dict) -> dict:
+    from twinkle_client.http import get_base_url, http_post, set_api_key
+
+    url = f"{get_base_url()}/twinkle/session_heartbeat"
+    heartbeat = http_post(url, json_data={"session_id": client._session_id})
+    unknown = http_error(lambda: http_post(url, json_data={"session_id": "sess-nope"}))
+    runs, cursor = client.list_training_runs_with_cursor(limit=5)
+    set_api_key("EMPTY_TOKEN")  # the client's default key: not a key of this server
+    try:
+        bad_key = http_error(client.get_server_capabilities)
+    finally:
+        set_api_key(cfg["api_key"])
+    return {
+        "session_id": client._session_id,
+        "heartbeat": heartbeat.status_code,
+        "unknown_session": unknown,
+        "capabilities": [m.model_name for m in client.get_server_capabilities().supported_models],
+        "health": client.health_check(),
+        "capacity": client.get_capacity_info().model_dump(),
+        "runs": [r.training_run_id for r in client.list_training_runs(limit=100)],
+        "cursor": cursor.model_dump(),
+        "first_page": len(runs),
+        "bad_key": bad_key,
+        "unknown_run": http_error(lambda: client.get_training_run("no-such-run")),
+    }
+
+
+# ----- sampler -----------------------------------------------------------------------------------
+def sampler_flow(client: Any, cfg: dict) -> dict:
+    from twinkle_client.sampler import vLLMSampler
+
+    sampler = vLLMSampler(model_id=f"ms://{cfg['base_model']}")
+    prompt = cfg["prompt"]
+    params = {"max_tokens": 8, "temperature": 1.0, "top_p": 1.0, "logprobs": 1, "num_samples": 2, "seed": 0}
+    base = sampler.sample([feature(prompt)], params, num_samples=2)
+    scored = sampler.sample([feature(prompt)], {"max_tokens": 0, "prompt_logprobs": 2})
+    sampler.set_template("Template", model_id=f"ms://{cfg['base_model']}")
+    chat = sampler.sample([{"messages": [{"role": "user", "content": "Say hi."}]}], {"max_tokens": 4, "temperature": 0})
+    out = {
+        "base": sequences(base),
+        "prompt_logprobs": scored[0].prompt_logprobs,
+        "topk_prompt_logprobs": scored[0].topk_prompt_logprobs,
+        "chat": sequences(chat),
+        "unknown_base": http_error(lambda: vLLMSampler(model_id="ms://Nobody/no-model")),
+        "bad_labels": http_error(lambda: sampler.sample([{"input_ids": prompt, "labels": prompt}], {"max_tokens": 1})),
+        "apply_patch": http_error(lambda: sampler.apply_patch("SomePatch")),
+    }
+    if cfg.get("adapter_uri"):
+        greedy = {"max_tokens": 8, "temperature": 0, "logprobs": 1}
+        out["adapter"] = sequences(sampler.sample([feature(prompt)], greedy, adapter_uri=cfg["adapter_uri"]))
+    return out
+
+
+# ----- model (needs the model app) ---------------------------------------------------------------
+def model_flow(client: Any, cfg: dict) -> dict:
+    """Contract §4.2 end to end: an adapter trained five steps, saved twice, sampled by adapter_uri,
+    then found, described and deleted through TwinkleClient."""
+    from peft import LoraConfig
+    from twinkle_client.model import MultiLoraTransformersModel
+    from twinkle_client.sampler import vLLMSampler
+
+    model = MultiLoraTransformersModel(model_id=f"ms://{cfg['base_model']}")
+    model.add_adapter_to_model("A", LoraConfig(r=8, lora_alpha=32, target_modules="all-linear"),
+                               gradient_accumulation_steps=1)
+    model.set_loss("CrossEntropyLoss")
+    model.set_optimizer("AdamW", lr=1e-2)
+    batch = [{"input_ids": row, "labels": row[1:] + [-100]} for row in cfg["rows"]]
+    losses = []
+    for _ in range(5):
+        losses.append(model.forward_backward(inputs=batch).result["loss"])
+        model.clip_grad_and_step(max_grad_norm=1.0, norm_type=2)
+    metric = model.calculate_metric(is_training=True).result
+    capacity = client.get_capacity_info().model_dump()
+    final = model.save("final")
+    saved = model.save("sampler", is_sampler=True)
+    params = {"max_tokens": 8, "temperature": 1.0, "logprobs": 1, "num_samples": 2, "seed": 0}
+    sampled = vLLMSampler(model_id=f"ms://{cfg['base_model']}").sample(
+        [feature(cfg["prompt"])], params, adapter_uri=saved.twinkle_path, num_samples=2)
+    run_id = final.twinkle_path.removeprefix("twinkle://").split("/")[0]
+    checkpoints = client.list_checkpoints(run_id)
+    return {
+        "losses": losses,
+        "metric": metric,
+        "capacity": capacity,
+        "final": final.twinkle_path,
+        "sampler": saved.twinkle_path,
+        "sampled": sequences(sampled),
+        "run_id": run_id,
+        "checkpoints": [c.model_dump(mode="json") for c in checkpoints],
+        "checkpoint_path": client.get_checkpoint_path(run_id, "weights/final").model_dump(),
+        "weights_info": client.get_weights_info(final.twinkle_path).model_dump(),
+        "deleted": client.delete_checkpoint(run_id, "weights/final").model_dump(),
+        "after_delete": [c.checkpoint_id for c in client.list_checkpoints(run_id)],
+    }
+
+
+FLOWS = {"service": service_flow, "sampler": sampler_flow, "model": model_flow}
+
+
+def main(names: str, cfg: dict) -> dict:
+    from twinkle_client import init_twinkle_client
+
+    client = init_twinkle_client(base_url=cfg["base_url"], api_key=cfg["api_key"])
+    summary: dict[str, Any] = {}
+    try:
+        for name in names.split(","):
+            try:
+                summary[name] = FLOWS[name](client, cfg)
+            except Exception as exc:  # reported, so the other flows still run and the test says what broke
+                summary[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
+    finally:
+        client.close()
+    return summary
+
+
+if __name__ == "__main__":
+    result = main(sys.argv[1], json.loads(sys.argv[2]))
+    print(MARK + json.dumps(result), flush=True)
