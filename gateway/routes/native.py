@@ -138,7 +138,7 @@ async def weights_info(req: nt.WeightsInfoRequest, rt: Rt, tenant: NativeTenantI
 async def sampler_op(base: str, op: str, request: Request, rt: Rt, tenant: NativeTenantId,
                      session_id: SessionId = None) -> JSONResponse:
     """`{base:path}` is greedy, so the path matches from the right: a base model id may hold '/'."""
-    base = sampler.served_base(rt, base)
+    base = service.served_base(rt, base)
     sampler.check_op(op)
     body = await json_body(request)
     if op == "sample":

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header
+from fastapi import APIRouter, Body
 from fastapi.responses import JSONResponse
 
 from gateway.deps import NativeTenantId, Rt
 from gateway.errors import NativeRoute
+from gateway.routes.native import SessionId
 from server.ops import native_models
 
 router = APIRouter(route_class=NativeRoute)
@@ -23,7 +24,7 @@ async def model_op(
     rt: Rt,
     tenant: NativeTenantId,
     body: Annotated[dict[str, Any], Body()] = None,  # noqa: RUF013 - a call without arguments sends {}
-    session_id: Annotated[str | None, Header(alias="X-Twinkle-Session-Id")] = None,
+    session_id: SessionId = None,
 ) -> JSONResponse:
     result = await native_models.call(rt, tenant, session_id, base, op, dict(body or {}))
     # Twinkle answers void calls with null, results as {"result": ...}; add_adapter and save with objects.

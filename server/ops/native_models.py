@@ -25,6 +25,7 @@ from server.errors import Conflict, InvalidRequest, NotFound, OperationFailed
 from server.kinds import FutureState, OpKind, ResultFormat
 from server.ops import training
 from server.ops.checkpoints import resolve_checkpoint
+from server.ops.native_service import SESSION_FIELD, served_base
 from server.ops.sessions import live_session
 from server.queue.scheduler import OpResult
 from server.queue.scopes import model_scope
@@ -46,14 +47,6 @@ ATTN, MLP = {"q_proj", "k_proj", "v_proj", "o_proj"}, {"gate_proj", "up_proj", "
 NAME = re.compile(r"[^\w-]")
 
 
-def served_base(rt: Runtime, base: str) -> str:
-    """The base model a path names, or 404 (the client drops any `ms://`-like scheme itself)."""
-    if base not in rt.settings.base_models:
-        raise NotFound(f"base model {base!r} is not served here; served: {', '.join(rt.settings.base_models)}",
-                       field="base_model")
-    return base
-
-
 async def call(rt: Runtime, tenant_id: str, session_id: str | None, base: str, op: str, body: dict[str, Any]) -> Any:
     base = served_base(rt, base)
     if op == "create":
@@ -61,7 +54,7 @@ async def call(rt: Runtime, tenant_id: str, session_id: str | None, base: str, o
     if op in REFUSED:
         raise InvalidRequest(REFUSED[op], field="op")
     if session_id is None:
-        raise InvalidRequest("send the session id (twinkle_client's init_twinkle_client does)", field="X-Twinkle-Session-Id")
+        raise InvalidRequest("send the session id (twinkle_client's init_twinkle_client does)", field=SESSION_FIELD)
     name = body.pop("adapter_name", None)
     if not isinstance(name, str) or not 1 <= len(name) <= 64:
         raise InvalidRequest("the adapter's name: a string of 1 to 64 characters", field="adapter_name")
@@ -111,7 +104,7 @@ async def add_adapter(rt: Runtime, tenant_id: str, session_id: str, base: str, n
     if body:
         key = next(iter(body))
         raise InvalidRequest(f"add_adapter_to_model takes no argument {key!r}", field=key)
-    await rt.db.run(lambda s: live_session(s, tenant_id, session_id, field="X-Twinkle-Session-Id"))
+    await rt.db.run(lambda s: live_session(s, tenant_id, session_id, field=SESSION_FIELD))
     spec = lora_spec(rt, config)
     await rt.refresh_limits(tenant_id)
     rt.quotas.check_rank(tenant_id, spec.rank)

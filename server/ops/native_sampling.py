@@ -34,6 +34,7 @@ from server import ids
 from server.errors import InvalidRequest, NotFound, OperationFailed
 from server.kinds import ErrorCategory
 from server.ops import sampling, text
+from server.ops.native_service import SESSION_FIELD
 from server.ops.sessions import live_session
 from server.ops.validation import check_token_ids
 from server.runtime import Runtime
@@ -59,19 +60,10 @@ REFUSED_OPS = {
 TEMPLATE_NAMES = ("Template", "Qwen3_5Template", "DeepseekV4Template")
 DEFAULT_MAX_TOKENS = 16  # vLLM's, which Twinkle's sampler inherits
 IGNORE = -100  # a label that trains nothing
-SESSION_FIELD = "X-Twinkle-Session-Id"
 MULTIMODAL_KEYS = ("images", "videos", "audios", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 
 # ----- the route's checks ------------------------------------------------------------------------
-def served_base(rt: Runtime, base: str) -> str:
-    """The served base model the path names; 404 otherwise (the client strips `ms://` and friends)."""
-    if base not in rt.engines:
-        raise NotFound(f"base model {base!r} is not served here; this server serves "
-                       f"{', '.join(map(repr, rt.engines))}", field="base_model")
-    return base
-
-
 def check_op(op: str) -> None:
     if op in REFUSED_OPS:
         raise InvalidRequest(f"{op} is refused: {REFUSED_OPS[op]}", field="op")

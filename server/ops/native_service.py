@@ -13,13 +13,24 @@ from sqlalchemy.orm import Session
 from schemas import native as nt
 from schemas import tinker as api
 from server import ids
+from server.errors import NotFound
 from server.ops import catalog, checkpoints, sessions
 from server.ops.checkpoints import resolve_checkpoint
 from server.runtime import Runtime
 from server.store.tables import Model, Tenant
 
+SESSION_FIELD = "X-Twinkle-Session-Id"  # the header every call after create_session carries
 NATIVE_TAG = "twinkle-native"  # the tag of a session made through the native API
 NATIVE_SDK = "twinkle_client"  # its sdk_version: the client does not say which version it is
+
+
+def served_base(rt: Runtime, base: str) -> str:
+    """The served base model a model/sampler path names; 404 otherwise (the client strips `ms://`
+    and friends)."""
+    if base not in rt.engines:
+        raise NotFound(f"base model {base!r} is not served here; this server serves "
+                       f"{', '.join(map(repr, rt.engines))}", field="base_model")
+    return base
 
 
 # ----- sessions and the server -------------------------------------------------------------------
