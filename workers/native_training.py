@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,8 @@ from workers.native_optim import (
 from workers.passes import Batch
 from workers.trainer import LoraTrainer
 
+STATE_FILE = "native_state.pt"  # in a checkpoint folder saved with its optimizer
+
 
 @dataclass
 class NativeAdapter:
@@ -50,6 +53,7 @@ class NativeAdapter:
     train: MetricAccumulator = field(default_factory=MetricAccumulator)
     eval: MetricAccumulator = field(default_factory=MetricAccumulator)
     bound: tuple[int, ...] = ()  # ids of the parameters the optimizer holds
+    consumed_train_samples: int = 0  # what the client says it has consumed, as of its last save
 
     def metrics(self, is_training: bool) -> MetricAccumulator:
         return self.train if is_training else self.eval
@@ -245,10 +249,53 @@ class NativeTraining:
                 f"unembed={spec.train_unembed}; loss={state.loss.name}({state.loss.args}); optimizer={optimizer}; "
                 f"lr_scheduler={scheduler}; gradient_accumulation_steps={state.acc.gradient_accumulation_steps}")
 
-    def progress(self, name: str) -> dict[str, int]:
-        """What resume_from_checkpoint reports (and a save records)."""
-        state = self._states.get(name, NativeAdapter())
-        return {"cur_step": state.acc.cur_step, "gradient_accumulation_steps": state.acc.gradient_accumulation_steps}
+    def _progress(self, name: str, state: NativeAdapter, kw: dict[str, Any]) -> dict[str, int]:
+        """What resume_from_checkpoint answers; `consumed_train_samples` (from a save) is recorded first."""
+        _only(kw, "progress", ("consumed_train_samples",))
+        consumed = kw.get("consumed_train_samples")
+        if consumed is not None:
+            if not isinstance(consumed, int) or isinstance(consumed, bool) or consumed < 0:
+                raise NativeArgError("consumed_train_samples", "consumed_train_samples: a count (an integer >= 0)")
+            state.consumed_train_samples = consumed
+        return {"cur_step": state.acc.cur_step, "consumed_train_samples": state.consumed_train_samples,
+                "gradient_accumulation_steps": state.acc.gradient_accumulation_steps}
+
+    # ----- the state a save with its optimizer keeps ---------------------------------------------
+    def write_state(self, name: str, folder: Path) -> None:
+        """Beside a checkpoint's weights: the loss, optimizer, scheduler and counters (nothing if the
+        adapter was never used through the native API)."""
+        state = self._states.get(name)
+        if state is None:
+            return
+        torch.save({
+            "loss": [state.loss.name, state.loss.args],
+            "optimizer": None if state.optimizer_args is None else list(state.optimizer_args),
+            "optimizer_state": None if state.optimizer is None else state.optimizer.state_dict(),
+            "scheduler": None if state.scheduler_args is None else list(state.scheduler_args),
+            "scheduler_state": None if state.scheduler is None else state.scheduler.state_dict(),
+            "counters": [state.acc.cur_step, state.acc.gradient_accumulation_steps, state.consumed_train_samples],
+        }, folder / STATE_FILE)
+
+    def read_state(self, name: str, folder: Path) -> None:
+        """Restore what write_state kept (weights are the trainer's business); a checkpoint without
+        it (saved through Tinker, or without its optimizer) leaves a fresh state."""
+        path = folder / STATE_FILE
+        state = self._states[name] = NativeAdapter()
+        if not path.is_file():
+            return
+        saved = torch.load(path, map_location="cpu", weights_only=True)  # plain data and tensors only
+        state.loss = build_loss(saved["loss"][0], **saved["loss"][1])
+        if saved["optimizer"] is not None:
+            cls, kw = saved["optimizer"]
+            state.optimizer = build_optimizer(cls, self._named_params(name), (), **kw)
+            state.optimizer.load_state_dict(saved["optimizer_state"])
+            state.optimizer_args, state.bound = (cls, kw), self._param_ids(name)
+        if saved["scheduler"] is not None and state.optimizer is not None:
+            cls, kw = saved["scheduler"]
+            state.scheduler = build_scheduler(cls, state.optimizer, **kw)
+            state.scheduler.load_state_dict(saved["scheduler_state"])
+            state.scheduler_args = (cls, kw)
+        state.acc.cur_step, state.acc.gradient_accumulation_steps, state.consumed_train_samples = saved["counters"]
 
 
 CLIP_ARGS = ("max_grad_norm", "norm_type", "gradient_accumulation_steps")
@@ -291,5 +338,6 @@ OPS: dict[str, Handler] = {
     "lr_step": NativeTraining._lr_step,
     "calculate_metric": NativeTraining._calculate_metric,
     "get_train_configs": NativeTraining._get_train_configs,
+    "progress": NativeTraining._progress,
 }
 ENGINE_OPS: Sequence[str] = tuple(OPS)

@@ -27,7 +27,7 @@ from schemas.wire import ForwardBackwardCall
 from server.config import Settings
 from server.errors import OperationFailed
 from server.kinds import Lane
-from workers.adapter_files import encrypt_folder
+from workers.adapter_files import encrypt_folder, folder_size
 from workers.adapter_versions import AdapterSource, AdapterWeights, SamplerBackend, read_weights
 from workers.base_models import resolve_base_model
 from workers.custom_loss import CustomLoss, compile_graph
@@ -227,7 +227,11 @@ class LocalEngine:
 
     def _save(self, model_id: str, ref: str, with_optimizer: bool, encrypt_to: list[str] | None) -> int:
         folder = self._store.local_path(ref)
-        size = self.trainer.save(self._require(model_id), folder, with_optimizer=with_optimizer)
+        name = self._require(model_id)
+        size = self.trainer.save(name, folder, with_optimizer=with_optimizer)
+        if with_optimizer:  # a native adapter's optimizer, scheduler and counters (workers/native_training.py)
+            self._native_training.write_state(name, folder)
+            size = folder_size(folder)
         if encrypt_to:
             try:
                 size = encrypt_folder(folder, encrypt_to)
@@ -238,9 +242,14 @@ class LocalEngine:
         return size
 
     async def load(self, model_id: str, ref: str, *, with_optimizer: bool) -> LoraSpec:
-        return await self._call(
-            lambda: self.trainer.load(_adapter_name(model_id), self._store.local_path(ref), with_optimizer=with_optimizer)
-        )
+        return await self._call(self._load_checkpoint, model_id, ref, with_optimizer)
+
+    def _load_checkpoint(self, model_id: str, ref: str, with_optimizer: bool) -> LoraSpec:
+        name, folder = _adapter_name(model_id), self._store.local_path(ref)
+        spec = self.trainer.load(name, folder, with_optimizer=with_optimizer)
+        if with_optimizer:
+            self._native_training.read_state(name, folder)
+        return spec
 
     async def unload(self, model_id: str) -> None:
         await self._call(self._unload, model_id)

@@ -18,8 +18,6 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy.orm import Session
-
 from server import ids
 from server.errors import Conflict, InvalidRequest, NotFound, OperationFailed
 from server.kinds import FutureState, OpKind, ResultFormat
@@ -67,7 +65,9 @@ async def call(rt: Runtime, tenant_id: str, session_id: str | None, base: str, o
         return await queued(rt, tenant_id, model, lambda: save(rt, tenant_id, model, body))
     if op == "load":
         return await queued(rt, tenant_id, model, lambda: load(rt, tenant_id, model, body))
-    allowed = sorted({"create", "add_adapter_to_model", "save", "load", *ENGINE_OPS})
+    if op == "resume_from_checkpoint":
+        return await queued(rt, tenant_id, model, lambda: resume(rt, tenant_id, model, body))
+    allowed = sorted({"create", "add_adapter_to_model", "save", "load", "resume_from_checkpoint", *ENGINE_OPS})
     raise NotFound(f"unknown model operation {op!r}; this server runs: {', '.join(allowed)}", field="op")
 
 
@@ -173,18 +173,31 @@ async def save(rt: Runtime, tenant_id: str, model: Model, body: dict[str, Any]) 
     kind = "sampler" if is_sampler else "training"
     if is_sampler:  # a new path every time: the sampler caches weights by path
         name = f"{name}-{datetime.now(UTC):%Y%m%d_%H%M%S}-{secrets.token_hex(3)}"
-    await training.save_checkpoint(rt, tenant_id, model, kind=kind, name=name,
-                                   with_optimizer=bool(body.get("save_optimizer", False)), overwrite=not is_sampler)
+    with_optimizer = bool(body.get("save_optimizer", False))
+    if body.get("consumed_train_samples") is not None:  # recorded with the optimizer's state
+        await rt.engine_for(model.base_model).native(
+            model.id, "progress", {"consumed_train_samples": body["consumed_train_samples"]})
+    await training.save_checkpoint(rt, tenant_id, model, kind=kind, name=name, with_optimizer=with_optimizer,
+                                   overwrite=not is_sampler)
     return {"twinkle_path": ids.TinkerPath(model.id, kind, name).twinkle, "checkpoint_dir": None}
 
 
 async def load(rt: Runtime, tenant_id: str, model: Model, body: dict[str, Any]) -> None:
-    path = body.get("name")
+    """The weights of a checkpoint the tenant may read (`load_optimizer`: its optimizer too)."""
+    ref = await _checkpoint_ref(rt, tenant_id, body.get("name"))
+    await rt.engine_for(model.base_model).load(model.id, ref, with_optimizer=bool(body.get("load_optimizer", False)))
+
+
+async def resume(rt: Runtime, tenant_id: str, model: Model, body: dict[str, Any]) -> dict[str, int]:
+    """Weights, and unless `resume_only_model` the optimizer, scheduler and progress of a save made
+    with `save_optimizer=True`; answers the progress (cur_step, consumed_train_samples, ...)."""
+    ref = await _checkpoint_ref(rt, tenant_id, body.get("name"))
+    engine = rt.engine_for(model.base_model)
+    await engine.load(model.id, ref, with_optimizer=not body.get("resume_only_model", False))
+    return await engine.native(model.id, "progress", {})
+
+
+async def _checkpoint_ref(rt: Runtime, tenant_id: str, path: Any) -> str:
     if not isinstance(path, str):
         raise InvalidRequest("the twinkle:// path of a checkpoint", field="name")
-
-    def find(s: Session) -> str:
-        return resolve_checkpoint(s, tenant_id, path, field="name").storage_dir
-
-    ref = await rt.db.run(find)
-    await rt.engine_for(model.base_model).load(model.id, ref, with_optimizer=False)
+    return await rt.db.run(lambda s: resolve_checkpoint(s, tenant_id, path, field="name").storage_dir)

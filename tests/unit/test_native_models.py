@@ -76,6 +76,46 @@ def test_the_minimal_flow(client: TestClient) -> None:
     assert op(client, h, "load", {"adapter_name": "A", "name": saved["twinkle_path"]}) is None
 
 
+def test_resume_from_checkpoint_restores_the_optimizer_and_the_progress(client: TestClient) -> None:
+    h = session(client)
+    op(client, h, "add_adapter_to_model", {"adapter_name": "R", "config": LORA})
+    op(client, h, "set_optimizer", {"adapter_name": "R", "optimizer_cls": "AdamW", "lr": 1e-2})
+    op(client, h, "set_lr_scheduler", {"adapter_name": "R", "scheduler_cls": "StepLR", "step_size": 1, "gamma": 0.5})
+    for _ in range(3):
+        op(client, h, "forward_backward", {"adapter_name": "R", "inputs": INPUTS})
+        op(client, h, "clip_grad_and_step", {"adapter_name": "R"})
+    saved = op(client, h, "save", {"adapter_name": "R", "name": "mid", "save_optimizer": True,
+                                   "consumed_train_samples": 6})
+    weights_only = op(client, h, "save", {"adapter_name": "R", "name": "light"})
+    # Training on, then back to the save: the next step must be the one the save would have taken.
+    op(client, h, "forward_backward", {"adapter_name": "R", "inputs": INPUTS})
+    op(client, h, "clip_grad_and_step", {"adapter_name": "R"})
+    resumed = op(client, h, "resume_from_checkpoint", {"adapter_name": "R", "name": saved["twinkle_path"]})["result"]
+    assert resumed == {"cur_step": 3, "consumed_train_samples": 6, "gradient_accumulation_steps": 1}
+    after_resume = op(client, h, "forward_backward", {"adapter_name": "R", "inputs": INPUTS})["result"]["loss"]
+    h2 = session(client)  # the same save resumed in a fresh adapter of another session gives the same loss
+    op(client, h2, "add_adapter_to_model", {"adapter_name": "R", "config": LORA})
+    op(client, h2, "resume_from_checkpoint", {"adapter_name": "R", "name": saved["twinkle_path"]})
+    assert op(client, h2, "forward_backward", {"adapter_name": "R", "inputs": INPUTS})["result"]["loss"] == after_resume
+    for headers in (h, h2):  # one more step each: equal only if the optimizer and scheduler state came back
+        op(client, headers, "clip_grad_and_step", {"adapter_name": "R"})
+    next_losses = [op(client, headers, "forward_backward", {"adapter_name": "R", "inputs": INPUTS})["result"]["loss"]
+                   for headers in (h, h2)]
+    assert next_losses[0] == pytest.approx(next_losses[1], abs=1e-6)
+    fresh = session(client)  # the weights alone (no optimizer state): a different step
+    op(client, fresh, "add_adapter_to_model", {"adapter_name": "R", "config": LORA})
+    op(client, fresh, "resume_from_checkpoint", {"adapter_name": "R", "name": saved["twinkle_path"],
+                                                "resume_only_model": True})
+    op(client, fresh, "set_optimizer", {"adapter_name": "R", "optimizer_cls": "AdamW", "lr": 1e-2})
+    op(client, fresh, "forward_backward", {"adapter_name": "R", "inputs": INPUTS})
+    op(client, fresh, "clip_grad_and_step", {"adapter_name": "R"})
+    other = op(client, fresh, "forward_backward", {"adapter_name": "R", "inputs": INPUTS})["result"]["loss"]
+    assert other != pytest.approx(next_losses[0], abs=1e-6)
+    answer = client.post(f"{URL}/resume_from_checkpoint", headers=h,
+                         json={"adapter_name": "R", "name": weights_only["twinkle_path"]})
+    assert answer.status_code == 400 and "optimizer" in answer.json()["detail"]  # saved without it
+
+
 def test_another_session_or_tenant_cannot_reach_an_adapter(client: TestClient) -> None:
     h = session(client)
     op(client, h, "add_adapter_to_model", {"adapter_name": "B", "config": LORA})
