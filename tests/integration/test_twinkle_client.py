@@ -135,3 +135,15 @@ def test_the_model_flow_trains_saves_and_samples_an_adapter(server, token_rows, 
     assert m["checkpoint_path"]["path"] == "" and m["checkpoint_path"]["twinkle_path"] == m["final"]
     assert m["weights_info"]["training_run_id"] == m["run_id"] and m["weights_info"]["base_model"] == BASE
     assert m["deleted"]["success"] is True and "weights/final" not in m["after_delete"]
+    # Interop: the adapter trained natively, read through the Tinker SDK, gives the logprobs the
+    # native sampler reported for its own sampled tokens (one implementation, one set of weights).
+    sc = tinker.ServiceClient(base_url=server.base_url, api_key=KEY)
+    try:
+        tinker_sampler = sc.create_sampling_client(model_path=m["sampler"].replace("twinkle://", "tinker://")).result()
+        prompt = token_rows[0]
+        for seq in seqs:
+            full = types.ModelInput.from_ints(prompt + seq["tokens"])
+            scored = tinker_sampler.compute_logprobs(full).result()[len(prompt):]
+            np.testing.assert_allclose([pairs[0][1] for pairs in seq["logprobs"]], scored, atol=1e-5, rtol=0)
+    finally:
+        close(sc)
