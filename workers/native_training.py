@@ -54,9 +54,22 @@ class NativeAdapter:
     eval: MetricAccumulator = field(default_factory=MetricAccumulator)
     bound: tuple[int, ...] = ()  # ids of the parameters the optimizer holds
     consumed_train_samples: int = 0  # what the client says it has consumed, as of its last save
+    pending: PendingForward | None = None  # the last `forward`, for calculate_loss and backward
 
     def metrics(self, is_training: bool) -> MetricAccumulator:
         return self.train if is_training else self.eval
+
+
+@dataclass
+class PendingForward:
+    """Twinkle's split step (forward, calculate_loss, backward) keeps a graph between calls; here
+    the forward's inputs are kept instead and `backward` computes the forward again with its graph,
+    so no activations wait across requests (nor break when the pool pages the adapter out)."""
+
+    features: Features
+    temperature: float
+    logps: torch.Tensor  # [B, T], detached
+    loss_kwargs: dict[str, Any] | None = None  # set by calculate_loss
 
 
 @dataclass(frozen=True)
@@ -208,6 +221,66 @@ class NativeTraining:
         return {"loss": value, "logps": _rows(logps, features), "logits": None,
                 "num_tokens": int(result.num_tokens), **extra}
 
+    # ----- Twinkle's split step: forward, calculate_loss, backward -------------------------------
+    def _forward_split(self, name: str, state: NativeAdapter, kw: dict[str, Any]) -> dict[str, Any]:
+        features = Features.parse(kw.pop("inputs", None), self._trainer.info.vocab_size)
+        temperature = _positive(kw.pop("temperature", 1.0), "temperature")
+        kw.pop("return_logits", None)
+        _only(kw, "forward", ())
+        with self._trainer.using(name) as model, torch.no_grad():
+            batch = Batch.build(features.data(), {}, self._trainer.pad_token_id, self._trainer.device)
+            logps = self._trainer.target_logprobs(model, batch, temperature).float().cpu()
+        state.pending = PendingForward(features, temperature, logps)
+        return {"logps": _rows(logps, features), "logits": None}
+
+    def _calculate_loss(self, name: str, state: NativeAdapter, kw: dict[str, Any]) -> float:
+        pending = self._pending(state)
+        labels = pending.features.labels_tensor()
+        inputs = state.loss.prepare(labels, kw)
+        value = float(state.loss(pending.logps, labels, inputs).loss)
+        if not math.isfinite(value):
+            raise NativeArgError("inputs", f"inputs: the loss is {value} (non-finite)")
+        pending.loss_kwargs = kw
+        return value
+
+    def _backward(self, name: str, state: NativeAdapter, kw: dict[str, Any]) -> None:
+        pending = self._pending(state)
+        if pending.loss_kwargs is None:
+            raise NativeArgError("op", "op: call calculate_loss after forward, then backward")
+        steps = kw.pop("gradient_accumulation_steps", None)
+        _only(kw, "backward", ())
+        inputs = [{"input_ids": i, "labels": lab} for i, lab in zip(pending.features.input_ids, pending.features.labels)]
+        state.pending = None
+        self._forward(name, state, {"inputs": inputs, "temperature": pending.temperature,
+                                    "gradient_accumulation_steps": steps, **pending.loss_kwargs}, train=True)
+
+    @staticmethod
+    def _pending(state: NativeAdapter) -> PendingForward:
+        if state.pending is None:
+            raise NativeArgError("op", "op: no forward to use: call forward first")
+        return state.pending
+
+    # ----- small ones: state dict, processor and metric choices ----------------------------------
+    def _get_state_dict(self, name: str, state: NativeAdapter, kw: dict[str, Any]) -> dict[str, list]:
+        _only(kw, "get_state_dict", ())
+        return {key: p.detach().float().cpu().tolist() for key, p in self._trainer.pool.get(name).params.items()}
+
+    def _set_processor(self, name: str, state: NativeAdapter, kw: dict[str, Any]) -> None:
+        """InputProcessor's options: padding is this server's business (rows are padded per pass)."""
+        cls = kw.pop("processor_cls", "InputProcessor")
+        if cls != "InputProcessor":
+            raise NativeArgError("processor_cls", f"processor_cls: unknown {cls!r}; allowed: InputProcessor")
+        _only(kw, "set_processor", ("padding_side", "padding_free"))
+
+    def _add_metric(self, name: str, state: NativeAdapter, kw: dict[str, Any]) -> None:
+        """The loss and training metrics are always kept; accuracy needs the logits, never kept here."""
+        cls = kw.pop("metric_cls", None)
+        kw.pop("is_training", None)
+        if cls not in ("LossMetric", "TrainMetric"):
+            raise NativeArgError("metric_cls", f"metric_cls: {cls!r} is not available; allowed: LossMetric, "
+                                 "TrainMetric (both always on; Accuracy needs logits, which are not kept)")
+        _only(kw, "add_metric", ())
+
     # ----- optimizer steps -----------------------------------------------------------------------
     def _params(self, name: str) -> list[torch.nn.Parameter]:
         return [p for _, p in self._named_params(name)]
@@ -339,5 +412,11 @@ OPS: dict[str, Handler] = {
     "calculate_metric": NativeTraining._calculate_metric,
     "get_train_configs": NativeTraining._get_train_configs,
     "progress": NativeTraining._progress,
+    "forward": NativeTraining._forward_split,
+    "calculate_loss": NativeTraining._calculate_loss,
+    "backward": NativeTraining._backward,
+    "get_state_dict": NativeTraining._get_state_dict,
+    "set_processor": NativeTraining._set_processor,
+    "add_metric": NativeTraining._add_metric,
 }
 ENGINE_OPS: Sequence[str] = tuple(OPS)

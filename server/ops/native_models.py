@@ -34,7 +34,8 @@ from workers.types import LoraSpec
 log = logging.getLogger(__name__)
 ENGINE_OPS = frozenset({
     "set_loss", "set_optimizer", "set_lr_scheduler", "forward_backward", "forward_only", "clip_grad_and_step",
-    "clip_grad_norm", "step", "zero_grad", "lr_step", "calculate_metric", "get_train_configs",
+    "clip_grad_norm", "step", "zero_grad", "lr_step", "calculate_metric", "get_train_configs", "forward",
+    "calculate_loss", "backward", "get_state_dict", "set_processor", "add_metric",
 })
 REFUSED = {
     "apply_patch": "apply_patch is never run here: it would patch the base model every tenant shares",

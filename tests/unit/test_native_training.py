@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.support.lora import perturb_b
@@ -96,3 +97,39 @@ def test_bad_input_names_its_field(native: NativeTraining, op: str, kwargs: dict
     with pytest.raises(NativeArgError) as err:
         native.call("natA", op, kwargs)
     assert err.value.field == field, str(err.value)
+
+
+def test_the_split_step_equals_forward_backward(trainer: LoraTrainer, native: NativeTraining) -> None:
+    """forward + calculate_loss + backward (Twinkle's split step) == forward_backward."""
+    trainer.create_adapter("natS", LoraSpec(rank=4, seed=0))
+    perturb_b(trainer, "natS", seed=1)  # natA's twin
+    try:
+        for name in ("natA", "natS"):
+            native.call(name, "set_loss", {"loss_cls": "CrossEntropyLoss"})
+            native.call(name, "set_optimizer", {"optimizer_cls": "SGD", "lr": 0.5})
+        whole = native.call("natA", "forward_backward", {"inputs": features()})
+        native.call("natA", "clip_grad_and_step", {})
+        forward = native.call("natS", "forward", {"inputs": features()})
+        loss = native.call("natS", "calculate_loss", {})
+        native.call("natS", "backward", {})
+        native.call("natS", "clip_grad_and_step", {})
+        assert loss == pytest.approx(whole["loss"], abs=1e-6)
+        np.testing.assert_allclose(forward["logps"], whole["logps"], atol=1e-6)
+        # One resident adapter at a time here (max_resident=1): copy each while it is in.
+        a = {k: p.detach().clone() for k, p in trainer.pool.get("natA").params.items()}
+        s = {k: p.detach().clone() for k, p in trainer.pool.get("natS").params.items()}
+        assert max(float((a[k] - s[k]).abs().max()) for k in a) < 1e-6
+        with pytest.raises(NativeArgError, match="forward first"):
+            native.call("natS", "calculate_loss", {})
+    finally:
+        trainer.remove_adapter("natS")
+
+
+def test_state_dict_processor_and_metric_choices(native: NativeTraining) -> None:
+    weights = native.call("natA", "get_state_dict", {})
+    assert weights and all(isinstance(v, list) for v in weights.values())
+    native.call("natA", "set_processor", {"processor_cls": "InputProcessor", "padding_side": "right"})
+    native.call("natA", "add_metric", {"metric_cls": "LossMetric", "is_training": True})
+    with pytest.raises(NativeArgError) as err:
+        native.call("natA", "add_metric", {"metric_cls": "Accuracy"})
+    assert err.value.field == "metric_cls"
