@@ -16,6 +16,7 @@ from gateway.routes import (
     futures,
     native,
     native_model,
+    native_processor,
     openai_compat,
     rest,
     sampling,
@@ -61,6 +62,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(openai_compat.router, prefix=OPENAI_PREFIX)
     app.include_router(openai_compat.unknown, prefix=OPENAI_PREFIX)
     app.include_router(native_model.router, prefix=API_PREFIX)  # the native Twinkle API (twinkle_client)
+    app.include_router(native_processor.router, prefix=API_PREFIX)  # its processor app (server-side data)
     return app
 
 

@@ -225,3 +225,22 @@ class SampleResponse(NativeResponse):
 
 class SampleResponseList(NativeResponse):
     samples: list[SampleResponse]
+
+
+# ----- the processor app (server-side datasets and data loaders) ---------------------------------
+class ProcessorCreateRequest(NativeRequest):
+    """The constructor's kwargs ride along (dataset_meta as a tagged JSON string, objects as "pid:…")."""
+
+    processor_type: str
+    class_type: str
+
+
+class ProcessorCreateResponse(NativeResponse):
+    processor_id: str  # "pid:<32 hex>"
+
+
+class ProcessorCallRequest(NativeRequest):
+    """The method's kwargs ride along."""
+
+    processor_id: str
+    function: str

@@ -30,7 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.kinds import FutureState
-from server.ops import versions
+from server.ops import native_store, versions
 from server.queue.scopes import session_scopes
 from server.runtime import Runtime
 from server.store.tables import Future, Model, SamplingSession, utcnow
@@ -70,6 +70,7 @@ async def release(rt: Runtime, ended: Ended, message: str, *, wait_for_engine: b
         except Exception:
             log.exception("cancel_failed", extra={"request_id": request_id, "session_id": ended.session_id})
     versions.release(rt, rt.versions.take_session(ended.session_id), "session ended")
+    native_store.drop_session(ended.session_id)  # the native processor app's datasets and data loaders
     keep = ended.reason == "expired" and rt.settings.expired_adapter_retention_seconds > 0
     for model_id in ended.model_ids:
         await rt.release_model(ended.tenant_id, model_id)

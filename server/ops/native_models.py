@@ -18,10 +18,11 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from schemas import native as nt
 from server import ids
 from server.errors import Conflict, InvalidRequest, NotFound, OperationFailed
 from server.kinds import FutureState, OpKind, ResultFormat
-from server.ops import training
+from server.ops import native_sampling, training
 from server.ops.checkpoints import resolve_checkpoint
 from server.ops.native_service import SESSION_FIELD, served_base
 from server.ops.sessions import live_session
@@ -60,6 +61,11 @@ async def call(rt: Runtime, tenant_id: str, session_id: str | None, base: str, o
     if op == "add_adapter_to_model":
         return await add_adapter(rt, tenant_id, session_id, base, name, body)
     model = await training.owned_model(rt, tenant_id, ids.native_model_id(session_id, name))
+    if op == "set_template":  # InputFeatures need no template here: a checked choice (Twinkle's data example calls it)
+        if not isinstance(body.get("template_cls"), str):
+            raise InvalidRequest("a template name", field="template_cls")
+        native_sampling.template_choice(nt.SetTemplateRequest(**body))
+        return None
     if op in ENGINE_OPS:
         return await queued(rt, tenant_id, model, lambda: rt.engine_for(base).native(model.id, op, body))
     if op == "save":
@@ -68,7 +74,8 @@ async def call(rt: Runtime, tenant_id: str, session_id: str | None, base: str, o
         return await queued(rt, tenant_id, model, lambda: load(rt, tenant_id, model, body))
     if op == "resume_from_checkpoint":
         return await queued(rt, tenant_id, model, lambda: resume(rt, tenant_id, model, body))
-    allowed = sorted({"create", "add_adapter_to_model", "save", "load", "resume_from_checkpoint", *ENGINE_OPS})
+    allowed = sorted({"create", "add_adapter_to_model", "save", "load", "resume_from_checkpoint", "set_template",
+                      *ENGINE_OPS})
     raise NotFound(f"unknown model operation {op!r}; this server runs: {', '.join(allowed)}", field="op")
 
 

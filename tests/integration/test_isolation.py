@@ -148,6 +148,11 @@ PROBES = [
           lambda o: f"/twinkle/training_runs/{o['model']}/checkpoints/weights/kept", native=True),
     Probe("native weights_info", "POST", "/api/v1/twinkle/weights_info", lambda o: "/twinkle/weights_info",
           lambda o: {"twinkle_path": o["weights"].replace("tinker://", "twinkle://")}, native=True),
+    Probe("native processor call", "POST", "/api/v1/processor/twinkle/call", lambda o: "/processor/twinkle/call",
+          lambda o: {"processor_id": o["pid"], "function": "__len__"}, native=True),
+    Probe("native processor create", "POST", "/api/v1/processor/twinkle/create", lambda o: "/processor/twinkle/create",
+          lambda o: {"processor_type": "dataloader", "class_type": "DataLoader", "dataset": o["pid"], "batch_size": 1},
+          native=True),
 ]
 
 NOT_OBJECT_SCOPED = {
@@ -225,6 +230,13 @@ def objects(server, token_rows) -> dict:
                       "graph": {"format": 1, "nodes": []}},
     }
     objs["custom_proto"] = lambda o: custom_proto(o["b_model"], o["loss_id"], o["data"])
+    # A server-side dataset of tenant A, in its native session (the processor app).
+    rows = json.dumps({"data": [{"x": 1}], "_TWINKLE_TYPE_": "DatasetMeta"})
+    made = httpx.post(f"{server.base_url}/api/v1/processor/twinkle/create", timeout=60,
+                      json={"processor_type": "dataset", "class_type": "Dataset", "dataset_meta": rows},
+                      headers={**native, "X-Twinkle-Session-Id": native_session})
+    assert made.status_code == 200, made.text
+    objs["pid"] = made.json()["processor_id"]
     # the SDK keeps request ids to itself: submit one directly
     submitted = httpx.post(f"{server.base_url}/api/v1/forward_backward", content=fwdbwd_proto(tc.model_id, data, seq_id=50),
                            headers={"X-API-Key": KEY_A, "Content-Type": "application/x-protobuf"}).json()
@@ -250,7 +262,8 @@ def fake(objects: dict) -> dict:
     return {**objects, "session": sess, "native_session": f"sess-{secrets.token_hex(12)}", "model": model,
             "sampling": f"{sess}:sample:0",
             "weights": f"tinker://{model}/weights/kept", "sampler": f"tinker://{model}/sampler_weights/sw",
-            "future": f"req-{secrets.token_hex(12)}", "loss_id": f"loss-{secrets.token_hex(12)}"}
+            "future": f"req-{secrets.token_hex(12)}", "loss_id": f"loss-{secrets.token_hex(12)}",
+            "pid": f"pid:{secrets.token_hex(16)}"}
 
 
 def send(server, probe: Probe, objs: dict) -> httpx.Response:
@@ -274,7 +287,7 @@ def outcome(response: httpx.Response, objs: dict, server) -> tuple[int, str]:
         text = str(body.get("error", body.get("detail", body)))
     else:
         text = f"<{response.headers.get('content-type')}>"
-    for key in ("model", "session", "sampling", "weights", "sampler", "future", "loss_id"):
+    for key in ("model", "session", "sampling", "weights", "sampler", "future", "loss_id", "pid"):
         text = text.replace(str(objs[key]), f"<{key}>")
     text = re.sub(r"sess-[0-9a-f]{24}", "<sess>", text)
     return response.status_code, text

@@ -3,7 +3,8 @@
 
 The client runs as a subprocess of the reference venv's python (tests/support/twinkle_client_flow.py)
 and reports what it got back as JSON; these tests assert on that. The service and sampler flows
-run in one client process (one session, as a user's program has); the model flow in its own."""
+run in one client process (one session, as a user's program has); the model and data flows each in
+its own."""
 
 from __future__ import annotations
 
@@ -147,3 +148,22 @@ def test_the_model_flow_trains_saves_and_samples_an_adapter(server, token_rows, 
             np.testing.assert_allclose([pairs[0][1] for pairs in seq["logprobs"]], scored, atol=1e-5, rtol=0)
     finally:
         close(sc)
+
+
+def test_server_side_data_feeds_training_until_stop_iteration(server, tiny_model_dir, tmp_path_factory) -> None:
+    """Rows sent in a DatasetMeta, encoded by the server as Twinkle's own Template encodes them (run in
+    the client process as the reference), a DataLoader iterated until the 410 became StopIteration,
+    each batch trained."""
+    summary = run_flow(server, "data", tmp_path_factory.mktemp("twinkle-data"), model_dir=str(tiny_model_dir))
+    d = flow_part(summary, "data")
+    assert d["length"] == 4 and d["encoded"] == d["reference"]  # input_ids, labels, masks, positions, lengths
+    trained = [sum(label != -100 for label in row["labels"]) for row in d["encoded"]]
+    assert all(trained) and trained[1] > trained[0]  # the two-turn chat trains both assistant turns
+    assert d["cognition"] == d["cognition_reference"]
+    assert d["cognition_messages"][2]["content"] == "I am Twinkle, trained by ModelScope."
+    assert d["lazy"] == d["encoded"][:1]
+    assert d["loader_len"] == 2 and d["sizes"] == [2, 2] and d["state"] == {"consumed_train_samples": 4}
+    assert len(d["losses"]) == 2 and all(np.isfinite(d["losses"]))
+    assert "400" in d["hub_dataset"] and "dataset_meta.dataset_id" in d["hub_dataset"]
+    assert "400" in d["save_as"] and "no server paths" in d["save_as"]
+    assert "400" in d["unknown_preprocessor"] and "SelfCognitionProcessor" in d["unknown_preprocessor"]

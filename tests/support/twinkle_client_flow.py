@@ -6,9 +6,11 @@ http.py, off sys.path):
 
     .venv-twinkle-ref/bin/python -P twinkle_client_flow.py FLOWS CONFIG_JSON
 
-FLOWS is a comma-separated list of `service`, `sampler`, `model`, run in that order in one client
-process (one session, as a user's program has). CONFIG_JSON holds base_url, api_key, base_model,
-prompt (token ids) and rows (token-id rows to train on), and for `sampler` an optional adapter_uri.
+FLOWS is a comma-separated list of `service`, `sampler`, `model`, `data`, run in that order in one
+client process (one session, as a user's program has). CONFIG_JSON holds base_url, api_key,
+base_model, prompt (token ids) and rows (token-id rows to train on), for `sampler` an optional
+adapter_uri, and for `data` an optional model_dir (the base model's folder, for Twinkle's own
+Template as the reference of the server's encoding).
 The last stdout line is `TWINKLE-FLOW <json>`: per flow what the client got back, or the error
 it raised (`{"error": "..."}`), so that the pytest side asserts on it and shows it when it fails.
 """
@@ -137,7 +139,92 @@ def model_flow(client: Any, cfg: dict) -> dict:
     }
 
 
-FLOWS = {"service": service_flow, "sampler": sampler_flow, "model": model_flow}
+# ----- data (needs the processor app and the model app) ------------------------------------------
+FEATURE_KEYS = ("input_ids", "labels", "attention_mask", "position_ids", "length")
+CHATS = [
+    [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
+     {"role": "assistant", "content": "See you."}],
+    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],
+    [{"role": "user", "content": "Count to three."}, {"role": "assistant", "content": "1, 2, 3."}],
+]
+SELF_COGNITION = [{"query": "Who are you?", "response": "I am {{NAME}}, trained by {{AUTHOR}}."}]
+
+
+def features(rows: list[dict]) -> list[dict]:
+    """The InputFeature part of encoded rows, as plain lists."""
+    def plain(v: Any) -> Any:
+        return v.tolist() if hasattr(v, "tolist") else v
+
+    return [{k: plain(r[k]) for k in FEATURE_KEYS} for r in rows]
+
+
+def twinkle_encoded(model_dir: str, trajectories: list[dict]) -> list[dict]:
+    """What Twinkle's own Template makes of the same rows, in this process (the reference)."""
+    from twinkle.template import Template
+
+    return features(Template(model_id=model_dir, max_length=512).batch_encode(trajectories))
+
+
+def data_flow(client: Any, cfg: dict) -> dict:
+    """Server-side data: rows sent in a DatasetMeta, templated and encoded on the server, iterated by
+    a DataLoader until StopIteration, two batches trained; Twinkle's Template encodes the same rows
+    here as the reference."""
+    from peft import LoraConfig
+    from twinkle.dataset import DatasetMeta
+    from twinkle.preprocessor import SelfCognitionProcessor
+    from twinkle_client.dataloader import DataLoader
+    from twinkle_client.dataset import Dataset, LazyDataset
+    from twinkle_client.model import MultiLoraTransformersModel
+
+    model_id = f"ms://{cfg['base_model']}"
+    dataset = Dataset(dataset_meta=DatasetMeta(data=[{"messages": m} for m in CHATS]))
+    dataset.set_template("Template", model_id=model_id, max_length=512)
+    dataset.encode(add_generation_prompt=False)
+    encoded = [dataset[i] for i in range(len(dataset))]
+    cognition = Dataset(dataset_meta=DatasetMeta(data=SELF_COGNITION))
+    cognition.set_template("Template", model_id=model_id, max_length=512)
+    cognition.map("SelfCognitionProcessor", init_args={"model_name": "Twinkle", "model_author": "ModelScope"})
+    cognition.encode()
+    lazy = LazyDataset(dataset_meta=DatasetMeta(data=[{"messages": CHATS[0]}]))
+    lazy.set_template("Template", model_id=model_id, max_length=512)
+    lazy.encode()
+
+    model = MultiLoraTransformersModel(model_id=model_id)
+    model.add_adapter_to_model("D", LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+                               gradient_accumulation_steps=1)
+    model.set_optimizer("AdamW", lr=1e-2)
+    loader = DataLoader(dataset=dataset, batch_size=2)
+    losses, sizes = [], []
+    for batch in loader:  # __iter__, then __next__ until the server's 410 (StopIteration)
+        sizes.append(len(batch))
+        losses.append(model.forward_backward(inputs=batch).result["loss"])
+        model.clip_grad_and_step()
+    out = {
+        "length": len(encoded),
+        "encoded": features(encoded),
+        "messages": [r["messages"] for r in encoded],
+        "cognition": features([cognition[0]]),
+        "cognition_messages": cognition[0]["messages"],
+        "lazy": features([lazy[0]]),
+        "loader_len": len(loader),
+        "sizes": sizes,
+        "losses": losses,
+        "state": loader.get_state(),
+        "hub_dataset": http_error(lambda: Dataset(dataset_meta=DatasetMeta("ms://swift/self-cognition"))),
+        "save_as": http_error(lambda: dataset.save_as("/tmp/rows.jsonl")),
+        "unknown_preprocessor": http_error(lambda: dataset.map("NoSuchProcessor")),
+    }
+    if cfg.get("model_dir"):  # Twinkle's Template on the same rows
+        trajectories = [{"messages": [dict(m) for m in chat]} for chat in CHATS]
+        out["reference"] = twinkle_encoded(cfg["model_dir"], trajectories)
+        processor = SelfCognitionProcessor(model_name="Twinkle", model_author="ModelScope")
+        out["cognition_reference"] = twinkle_encoded(cfg["model_dir"], [processor.preprocess(SELF_COGNITION[0])])
+    return out
+
+
+FLOWS = {"service": service_flow, "sampler": sampler_flow, "model": model_flow, "data": data_flow}
 
 
 def main(names: str, cfg: dict) -> dict:

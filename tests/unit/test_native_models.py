@@ -53,6 +53,7 @@ def test_the_minimal_flow(client: TestClient) -> None:
                                                    "gradient_accumulation_steps": 1})
     assert added["status"] == "ok" and added["adapter_name"].endswith("-A")
     assert op(client, h, "set_loss", {"adapter_name": "A", "loss_cls": "CrossEntropyLoss"}) is None
+    assert op(client, h, "set_template", {"adapter_name": "A", "template_cls": "Template"}) is None
     assert op(client, h, "set_optimizer", {"adapter_name": "A", "optimizer_cls": "AdamW", "lr": 1e-2}) is None
     losses = []
     for _ in range(5):
@@ -139,6 +140,8 @@ def test_another_session_or_tenant_cannot_reach_an_adapter(client: TestClient) -
     ("apply_patch", {"patch_cls": "X"}, 400, "op"),
     ("upload_to_hub", {}, 400, "op"),
     ("no_such_op", {}, 404, "op"),
+    ("set_template", {}, 400, "template_cls"),
+    ("set_template", {"template_cls": "os.system"}, 400, "template_cls"),
 ])
 def test_bad_input_is_a_4xx_naming_the_field(client: TestClient, name: str, body: dict, status: int, field: str) -> None:
     h = session(client)
