@@ -247,7 +247,7 @@ def masked(tokenizer: text.Tokenizer, t: DataTemplate, messages: list[dict[str, 
 
 
 def _with_mask(tokenizer: text.Tokenizer, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
-    # text._encoding: a fast tokenizer must not encode in two threads at once ("Already borrowed").
-    with text._encoding:
+    # A fast tokenizer must not encode in two threads at once ("Already borrowed").
+    with text.ENCODING_LOCK:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=True, return_dict=True,
                                              return_assistant_tokens_mask=True, **kwargs)

@@ -27,7 +27,7 @@ Tokenizer = Any  # a transformers PreTrainedTokenizerBase (transformers is impor
 REPLACEMENT = "\ufffd"  # what decoding yields for an incomplete UTF-8 sequence
 # Encoding may set a fast tokenizer's truncation and padding, which fails ("Already borrowed") while
 # another thread uses it: encodings (short) take turns; decoding changes nothing and runs freely.
-_encoding = threading.Lock()
+ENCODING_LOCK = threading.Lock()
 
 
 async def tokenizer_for(rt: Runtime, base: str) -> Tokenizer:
@@ -44,7 +44,7 @@ def _load(base: str, data_dir: Path, allow_download: bool) -> Tokenizer:
 
 def encode(tokenizer: Tokenizer, text: str) -> list[int]:
     """A prompt's ids, with the special tokens the tokenizer adds to a text (a BOS, for some)."""
-    with _encoding:
+    with ENCODING_LOCK:
         return list(tokenizer(text)["input_ids"])
 
 
@@ -61,7 +61,7 @@ def apply_chat_template(
             field="messages",
         )
     try:
-        with _encoding:
+        with ENCODING_LOCK:
             encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                     tokenize=True, return_dict=True, **template_kwargs)
     except Exception as exc:  # jinja's errors: a template that refuses these messages (roles, order)
