@@ -61,6 +61,12 @@ class Gone(TwinkleError):
     kind = "gone"
 
 
+class NotImplementedHere(TwinkleError):
+    """A known operation this server does not offer (e.g. uploading to a model hub it does not have)."""
+
+    kind = "not_implemented"
+
+
 class OperationFailed(Exception):
     """An operation failed while running; it becomes the future's error."""
 

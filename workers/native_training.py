@@ -291,10 +291,10 @@ class NativeTraining:
         state.acc.clip_grad_and_step(self._params(name), state.optimizer, state.scheduler, **kw,
                                      optim_params=optim_params or None)
 
-    def _clip_grad_norm(self, name: str, state: NativeAdapter, kw: dict[str, Any]) -> str | None:
+    def _clip_grad_norm(self, name: str, state: NativeAdapter, kw: dict[str, Any]) -> str:
         _only(kw, "clip_grad_norm", CLIP_ARGS)
-        norm = state.acc.clip_grad_norm(self._params(name), **kw)
-        return None if norm is None else str(norm)  # the client's type is a string
+        # The client's type is a string (str(None) on an accumulation micro-step, as Twinkle's).
+        return str(state.acc.clip_grad_norm(self._params(name), **kw))
 
     def _step(self, name: str, state: NativeAdapter, kw: dict[str, Any]) -> None:
         _only(kw, "step", ("gradient_accumulation_steps", *OPTIM_PARAMS))

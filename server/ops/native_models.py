@@ -20,7 +20,7 @@ from typing import Any
 
 from schemas import native as nt
 from server import ids
-from server.errors import Conflict, InvalidRequest, NotFound, OperationFailed
+from server.errors import Conflict, InvalidRequest, NotFound, NotImplementedHere, OperationFailed
 from server.kinds import FutureState, OpKind, ResultFormat
 from server.ops import native_sampling, training
 from server.ops.checkpoints import resolve_checkpoint
@@ -38,11 +38,9 @@ ENGINE_OPS = frozenset({
     "clip_grad_norm", "step", "zero_grad", "lr_step", "calculate_metric", "get_train_configs", "forward",
     "calculate_loss", "backward", "get_state_dict", "set_processor", "add_metric",
 })
-REFUSED = {
-    "apply_patch": "apply_patch is never run here: it would patch the base model every tenant shares",
-    "upload_to_hub": "this server has no model hub to upload to; download the checkpoint instead "
-                     "(GET /twinkle/v1/export/{run}/{checkpoint_id})",
-}
+NEVER = "apply_patch is never run here: it would patch the base model every tenant shares"
+NO_HUB = ("this server has no model hub to upload to; download the checkpoint instead "
+          "(GET /twinkle/v1/export/{run}/{checkpoint_id}, peft or merged)")
 ATTN, MLP = {"q_proj", "k_proj", "v_proj", "o_proj"}, {"gate_proj", "up_proj", "down_proj"}
 NAME = re.compile(r"[^\w-]")
 
@@ -51,8 +49,10 @@ async def call(rt: Runtime, tenant_id: str, session_id: str | None, base: str, o
     base = served_base(rt, base)
     if op == "create":
         return {"status": "ok"}
-    if op in REFUSED:
-        raise InvalidRequest(REFUSED[op], field="op")
+    if op == "apply_patch":
+        raise InvalidRequest(NEVER, field="op")
+    if op == "upload_to_hub":
+        raise NotImplementedHere(NO_HUB, field="op")
     if session_id is None:
         raise InvalidRequest("send the session id (twinkle_client's init_twinkle_client does)", field=SESSION_FIELD)
     name = body.pop("adapter_name", None)

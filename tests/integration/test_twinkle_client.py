@@ -136,6 +136,13 @@ def test_the_model_flow_trains_saves_and_samples_an_adapter(server, token_rows, 
     assert m["checkpoint_path"]["path"] == "" and m["checkpoint_path"]["twinkle_path"] == m["final"]
     assert m["weights_info"]["training_run_id"] == m["run_id"] and m["weights_info"]["base_model"] == BASE
     assert m["deleted"]["success"] is True and "weights/final" not in m["after_delete"]
+    p = m["primitives"]
+    assert float(p["grad_norm"]) > 0 and p["forward_only"] == len(token_rows)
+    assert len(p["lrs"]) == 2 and all(isinstance(lr, str) for lr in p["lrs"]) and p["lrs"][0] != p["lrs"][1]
+    assert np.isfinite(p["split_loss"]) and "optimizer=AdamW" in p["configs"]
+    # 5 + 2 forward_backward + 1 split backward: eight backward passes before the save.
+    assert p["resumed"] == {"cur_step": 8, "consumed_train_samples": 8, "gradient_accumulation_steps": 1}
+    assert p["upload"].startswith("HTTPError: 501") and "no model hub" in p["upload"]
     # Interop: the adapter trained natively, read through the Tinker SDK, gives the logprobs the
     # native sampler reported for its own sampled tokens (one implementation, one set of weights).
     sc = tinker.ServiceClient(base_url=server.base_url, api_key=KEY)

@@ -123,7 +123,9 @@ def model_flow(client: Any, cfg: dict) -> dict:
         [feature(cfg["prompt"])], params, adapter_uri=saved.twinkle_path, num_samples=2)
     run_id = final.twinkle_path.removeprefix("twinkle://").split("/")[0]
     checkpoints = client.list_checkpoints(run_id)
+    primitives = primitives_flow(model, batch, final.twinkle_path)
     return {
+        "primitives": primitives,
         "losses": losses,
         "metric": metric,
         "capacity": capacity,
@@ -137,6 +139,31 @@ def model_flow(client: Any, cfg: dict) -> dict:
         "deleted": client.delete_checkpoint(run_id, "weights/final").model_dump(),
         "after_delete": [c.checkpoint_id for c in client.list_checkpoints(run_id)],
     }
+
+
+def primitives_flow(model: Any, batch: list[dict], final_path: str) -> dict:
+    """The nice-to-have model calls (contract §4.3) on the trained adapter: a step taken by hand with
+    a warmup scheduler, forward_only, the split step, configs, a save with its optimizer and a
+    resume from it, a load, and the refused upload."""
+    model.set_lr_scheduler("CosineWarmupScheduler", num_warmup_steps=1, num_training_steps=4)
+    out: dict[str, Any] = {"lrs": []}
+    for _ in range(2):
+        model.forward_backward(inputs=batch)
+        out["grad_norm"] = model.clip_grad_norm(max_grad_norm=1.0, norm_type=2).result
+        model.step()
+        model.zero_grad()
+        model.lr_step()
+        out["lrs"].append(model.calculate_metric(is_training=True).result.get("learning rate(param group 1)"))
+    out["forward_only"] = len(model.forward_only(inputs=batch).result["logps"])
+    model.forward(inputs=batch)
+    out["split_loss"] = model.calculate_loss().result
+    model.backward()
+    out["configs"] = model.get_train_configs().result
+    mid = model.save("mid", save_optimizer=True, consumed_train_samples=8)
+    out["resumed"] = model.resume_from_checkpoint(mid.twinkle_path)
+    model.load(final_path)
+    out["upload"] = http_error(lambda: model.upload_to_hub(checkpoint_dir=mid.twinkle_path, hub_model_id="me/x"))
+    return out
 
 
 # ----- data (needs the processor app and the model app) ------------------------------------------

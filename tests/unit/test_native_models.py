@@ -138,7 +138,7 @@ def test_another_session_or_tenant_cannot_reach_an_adapter(client: TestClient) -
     ("forward_backward", {"inputs": "not a list"}, 400, "inputs"),
     ("clip_grad_and_step", {"max_grad_norm": "big"}, 400, "max_grad_norm"),
     ("apply_patch", {"patch_cls": "X"}, 400, "op"),
-    ("upload_to_hub", {}, 400, "op"),
+    ("upload_to_hub", {}, 501, "op"),
     ("no_such_op", {}, 404, "op"),
     ("set_template", {}, 400, "template_cls"),
     ("set_template", {"template_cls": "os.system"}, 400, "template_cls"),
