@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from gateway.deps import NativeTenantId, Rt
@@ -145,6 +145,10 @@ async def sampler_op(base: str, op: str, request: Request, rt: Rt, tenant: Nativ
         req = parse(nt.SampleRequest, body)
         answer = await sampler.sample(rt, tenant, session_id, base, req, parse_inputs(req.inputs))
         return JSONResponse(answer.model_dump(mode="json"))
+    if op == "sample_stream":
+        req = parse(nt.SampleRequest, body)
+        lines = await sampler.sample_stream(rt, tenant, session_id, base, req, parse_inputs(req.inputs))
+        return StreamingResponse(lines, media_type="application/x-ndjson")
     if op == "set_template":
         await sampler.set_template(rt, tenant, session_id, parse(nt.SetTemplateRequest, body))
     return JSONResponse(nt.OkResponse().model_dump())  # create: the constructor's kwargs configure nothing here

@@ -18,9 +18,10 @@ position is null and any other non-finite value is an error, never a number."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -50,7 +51,7 @@ from workers.types import (
     TopK,
 )
 
-SUPPORTED_OPS = ("create", "sample", "set_template")
+SUPPORTED_OPS = ("create", "sample", "sample_stream", "set_template")
 REFUSED_OPS = {
     "apply_patch": "never: it would patch the shared base model, which every tenant's samples use",
     "add_adapter_to_sampler": "not needed here (Twinkle's vLLM sampler does not implement it either): save the "
@@ -403,11 +404,20 @@ def render(prompts: list[Prompt], outputs: list[SampleOutput], opts: Options, de
 
 
 # ----- sample ------------------------------------------------------------------------------------
-async def sample(
+@dataclass(frozen=True)
+class _Plan:
+    opts: Options
+    weights: sampling.Target
+    tokenizer: text.Tokenizer
+    prompts: list[Prompt]
+    jobs: list[SampleJob]
+
+
+async def _plan(
     rt: Runtime, tenant_id: str, session_id: str | None, base: str, req: nt.SampleRequest,
     inputs: list[nt.InputFeature | nt.Trajectory],
-) -> nt.SampleResponseList:
-    """One sample job per input, num_samples sequences each; everything is checked before anything runs."""
+) -> _Plan:
+    """Everything a sample request needs, checked before anything runs."""
     opts = options(req)
     if len(inputs) * opts.num_samples > sampling.MAX_NUM_SAMPLES:
         raise InvalidRequest(f"{len(inputs)} input(s) x num_samples={opts.num_samples} exceed "
@@ -418,9 +428,49 @@ async def sample(
     choice = TEMPLATES.get(tenant_id, session_id)
     prompts = await asyncio.to_thread(_prompts, tokenizer, info, inputs, choice, not opts.score_only)
     jobs = [job(info, p, opts, f"inputs[{i}]") for i, p in enumerate(prompts)]
-    outputs = await run_jobs(rt, tenant_id, weights, jobs)
+    return _Plan(opts, weights, tokenizer, prompts, jobs)
+
+
+async def sample(
+    rt: Runtime, tenant_id: str, session_id: str | None, base: str, req: nt.SampleRequest,
+    inputs: list[nt.InputFeature | nt.Trajectory],
+) -> nt.SampleResponseList:
+    """One sample job per input, num_samples sequences each; everything is checked before anything runs."""
+    plan = await _plan(rt, tenant_id, session_id, base, req, inputs)
+    outputs = await run_jobs(rt, tenant_id, plan.weights, plan.jobs)
     # As Twinkle's template.decode: every token's text, special tokens included.
-    return await asyncio.to_thread(render, prompts, outputs, opts, tokenizer.decode)
+    return await asyncio.to_thread(render, plan.prompts, outputs, plan.opts, plan.tokenizer.decode)
+
+
+async def sample_stream(
+    rt: Runtime, tenant_id: str, session_id: str | None, base: str, req: nt.SampleRequest,
+    inputs: list[nt.InputFeature | nt.Trajectory],
+) -> AsyncIterator[str]:
+    """Twinkle's `sample_stream`: one input, one sequence, as newline-delimited JSON
+    `{"delta": text, "finish_reason": null|"stop"|"length"}`. Checked and submitted before the stream
+    starts (so refusals are plain 4xx); the deltas go out once the sample is done, as the /v1
+    streams' do (one batched decode: no per-token callback crosses the engine boundary)."""
+    if len(inputs) != 1:
+        raise InvalidRequest("streaming takes a single input", field="inputs")
+    plan = await _plan(rt, tenant_id, session_id, base, req, inputs)
+    if plan.opts.num_samples != 1:
+        raise InvalidRequest("streaming samples one sequence", field="num_samples")
+    waiter = await sampling.submit_generate(rt, tenant_id, plan.weights, plan.jobs[0])
+
+    async def lines() -> AsyncIterator[str]:
+        try:
+            seq = (await waiter).sequences[0]
+        except Exception as exc:  # a failure while sampling: the stream's last line says so
+            message = exc.message if isinstance(exc, OperationFailed) else "the sample failed; the server log has details"
+            yield json.dumps({"error": message}) + "\n"
+            return
+        pieces = await asyncio.to_thread(text.token_texts, plan.tokenizer, seq.tokens)
+        for piece in pieces:
+            if piece:
+                yield json.dumps({"delta": piece, "finish_reason": None}) + "\n"
+        yield json.dumps({"delta": "", "finish_reason": seq.stop_reason}) + "\n"
+
+    return lines()
 
 
 def _prompts(

@@ -223,8 +223,8 @@ def test_create_unknown_bases_ops_and_refused_ops(client: TestClient) -> None:
     assert client.post(f"{SAMPLER}/create", json={}, headers=H).json() == {"status": "ok"}
     assert client.post(f"{SAMPLER}/create", headers=H).status_code == 200  # no body
     assert fault(client, {}, 404, "/api/v1/sampler/Qwen/Qwen3-0.6B/twinkle/create")["field"] == "base_model"
-    found = fault(client, {}, 404, f"{SAMPLER}/sample_stream")
-    assert found["field"] == "op" and "create, sample, set_template" in found["detail"]
+    found = fault(client, {}, 404, f"{SAMPLER}/sample_everything")
+    assert found["field"] == "op" and "create, sample, sample_stream, set_template" in found["detail"]
     assert "never" in fault(client, {"patch_cls": "X"}, 400, f"{SAMPLER}/apply_patch")["detail"]
     assert "adapter_uri" in fault(client, {"adapter_name": "a", "config": {}}, 400,
                                   f"{SAMPLER}/add_adapter_to_sampler")["detail"]
@@ -322,3 +322,23 @@ def test_pairs_leave_out_empty_top_k_cells_and_refuse_non_finite_values() -> Non
     assert ns.sampled_logprobs(seq, 1) == [[(4, -0.5)]] and ns.sampled_logprobs(seq, None) is None
     with pytest.raises(Exception, match="non-finite"):
         ns.sampled_logprobs(SampledSequence(tokens=[4], logprobs=[float("nan")], stop_reason="stop"), 1)
+
+
+# ----- sample_stream -----------------------------------------------------------------------------
+def test_sample_stream_sends_the_text_as_ndjson_deltas(client: TestClient, tokenizer) -> None:
+    greedy = {"max_tokens": 6, "temperature": 0.0}
+    whole = sample(client, {"inputs": [feature()], "sampling_params": greedy})["samples"][0]["sequences"][0]
+    answer = client.post(f"{SAMPLER}/sample_stream", json={"inputs": [feature()], "sampling_params": greedy}, headers=H)
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("application/x-ndjson")
+    lines = [strict(line) for line in answer.text.splitlines()]
+    assert all(set(line) == {"delta", "finish_reason"} for line in lines)
+    assert [line["finish_reason"] for line in lines[:-1]] == [None] * (len(lines) - 1)
+    assert lines[-1]["finish_reason"] == whole["stop_reason"]
+    assert "".join(line["delta"] for line in lines) == tokenizer.decode(whole["tokens"], skip_special_tokens=True)
+
+
+def test_sample_stream_takes_one_input_and_one_sequence(client: TestClient) -> None:
+    url = f"{SAMPLER}/sample_stream"
+    assert fault(client, {"inputs": [feature(), feature()]}, 400, url=url)["field"] == "inputs"
+    assert fault(client, {"inputs": [feature()], "sampling_params": {"num_samples": 2}}, 400, url=url)["field"] == \
+        "num_samples"
