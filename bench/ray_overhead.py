@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,16 +29,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-NETNS_FLAG = "TWINKLE_IN_NETNS"
-
-
-def in_loopback_namespace() -> None:
-    """Re-run this script inside a new network namespace with only loopback up."""
-    if os.environ.get(NETNS_FLAG) == "1":
-        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-        return
-    env = {**os.environ, NETNS_FLAG: "1"}
-    os.execvpe("unshare", ["unshare", "-n", sys.executable, *sys.argv], env)
+from netns import in_loopback_namespace  # noqa: E402 - bench/, this script's own folder
 
 
 def main() -> None:

@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,17 +34,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-NETNS_FLAG = "TWINKLE_IN_NETNS"
+from netns import in_loopback_namespace  # noqa: E402 - bench/, this script's own folder
+
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
-
-
-def in_loopback_namespace() -> None:
-    """Re-run this script inside a new network namespace with only loopback up."""
-    if os.environ.get(NETNS_FLAG) == "1":
-        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-        return
-    env = {**os.environ, NETNS_FLAG: "1"}
-    os.execvpe("unshare", ["unshare", "-n", sys.executable, *sys.argv], env)
 
 
 def quantiles(values: list[float]) -> dict[str, float]:

@@ -334,12 +334,12 @@ class NativeTraining:
                 "gradient_accumulation_steps": state.acc.gradient_accumulation_steps}
 
     # ----- the state a save with its optimizer keeps ---------------------------------------------
-    def write_state(self, name: str, folder: Path) -> None:
-        """Beside a checkpoint's weights: the loss, optimizer, scheduler and counters (nothing if the
-        adapter was never used through the native API)."""
+    def write_state(self, name: str, folder: Path) -> bool:
+        """Beside a checkpoint's weights: the loss, optimizer, scheduler and counters; False (nothing
+        written) if the adapter was never used through the native API."""
         state = self._states.get(name)
         if state is None:
-            return
+            return False
         torch.save({
             "loss": [state.loss.name, state.loss.args],
             "optimizer": None if state.optimizer_args is None else list(state.optimizer_args),
@@ -348,6 +348,7 @@ class NativeTraining:
             "scheduler_state": None if state.scheduler is None else state.scheduler.state_dict(),
             "counters": [state.acc.cur_step, state.acc.gradient_accumulation_steps, state.consumed_train_samples],
         }, folder / STATE_FILE)
+        return True
 
     def read_state(self, name: str, folder: Path) -> None:
         """Restore what write_state kept (weights are the trainer's business); a checkpoint without
@@ -419,4 +420,7 @@ OPS: dict[str, Handler] = {
     "set_processor": NativeTraining._set_processor,
     "add_metric": NativeTraining._add_metric,
 }
-ENGINE_OPS: Sequence[str] = tuple(OPS)
+# The ops the server calls itself (add_adapter_to_model's settings, a save's and a resume's progress);
+# the rest are the model app's ops a client names.
+INTERNAL_OPS = frozenset({"configure", "progress"})
+CLIENT_OPS = frozenset(OPS) - INTERNAL_OPS

@@ -229,8 +229,8 @@ class LocalEngine:
         folder = self._store.local_path(ref)
         name = self._require(model_id)
         size = self.trainer.save(name, folder, with_optimizer=with_optimizer)
-        if with_optimizer:  # a native adapter's optimizer, scheduler and counters (workers/native_training.py)
-            self._native_training.write_state(name, folder)
+        # A native adapter's optimizer, scheduler and counters (workers/native_training.py).
+        if with_optimizer and self._native_training.write_state(name, folder):
             size = folder_size(folder)
         if encrypt_to:
             try:

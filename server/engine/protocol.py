@@ -5,7 +5,7 @@ dataclasses of workers.types), so an engine can run its work in a thread (LocalE
 Ray Serve deployments without the callers noticing. Adapters are addressed by model id,
 in-memory adapter versions by key, and checkpoints by reference (a storage key the engine
 resolves through its own CheckpointStore, workers/storage.py), never by a path of the caller's
-disk. A failure crosses as data (workers/guard.py, `Failure(category, message)`) and reaches the
+disk. A failure crosses as data (workers/guard.py, `Failure(category, message, field)`) and reaches the
 caller as OperationFailed with that category and message.
 """
 

@@ -30,14 +30,10 @@ from server.queue.scheduler import OpResult
 from server.queue.scopes import model_scope
 from server.runtime import Runtime
 from server.store.tables import Model
+from workers.native_training import CLIENT_OPS
 from workers.types import LoraSpec
 
 log = logging.getLogger(__name__)
-ENGINE_OPS = frozenset({
-    "set_loss", "set_optimizer", "set_lr_scheduler", "forward_backward", "forward_only", "clip_grad_and_step",
-    "clip_grad_norm", "step", "zero_grad", "lr_step", "calculate_metric", "get_train_configs", "forward",
-    "calculate_loss", "backward", "get_state_dict", "set_processor", "add_metric",
-})
 NEVER = "apply_patch is never run here: it would patch the base model every tenant shares"
 NO_HUB = ("this server has no model hub to upload to; download the checkpoint instead "
           "(GET /twinkle/v1/export/{run}/{checkpoint_id}, peft or merged)")
@@ -66,7 +62,7 @@ async def call(rt: Runtime, tenant_id: str, session_id: str | None, base: str, o
             raise InvalidRequest("a template name", field="template_cls")
         native_sampling.template_choice(nt.SetTemplateRequest(**body))
         return None
-    if op in ENGINE_OPS:
+    if op in CLIENT_OPS:
         return await queued(rt, tenant_id, model, lambda: rt.engine_for(base).native(model.id, op, body))
     if op == "save":
         return await queued(rt, tenant_id, model, lambda: save(rt, tenant_id, model, body))
@@ -75,7 +71,7 @@ async def call(rt: Runtime, tenant_id: str, session_id: str | None, base: str, o
     if op == "resume_from_checkpoint":
         return await queued(rt, tenant_id, model, lambda: resume(rt, tenant_id, model, body))
     allowed = sorted({"create", "add_adapter_to_model", "save", "load", "resume_from_checkpoint", "set_template",
-                      *ENGINE_OPS})
+                      *CLIENT_OPS})
     raise NotFound(f"unknown model operation {op!r}; this server runs: {', '.join(allowed)}", field="op")
 
 
