@@ -13,6 +13,7 @@ from gateway.limits import BodySizeLimit
 from gateway.routes import (
     admin,
     export,
+    files,
     futures,
     native,
     native_model,
@@ -59,7 +60,9 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(export.router, prefix=TWINKLE_PREFIX)
     app.include_router(native.router, prefix=API_PREFIX)
     app.include_router(openai_compat.router, prefix=API_PREFIX)  # the native API's OpenAI bridge
+    app.include_router(files.router, prefix=API_PREFIX)  # where the native API's datasets come from
     app.include_router(openai_compat.router, prefix=OPENAI_PREFIX)
+    app.include_router(files.router, prefix=OPENAI_PREFIX)
     app.include_router(openai_compat.unknown, prefix=OPENAI_PREFIX)
     app.include_router(native_model.router, prefix=API_PREFIX)  # the native Twinkle API (twinkle_client)
     app.include_router(native_processor.router, prefix=API_PREFIX)  # its processor app (server-side data)

@@ -188,6 +188,34 @@ class ModelList(OpenAIResponse):
     data: list[ModelCard]
 
 
+class FileObject(OpenAIResponse):
+    """An uploaded file (``POST /v1/files``): a dataset the native API's Dataset reads by its id."""
+
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    expires_at: int | None = None
+    filename: str
+    purpose: str
+    status: Literal["processed"] = "processed"  # rows are checked before an upload is answered
+    status_details: str | None = None
+
+
+class FileList(OpenAIResponse):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+
+
+class FileDeleted(OpenAIResponse):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
 class ErrorDetail(OpenAIResponse):
     message: str
     type: str

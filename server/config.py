@@ -98,6 +98,7 @@ class Settings(BaseModel):
     max_lora_rank: int = Field(128, ge=1)
     default_sample_max_tokens: int = Field(256, ge=1)
     max_request_mb: int = Field(256, ge=1)  # larger request bodies get a 413
+    max_file_mb: int = Field(64, ge=1)  # one uploaded file; a larger upload is refused as it arrives
     signed_url_ttl_seconds: int = Field(3600, ge=1, le=7 * 24 * 3600)  # download links we hand out
     reap_interval_seconds: float = Field(60.0, gt=0)  # how often expired checkpoints are removed
     # How long a model's queue waits for a missing seq_id before running the next one anyway.
@@ -112,6 +113,8 @@ class Settings(BaseModel):
     max_live_models: int = Field(16, ge=1)  # adapters a tenant holds at once (create/load; unload frees)
     max_tokens_per_request: int = Field(1 << 20, ge=1)
     max_inflight_requests: int = Field(512, ge=1)  # submitted and not finished, per tenant
+    max_files: int = Field(100, ge=0)  # uploaded files a tenant holds (POST /v1/files)
+    max_file_storage_mb: int = Field(1024, ge=0)  # the bytes of a tenant's files together
     requests_per_second: float = Field(100.0, gt=0)  # submissions, over rate_window_seconds
     tokens_per_second: float = Field(1e7, gt=0)  # tokens computed, over rate_window_seconds
     rate_window_seconds: float = Field(10.0, gt=0)

@@ -7,7 +7,7 @@ from server.kinds import ErrorCategory
 
 
 class TwinkleError(Exception):
-    kind = "invalid"  # invalid | not_found | conflict | unauthorized | gone | busy
+    kind = "invalid"  # invalid | not_found | conflict | unauthorized | gone | busy | too_large | ...
     category = ErrorCategory.USER
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
@@ -53,6 +53,12 @@ class Unavailable(Busy):
 
     kind = "unavailable"
     category = ErrorCategory.SERVER
+
+
+class TooLarge(TwinkleError):
+    """A request or upload over a size limit (a 413); smaller ones would be accepted."""
+
+    kind = "too_large"
 
 
 class Gone(TwinkleError):

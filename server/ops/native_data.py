@@ -9,8 +9,9 @@ memory (as the sampler's set_template choices do), bounded per tenant (MAX_OBJEC
 MAX_BYTES) and in all (server/ops/native_store.py); they go with their session (every call checks
 it is live; native_store.drop_session is the hook for a session's end).
 
-Rows come in the request only (`DatasetMeta(data=[...])`): this server loads nothing from a hub or
-from its own disk, and writes nothing there (`save_as` is refused). `map` / `filter` name functions
+Rows come in the request (`DatasetMeta(data=[...])`) or from a file the tenant uploaded
+(`POST /v1/files`, then `DatasetMeta(dataset_id="file-…")`, server/ops/files.py): this server loads
+nothing from a hub or from a server path, and writes no datasets (`save_as` is refused). `map` / `filter` name functions
 of an allow-list (server/ops/native_preprocessors.py); `encode` is Twinkle's Template on the served
 base model's tokenizer (server/ops/native_encode.py).
 """
@@ -30,8 +31,9 @@ import numpy as np
 from sqlalchemy import select
 
 from server.errors import Gone, InvalidRequest
+from server.ops import files, text
 from server.ops import native_preprocessors as prep
-from server.ops import text
+from server.ops.file_rows import MAX_ROWS
 from server.ops.native_encode import TRUNCATIONS, DataTemplate, encode_row
 from server.ops.native_sampling import TEMPLATE_NAMES
 from server.ops.native_service import SESSION_FIELD
@@ -44,7 +46,6 @@ log = logging.getLogger(__name__)
 
 # ----- bounds (per tenant, all its sessions together; rows and bytes of every dataset it holds) ----
 MAX_OBJECTS = 64
-MAX_ROWS = 100_000
 MAX_BYTES = 64 * 2**20  # rows as JSON
 MAX_BATCH_SIZE = 4096
 DEFAULT_SEED = 42  # Twinkle's (its sampler stack's and torch's global seed)
@@ -65,6 +66,7 @@ LOADER_IGNORED = frozenset({"num_workers", "pin_memory", "prefetch_factor", "per
                             "max_retries", "remote_group"})
 Row = dict[str, Any]
 MIXED = "\0mixed"  # the key of a dataset's mixed rows
+FILE_SCHEME = "file://"  # DatasetMeta(dataset_id="file://file-…") names an uploaded file, as "file-…" does
 
 
 class Exhausted(Exception):
@@ -291,9 +293,18 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def parse_meta(value: Any, where: str) -> tuple[str, list[Row]]:
-    """(its key, its rows): DatasetMeta as the client sends it (a JSON string tagged
-    _TWINKLE_TYPE_), or as an object. Its rows come in `data`; a dataset_id is refused."""
+@dataclass(frozen=True)
+class Meta:
+    key: str  # what map/filter/add_dataset name a source by
+    field: str  # where its rows came from, for errors about their size
+    rows: list[Row] | None = None  # sent in the request (sliced already)
+    file_id: str | None = None  # an uploaded file's (to read, then slice)
+    data_slice: Any = None
+
+
+def parse_meta(value: Any, where: str) -> Meta:
+    """DatasetMeta as the client sends it (a JSON string tagged _TWINKLE_TYPE_), or as an object:
+    its rows in `data`, or the id of a file the tenant uploaded in `dataset_id`."""
     if isinstance(value, str):
         try:
             value = json.loads(value, parse_constant=_no_constant)
@@ -304,14 +315,35 @@ def parse_meta(value: Any, where: str) -> tuple[str, list[Row]]:
     data = value.get("data")
     if data is None:
         if value.get("dataset_id"):
-            raise InvalidRequest("this server loads no datasets from a hub or from its own disk (no hub here, no "
-                                 "server paths): send the rows, DatasetMeta(data=[{...}, ...])",
-                                 field=f"{where}.dataset_id")
-        raise InvalidRequest("either data or dataset_id must be provided (send the rows in data)", field=where)
+            return _file_meta(value, where)
+        raise InvalidRequest("either data or dataset_id must be provided (send the rows in data, or name a file "
+                             "you uploaded)", field=where)
     rows = apply_slice(rows_of(data, f"{where}.data"), value.get("data_slice"), f"{where}.data_slice")
     identity = [data, value.get("subset_name", "default"), value.get("split", "train"), value.get("data_slice")]
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
-    return f"memory:{digest}", rows
+    return Meta(f"memory:{_digest(identity)}", f"{where}.data", rows=rows)
+
+
+def _digest(identity: list[Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _file_meta(value: dict[str, Any], where: str) -> Meta:
+    """A file the tenant uploaded (POST /v1/files), named `file-…` or `file://file-…`. Nothing
+    else is a dataset id here: no hub, and no server paths."""
+    dataset_id, field_name = value["dataset_id"], f"{where}.dataset_id"
+    file_id = dataset_id.removeprefix(FILE_SCHEME) if isinstance(dataset_id, str) else None
+    if file_id is None or not files.FILE_ID.fullmatch(file_id):
+        raise InvalidRequest("names no uploaded file: this server loads no datasets from a hub or from its own "
+                             "disk; upload the file (POST /v1/files) and name it, DatasetMeta(dataset_id='file-…'), "
+                             "or send the rows, DatasetMeta(data=[{...}, ...])", field=field_name)
+    if value.get("subset_name", "default") not in ("default", None):
+        raise InvalidRequest("an uploaded file has one subset, 'default'", field=f"{where}.subset_name")
+    if value.get("split", "train") not in ("train", None):
+        raise InvalidRequest("an uploaded file has one split, 'train'", field=f"{where}.split")
+    data_slice = value.get("data_slice")
+    if data_slice is not None:
+        _slice_indices(data_slice, f"{where}.data_slice")  # refused before the file is read
+    return Meta(f"file:{file_id}:{_digest([data_slice])}", field_name, file_id=file_id, data_slice=data_slice)
 
 
 def rows_of(data: Any, where: str) -> list[Row]:
@@ -365,12 +397,14 @@ def _slice_indices(data_slice: Any, where: str) -> list[Any]:
     return list(picked)
 
 
-async def load_meta(value: Any, where: str) -> tuple[str, Table]:
-    def work() -> tuple[str, Table]:
-        key, rows = parse_meta(value, where)
-        return key, Table.of(rows)
-
-    return await asyncio.to_thread(work)
+async def load_meta(ctx: Ctx, value: Any, where: str) -> tuple[Meta, Table]:
+    """A DatasetMeta and its rows (parsed, read and measured off the event loop)."""
+    meta = await asyncio.to_thread(parse_meta, value, where)
+    if meta.file_id is None:
+        return meta, await asyncio.to_thread(Table.of, meta.rows or [])
+    rows = await files.dataset_rows(ctx.rt, ctx.tenant_id, meta.file_id, meta.field)
+    return meta, await asyncio.to_thread(
+        lambda: Table.of(apply_slice(rows, meta.data_slice, f"{where}.data_slice")))
 
 
 # ----- Dataset / LazyDataset -----------------------------------------------------------------------
@@ -378,10 +412,11 @@ async def new_dataset(ctx: Ctx, kw: dict[str, Any], *, lazy: bool) -> DatasetObj
     meta = kw.pop("dataset_meta", None)
     no_more(kw, "Dataset", LOAD_IGNORED)
     obj = DatasetObj(lazy=lazy)
-    if meta is not None:
-        key, table = await load_meta(meta, "dataset_meta")
-        obj.sources[key] = table
-    await _fits(ctx, obj, "dataset_meta.data")
+    if meta is None:
+        return obj
+    parsed, table = await load_meta(ctx, meta, "dataset_meta")
+    obj.sources[parsed.key] = table
+    await _fits(ctx, obj, parsed.field)
     return obj
 
 
@@ -473,7 +508,7 @@ async def transform(ctx: Ctx, obj: DatasetObj, keys: list[str], each: Callable[[
 
 async def meta_key(kw: dict[str, Any]) -> str | None:
     meta = kw.pop("dataset_meta", None)
-    return None if meta is None else (await load_meta(meta, "dataset_meta"))[0]
+    return None if meta is None else (await asyncio.to_thread(parse_meta, meta, "dataset_meta")).key
 
 
 def stripped(row: Row, remove: tuple[str, ...]) -> Row:
@@ -541,10 +576,10 @@ async def add_dataset(ctx: Ctx, kw: dict[str, Any]) -> None:
     if meta is None:
         raise InvalidRequest("add_dataset needs a DatasetMeta", field="dataset_meta")
     no_more(kw, "add_dataset", LOAD_IGNORED)
-    key, table = await load_meta(meta, "dataset_meta")
+    parsed, table = await load_meta(ctx, meta, "dataset_meta")
     obj = _dataset(ctx)
-    new = replace(obj, sources={**obj.sources, key: table})
-    await _fits(ctx, new, "dataset_meta.data")
+    new = replace(obj, sources={**obj.sources, parsed.key: table})
+    await _fits(ctx, new, parsed.field)
     assert ctx.entry is not None
     ctx.entry.obj = new
 

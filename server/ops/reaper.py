@@ -1,5 +1,6 @@
 """Removal of what has expired. Expired checkpoints are already invisible (every lookup filters on
-expires_at); reap_expired deletes their rows and folders, and old trace exports, for good.
+expires_at); reap_expired deletes their rows and folders, old trace exports, and expired uploaded
+files, for good.
 Runtime.start schedules it every settings.reap_interval_seconds."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import time
 
 from sqlalchemy.orm import Session
 
+from server.ops import files
 from server.ops.checkpoints import ARCHIVES_DIR, TRACES_DIR, forget, remove_folders
 from server.runtime import Runtime
 from server.store.queries import ended_ephemeral_checkpoints, expired_checkpoints
@@ -30,8 +32,10 @@ async def reap_expired(rt: Runtime) -> int:
         if count < BATCH:
             break
     removed_traces = await asyncio.to_thread(_remove_old_exports, rt)
-    if reaped or removed_traces:
-        log.info("reaped_expired", extra={"checkpoints": reaped, "trace_exports": removed_traces})
+    removed_files = await files.reap(rt)
+    if reaped or removed_traces or removed_files:
+        log.info("reaped_expired", extra={"checkpoints": reaped, "trace_exports": removed_traces,
+                                          "files": removed_files})
     return reaped
 
 

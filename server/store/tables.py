@@ -201,3 +201,21 @@ class CustomLossRow(Base):
     inputs: Mapped[list[str]] = mapped_column(JSON)
     graph: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UploadedFile(Base):
+    """A file a tenant uploaded (`POST /v1/files`): a dataset the native API's Dataset can read.
+    Its bytes lie at storage_path (relative to the data dir, made from ids only)."""
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_expires_at", "expires_at"),)  # the reaper's scan
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(32))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    rows: Mapped[int] = mapped_column(BigInteger)
+    storage_path: Mapped[str] = mapped_column(String(500))
+    expires_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

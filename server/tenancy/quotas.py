@@ -30,6 +30,8 @@ class Limits:
     max_lora_rank: int
     max_tokens_per_request: int
     max_inflight_requests: int
+    max_files: int
+    max_file_storage_mb: int
     requests_per_second: float
     tokens_per_second: float
 

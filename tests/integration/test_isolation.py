@@ -153,6 +153,10 @@ PROBES = [
     Probe("native processor create", "POST", "/api/v1/processor/twinkle/create", lambda o: "/processor/twinkle/create",
           lambda o: {"processor_type": "dataloader", "class_type": "DataLoader", "dataset": o["pid"], "batch_size": 1},
           native=True),
+    *(Probe(f"{what} ({prefix})", method, f"{prefix}/files/{{file_id}}{tail}", lambda o, tail=tail: f"/files/{o['file']}{tail}",
+            prefix=prefix)
+      for prefix in ("/v1", "/api/v1")
+      for what, method, tail in (("file", "GET", ""), ("file content", "GET", "/content"), ("delete file", "DELETE", ""))),
 ]
 
 NOT_OBJECT_SCOPED = {
@@ -176,6 +180,8 @@ NOT_OBJECT_SCOPED = {
     "/api/v1/twinkle/get_server_capabilities": "the served models, the same for all",
     "/api/v1/twinkle/healthz": "no objects", "/api/v1/twinkle/capacity_info": "the caller's own usage",
     "/api/v1/twinkle/training_runs": "lists the caller's own runs",
+    "/v1/files": "uploads or lists the caller's own files (tests/unit/test_files_api.py)",
+    "/api/v1/files": "uploads or lists the caller's own files (tests/unit/test_files_api.py)",
 }
 ADMIN_PREFIX = "/twinkle/v1/admin"  # admin-key guarded, tested in tests/unit/test_admin.py
 
@@ -237,6 +243,10 @@ def objects(server, token_rows) -> dict:
                       headers={**native, "X-Twinkle-Session-Id": native_session})
     assert made.status_code == 200, made.text
     objs["pid"] = made.json()["processor_id"]
+    uploaded = httpx.post(f"{server.base_url}/v1/files", files={"file": ("rows.jsonl", b'{"x": 1}\n')},
+                          data={"purpose": "fine-tune"}, headers={"Authorization": f"Bearer {KEY_A}"})
+    assert uploaded.status_code == 200, uploaded.text
+    objs["file"] = uploaded.json()["id"]
     # the SDK keeps request ids to itself: submit one directly
     submitted = httpx.post(f"{server.base_url}/api/v1/forward_backward", content=fwdbwd_proto(tc.model_id, data, seq_id=50),
                            headers={"X-API-Key": KEY_A, "Content-Type": "application/x-protobuf"}).json()
@@ -263,7 +273,7 @@ def fake(objects: dict) -> dict:
             "sampling": f"{sess}:sample:0",
             "weights": f"tinker://{model}/weights/kept", "sampler": f"tinker://{model}/sampler_weights/sw",
             "future": f"req-{secrets.token_hex(12)}", "loss_id": f"loss-{secrets.token_hex(12)}",
-            "pid": f"pid:{secrets.token_hex(16)}"}
+            "pid": f"pid:{secrets.token_hex(16)}", "file": f"file-{secrets.token_hex(12)}"}
 
 
 def send(server, probe: Probe, objs: dict) -> httpx.Response:
@@ -287,7 +297,7 @@ def outcome(response: httpx.Response, objs: dict, server) -> tuple[int, str]:
         text = str(body.get("error", body.get("detail", body)))
     else:
         text = f"<{response.headers.get('content-type')}>"
-    for key in ("model", "session", "sampling", "weights", "sampler", "future", "loss_id", "pid"):
+    for key in ("model", "session", "sampling", "weights", "sampler", "future", "loss_id", "pid", "file"):
         text = text.replace(str(objs[key]), f"<{key}>")
     text = re.sub(r"sess-[0-9a-f]{24}", "<sess>", text)
     return response.status_code, text
@@ -323,3 +333,7 @@ def test_the_owners_objects_are_unchanged(server, objects, token_rows) -> None:
     assert not [c for c in strangers_view.list_user_checkpoints().result().checkpoints
                 if c.tinker_path.startswith(f"tinker://{objects['model']}")]
     assert objects["session"] not in strangers_view.list_sessions().result().sessions
+    owner = {"Authorization": f"Bearer {KEY_A}"}
+    assert httpx.get(f"{server.base_url}/v1/files/{objects['file']}/content", headers=owner).content == b'{"x": 1}\n'
+    stranger_files = httpx.get(f"{server.base_url}/v1/files", headers={"Authorization": f"Bearer {KEY_B}"}).json()
+    assert objects["file"] not in {f["id"] for f in stranger_files["data"]}

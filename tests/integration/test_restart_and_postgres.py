@@ -24,6 +24,9 @@ pytestmark = pytest.mark.slow
 BASE = "tiny-qwen3"
 
 
+FILE_ROWS = b'{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}\n'
+
+
 def step(tc, data) -> float:
     fb = tc.forward_backward(data, "cross_entropy")
     tc.optim_step(types.AdamParams(learning_rate=3e-3)).result()
@@ -46,6 +49,7 @@ def test_runs_and_checkpoints_survive_a_restart(tmp_path, tiny_model_dir, token_
             path = tc.save_state("before-restart").result().path
             expected_next = step(tc, data)
             model_id = tc.model_id
+        file_id = upload_and_check(server.base_url, "tml-restart")
         # A client still running when the server stops: its session stays open (raw HTTP, so no
         # SDK is left heartbeating a server that is gone).
         api = f"{server.base_url}/api/v1"
@@ -58,6 +62,7 @@ def test_runs_and_checkpoints_survive_a_restart(tmp_path, tiny_model_dir, token_
         rest = tinker.RestClient(base_url=server.base_url, api_key="tml-restart")
         assert {r.training_run_id for r in rest.list_training_runs().result().training_runs} == {model_id, live_model}
         assert [c.tinker_path for c in rest.list_checkpoints(model_id).result().checkpoints] == [path]
+        check_file(server.base_url, "tml-restart", file_id)  # uploaded files are kept
         with tinker.ServiceClient(base_url=server.base_url, api_key="tml-restart") as sc:
             resumed = sc.create_training_client_from_state_with_optimizer(path).result()
             assert step(resumed, data) == pytest.approx(expected_next, abs=1e-5)
@@ -95,7 +100,27 @@ def test_server_on_postgresql(tmp_path, tiny_model_dir, token_rows, make_pg_data
             path = tc.save_state("pg").result().path
             listed = tinker.RestClient(base_url=server.base_url, api_key="tml-postgres").list_checkpoints(tc.model_id)
             assert [c.tinker_path for c in listed.result().checkpoints] == [path]
+        file_id = upload_and_check(server.base_url, "tml-postgres")
+        assert httpx.delete(f"{server.base_url}/v1/files/{file_id}", headers=bearer("tml-postgres")).json()["deleted"]
     assert not (data_dir / "twinkle.db").exists()  # nothing went to SQLite
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def upload_and_check(base_url: str, key: str) -> str:
+    """Upload a dataset file (POST /v1/files); it is listed and reads back as sent. Its id."""
+    made = httpx.post(f"{base_url}/v1/files", files={"file": ("rows.jsonl", FILE_ROWS)}, data={"purpose": "fine-tune"},
+                      headers=bearer(key))
+    assert made.status_code == 200, made.text
+    return check_file(base_url, key, made.json()["id"])
+
+
+def check_file(base_url: str, key: str, file_id: str) -> str:
+    assert [f["id"] for f in httpx.get(f"{base_url}/v1/files", headers=bearer(key)).json()["data"]] == [file_id]
+    assert httpx.get(f"{base_url}/v1/files/{file_id}/content", headers=bearer(key)).content == FILE_ROWS
+    return file_id
 
 
 def future_state(url: str, request_id: str) -> str:

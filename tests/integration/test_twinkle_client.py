@@ -158,7 +158,7 @@ def test_the_model_flow_trains_saves_and_samples_an_adapter(server, token_rows, 
 
 
 def test_server_side_data_feeds_training_until_stop_iteration(server, tiny_model_dir, tmp_path_factory) -> None:
-    """Rows sent in a DatasetMeta, encoded by the server as Twinkle's own Template encodes them (run in
+    """Rows sent in a DatasetMeta (and the same rows uploaded as a file), encoded by the server as Twinkle's own Template encodes them (run in
     the client process as the reference), a DataLoader iterated until the 410 became StopIteration,
     each batch trained."""
     summary = run_flow(server, "data", tmp_path_factory.mktemp("twinkle-data"), model_dir=str(tiny_model_dir))
@@ -169,6 +169,7 @@ def test_server_side_data_feeds_training_until_stop_iteration(server, tiny_model
     assert d["cognition"] == d["cognition_reference"]
     assert d["cognition_messages"][2]["content"] == "I am Twinkle, trained by ModelScope."
     assert d["lazy"] == d["encoded"][:1]
+    assert d["from_file"] == d["encoded"]  # the same rows, uploaded as a JSON Lines file
     assert d["loader_len"] == 2 and d["sizes"] == [2, 2] and d["state"] == {"consumed_train_samples": 4}
     assert len(d["losses"]) == 2 and all(np.isfinite(d["losses"]))
     assert "400" in d["hub_dataset"] and "dataset_meta.dataset_id" in d["hub_dataset"]

@@ -194,8 +194,20 @@ def twinkle_encoded(model_dir: str, trajectories: list[dict]) -> list[dict]:
     return features(Template(model_id=model_dir, max_length=512).batch_encode(trajectories))
 
 
+def upload_chats(cfg: dict) -> str:
+    """CHATS as a JSON Lines file, uploaded as a user would (`POST /v1/files`, OpenAI's Files API)."""
+    import requests
+
+    content = "".join(json.dumps({"messages": m}) + "\n" for m in CHATS).encode()
+    answer = requests.post(f"{cfg['base_url'].rstrip('/')}/v1/files", files={"file": ("chats.jsonl", content)},
+                           data={"purpose": "fine-tune"}, headers={"Authorization": f"Bearer {cfg['api_key']}"},
+                           timeout=60)
+    answer.raise_for_status()
+    return answer.json()["id"]
+
+
 def data_flow(client: Any, cfg: dict) -> dict:
-    """Server-side data: rows sent in a DatasetMeta, templated and encoded on the server, iterated by
+    """Server-side data: rows sent in a DatasetMeta or uploaded as a file, templated and encoded on the server, iterated by
     a DataLoader until StopIteration, two batches trained; Twinkle's Template encodes the same rows
     here as the reference."""
     from peft import LoraConfig
@@ -214,6 +226,9 @@ def data_flow(client: Any, cfg: dict) -> dict:
     cognition.set_template("Template", model_id=model_id, max_length=512)
     cognition.map("SelfCognitionProcessor", init_args={"model_name": "Twinkle", "model_author": "ModelScope"})
     cognition.encode()
+    from_file = Dataset(dataset_meta=DatasetMeta(dataset_id=upload_chats(cfg)))
+    from_file.set_template("Template", model_id=model_id, max_length=512)
+    from_file.encode(add_generation_prompt=False)
     lazy = LazyDataset(dataset_meta=DatasetMeta(data=[{"messages": CHATS[0]}]))
     lazy.set_template("Template", model_id=model_id, max_length=512)
     lazy.encode()
@@ -235,6 +250,7 @@ def data_flow(client: Any, cfg: dict) -> dict:
         "cognition": features([cognition[0]]),
         "cognition_messages": cognition[0]["messages"],
         "lazy": features([lazy[0]]),
+        "from_file": features([from_file[i] for i in range(len(from_file))]),
         "loader_len": len(loader),
         "sizes": sizes,
         "losses": losses,

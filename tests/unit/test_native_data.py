@@ -287,6 +287,66 @@ def test_batches_feed_forward_backward(client: TestClient) -> None:
             sum(t != -100 for t in r["labels"]) for r in batch)
 
 
+# ----- datasets from uploaded files ----------------------------------------------------------------
+def uploaded(client: TestClient, key: str, content: bytes, name: str = "chats.jsonl") -> str:
+    answer = client.post("/v1/files", headers={"Authorization": f"Bearer {key}"},
+                         files={"file": (name, content)}, data={"purpose": "fine-tune"})
+    assert answer.status_code == 200, answer.text
+    return answer.json()["id"]
+
+
+def file_meta(file_id: str, **fields: Any) -> str:
+    return meta(None, dataset_id=file_id, **fields)
+
+
+def test_a_dataset_reads_a_file_the_tenant_uploaded(client: TestClient, tokenizer) -> None:
+    jsonl = "".join(json.dumps(row) + "\n" for row in CHATS).encode()
+    file_id = uploaded(client, KEY, jsonl)
+    h = session(client)
+    for name in (file_id, f"file://{file_id}"):
+        pid = make(client, h, "dataset", "Dataset", dataset_meta=file_meta(name))
+        assert run(client, h, pid, "__len__") == 5 and run(client, h, pid, "__getitem__", idx=2) == CHATS[2]
+    sliced = make(client, h, "dataset", "Dataset", dataset_meta=file_meta(
+        file_id, data_slice={"_slice_type_": "range", "start": 1, "stop": 3, "step": 1}))
+    assert run(client, h, sliced, "__len__") == 2 and run(client, h, sliced, "__getitem__", idx=0) == CHATS[1]
+    run(client, h, sliced, "add_dataset", dataset_meta=file_meta(file_id))
+    run(client, h, sliced, "filter", filter_func="HasAssistantFilter", dataset_meta=file_meta(file_id))
+    csv_id = uploaded(client, KEY, b"instruction,output\nSay hi.,hi\n", "alpaca.csv")
+    alpaca = make(client, h, "dataset", "Dataset", dataset_meta=file_meta(csv_id))
+    run(client, h, alpaca, "map", preprocess_func="AlpacaProcessor")
+    assert run(client, h, alpaca, "__getitem__", idx=0)["messages"][-1] == {"role": "assistant", "content": "hi"}
+
+
+def test_a_file_dataset_is_the_uploaders_alone_and_bounded(client: TestClient, monkeypatch) -> None:
+    file_id = uploaded(client, KEY, b'{"q": 1}\n{"q": 2}\n{"q": 3}\n')
+    other = make(client, session(client, OTHER), "dataset", "Dataset", 404, dataset_meta=file_meta(file_id))
+    missing = make(client, session(client, OTHER), "dataset", "Dataset", 404,
+                   dataset_meta=file_meta("file-" + "0" * 24))
+    assert other["field"] == "dataset_meta.dataset_id"
+    assert other["detail"].replace(file_id, "X") == missing["detail"].replace("file-" + "0" * 24, "X")
+    h = session(client)
+    monkeypatch.setattr(native_data, "MAX_ROWS", 2)
+    assert make(client, h, "dataset", "Dataset", 400, dataset_meta=file_meta(file_id))["field"] == \
+        "dataset_meta.dataset_id"
+    monkeypatch.undo()
+    client.delete(f"/v1/files/{file_id}", headers={"Authorization": f"Bearer {KEY}"})
+    assert make(client, h, "dataset", "Dataset", 404, dataset_meta=file_meta(file_id))["field"] == \
+        "dataset_meta.dataset_id"
+
+
+@pytest.mark.parametrize("fields,field", [
+    ({"dataset_id": "ms://swift/self-cognition"}, "dataset_meta.dataset_id"),
+    ({"dataset_id": "file:///etc/passwd"}, "dataset_meta.dataset_id"),
+    ({"dataset_id": "file-../../x"}, "dataset_meta.dataset_id"),
+    ({"dataset_id": "file-" + "0" * 24, "split": "test"}, "dataset_meta.split"),
+    ({"dataset_id": "file-" + "0" * 24, "subset_name": "zh"}, "dataset_meta.subset_name"),
+    ({"dataset_id": "file-" + "0" * 24, "data_slice": "1:3"}, "dataset_meta.data_slice"),
+])
+def test_a_dataset_id_names_an_uploaded_file_or_is_a_400(client: TestClient, fields: dict, field: str) -> None:
+    refused = make(client, session(client), "dataset", "Dataset", 400, dataset_meta=meta(None, **fields))
+    assert refused["field"] == field, refused
+
+
 # ----- isolation, sessions, bounds -----------------------------------------------------------------
 def test_another_tenant_or_session_sees_nothing(client: TestClient) -> None:
     h = session(client)

@@ -27,7 +27,8 @@ def test_sliding_window_expires_and_says_when_room_frees_up() -> None:
 def test_overrides_replace_only_known_limits() -> None:
     base = default_limits(settings())
     assert set(LIMIT_NAMES) == {"max_live_models", "max_lora_rank", "max_tokens_per_request",
-                                "max_inflight_requests", "requests_per_second", "tokens_per_second"}
+                                "max_inflight_requests", "max_files", "max_file_storage_mb", "requests_per_second",
+                                "tokens_per_second"}
     changed = with_overrides(base, {"max_live_models": 1, "not_a_limit": 5})
     assert changed.max_live_models == 1 and changed.max_lora_rank == base.max_lora_rank
 
