@@ -125,7 +125,7 @@ def test_the_model_flow_trains_saves_and_samples_an_adapter(server, token_rows, 
                        rows=token_rows)
     m = flow_part(summary, "model")
     losses = m["losses"]
-    assert len(losses) == 5 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert len(losses) == 5 and all(np.isfinite(losses)) and all(b < a for a, b in zip(losses, losses[1:]))
     assert isinstance(m["metric"], dict) and m["metric"]
     assert m["capacity"]["used_loras"] >= 1  # the adapter, while its session lives
     assert m["final"] == f"twinkle://{m['run_id']}/weights/final" and m["run_id"].endswith("-A")

@@ -108,7 +108,7 @@ def model_flow(client: Any, cfg: dict) -> dict:
     model.add_adapter_to_model("A", LoraConfig(r=8, lora_alpha=32, target_modules="all-linear"),
                                gradient_accumulation_steps=1)
     model.set_loss("CrossEntropyLoss")
-    model.set_optimizer("AdamW", lr=1e-2)
+    model.set_optimizer("AdamW", lr=3e-3)
     batch = [{"input_ids": row, "labels": row[1:] + [-100]} for row in cfg["rows"]]
     losses = []
     for _ in range(5):
