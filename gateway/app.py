@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from gateway import errors
 from gateway.forwarding import Forwarder
-from gateway.limits import BodySizeLimit
+from gateway.guard import AuthFailures, BodyGuard
 from gateway.routes import (
     admin,
     export,
@@ -26,7 +26,7 @@ from gateway.routes import (
     twinkle,
 )
 from server import boot
-from server.config import settings_from_env
+from server.config import bind_problem, settings_from_env
 from server.logs import setup_logging
 from server.runtime import Runtime
 
@@ -52,7 +52,11 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.state.runtime = runtime
     app.state.forwarder = Forwarder(runtime.instances.id)
     errors.install(app)
-    app.add_middleware(BodySizeLimit, max_bytes=runtime.settings.max_request_mb * 2**20)
+    settings = runtime.settings
+    if problem := bind_problem(settings):  # uvicorn may bind elsewhere still: BodyGuard checks each caller
+        raise ValueError(problem)
+    app.state.auth_failures = AuthFailures(settings.auth_failures_per_minute)
+    app.add_middleware(BodyGuard, default_limit=settings.max_request_mb << 20, open_mode=settings.auth == "open")
     for router in (service.router, training.router, sampling.router, futures.router, rest.router):
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(admin.router)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Header, Request
@@ -16,45 +17,35 @@ from server.runtime import Runtime
 from server.tenancy.keys import tenant_for_key
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-async def get_tenant(
-    request: Request, x_api_key: Annotated[str | None, Header(alias="X-API-Key")] = None
-) -> str:
-    rt = get_runtime(request)
-    return await tenant_for_key(rt.keys, rt.db, x_api_key, open_mode=rt.settings.auth == "open")
+# ----- the calling tenant -------------------------------------------------------------------------
+# Each API sends the key its own way; `key_of` reads it from the headers, so that the route class
+# (gateway/guard.py) can authenticate a request before its body is read, with no FastAPI in between.
+def tinker_key(request: Request) -> str | None:
+    return request.headers.get("x-api-key")
 
 
-async def get_bearer_tenant(
-    request: Request,
-    authorization: Annotated[str | None, Header()] = None,
-    x_api_key: Annotated[str | None, Header(alias="X-API-Key")] = None,
-) -> str:
-    """The OpenAI-compatible API's caller: the same keys, sent as OpenAI clients send them
-    (`Authorization: Bearer tml-…`); X-API-Key works too."""
-    key = _bearer(authorization)
-    if not (key or x_api_key):
+def bearer_key(request: Request) -> str | None:
+    """The OpenAI-compatible API's: `Authorization: Bearer tml-…` (the openai client's api_key), or X-API-Key."""
+    key = _bearer(request.headers.get("authorization")) or request.headers.get("x-api-key")
+    if not key:
         raise Unauthorized("missing API key: send it as 'Authorization: Bearer tml-…' (the openai client's api_key)")
-    rt = get_runtime(request)
-    return await tenant_for_key(rt.keys, rt.db, key or x_api_key, open_mode=rt.settings.auth == "open")
+    return key
 
 
-async def get_native_tenant(
-    request: Request,
-    twinkle_authorization: Annotated[str | None, Header(alias="Twinkle-Authorization")] = None,
-    authorization: Annotated[str | None, Header()] = None,
-) -> str:
-    """The native Twinkle API's caller: `Twinkle-Authorization: Bearer tml-…`, else `Authorization`
-    (twinkle_client sends both), with the same keys and tenants as every other route."""
-    key = _bearer(twinkle_authorization) or _bearer(authorization)
+def native_key(request: Request) -> str | None:
+    """The native Twinkle API's: `Twinkle-Authorization: Bearer tml-…`, else `Authorization`
+    (twinkle_client sends both)."""
+    key = _bearer(request.headers.get("twinkle-authorization")) or _bearer(request.headers.get("authorization"))
     if not key:
         raise Unauthorized("missing API key: send 'Twinkle-Authorization: Bearer tml-…' (twinkle_client's api_key)")
-    rt = get_runtime(request)
-    return await tenant_for_key(rt.keys, rt.db, key, open_mode=rt.settings.auth == "open")
+    return key
 
 
 def _bearer(header: str | None) -> str | None:
@@ -62,10 +53,68 @@ def _bearer(header: str | None) -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
+async def authenticated(request: Request, key_of: Callable[[Request], str | None]) -> str:
+    """The caller's tenant id (once per request: the route class may have found it already)."""
+    if (tenant := getattr(request.state, "tenant_id", None)) is not None:
+        return tenant
+    rt = get_runtime(request)
+    tenant = await _counting_failures(
+        request, lambda: tenant_for_key(rt.keys, rt.db, key_of(request), open_mode=rt.settings.auth == "open"))
+    request.state.tenant_id = tenant
+    return tenant
+
+
+async def _counting_failures(request: Request, attempt: Callable[[], Awaitable[T]]) -> T:
+    """Run an authentication; a client address with too many failed ones lately gets a 429
+    before any lookup (gateway/guard.py AuthFailures)."""
+    failures, address = request.app.state.auth_failures, request.client.host if request.client else ""
+    failures.check(address)
+    try:
+        return await attempt()
+    except Unauthorized:
+        failures.failed(address)
+        raise
+
+
+async def get_tenant(
+    request: Request, x_api_key: Annotated[str | None, Header(alias="X-API-Key")] = None
+) -> str:
+    return await authenticated(request, tinker_key)
+
+
+async def get_bearer_tenant(
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+    x_api_key: Annotated[str | None, Header(alias="X-API-Key")] = None,
+) -> str:
+    """The OpenAI-compatible API's caller: the same keys, sent as OpenAI clients send them."""
+    return await authenticated(request, bearer_key)
+
+
+async def get_native_tenant(
+    request: Request,
+    twinkle_authorization: Annotated[str | None, Header(alias="Twinkle-Authorization")] = None,
+    authorization: Annotated[str | None, Header()] = None,
+) -> str:
+    """The native Twinkle API's caller, with the same keys and tenants as every other route."""
+    return await authenticated(request, native_key)
+
+
 async def require_admin(
     request: Request, x_admin_key: Annotated[str | None, Header(alias="X-Admin-Key")] = None
 ) -> None:
     """The admin API is for whoever holds the admin key (held here only as its sha256)."""
+    await admin_of(request)
+
+
+async def admin_of(request: Request) -> None:
+    if getattr(request.state, "admin", False):
+        return
+    await _counting_failures(request, lambda: _check_admin(request, request.headers.get("x-admin-key")))
+    request.state.admin = True
+
+
+async def _check_admin(request: Request, x_admin_key: str | None) -> None:
     expected = get_runtime(request).settings.admin_key
     if expected is None:
         raise NotFound("admin API disabled: start the server with an admin key (TWINKLE_ADMIN_KEY, --admin-key, "

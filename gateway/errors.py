@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
+from gateway.guard import GuardedRoute
 from schemas.wire import WireError
 from server.errors import Busy, Elsewhere, OperationFailed, TwinkleError
 from server.kinds import ErrorCategory
@@ -145,7 +146,7 @@ def native_error(exc: Exception, path: str) -> JSONResponse:
 def shaped_route(render: Callable[[Exception, str], Response], doc: str) -> type[APIRoute]:
     """A route class whose errors (its dependencies' too) leave as `render` shapes them."""
 
-    class ShapedRoute(APIRoute):
+    class ShapedRoute(GuardedRoute):
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
             handler = super().get_route_handler()
 

@@ -15,7 +15,7 @@ from server.engine.versions import Versions
 from server.kinds import Lane
 from server.ops.lifecycle import run_session_reaper
 from server.ops.reaper import run_reaper
-from server.queue.admission import Admission
+from server.queue.admission import Admission, tenant_places
 from server.queue.bus import RedisBus
 from server.queue.futures import FutureHub
 from server.queue.instances import Instances
@@ -68,7 +68,8 @@ def build_runtime(settings: Settings, engine: Engine | None = None) -> Runtime:
         scheduler=scheduler,
         engines=engines,
         quotas=quotas,
-        sample_admission=Admission(settings.sample_queue_limit),
+        sample_admission=Admission(settings.sample_queue_limit,
+                                   tenant_places(settings.sample_queue_limit, settings.sample_queue_tenant_share)),
         instances=instances,
         versions=Versions(settings.sampler_versions_per_model, settings.sampler_version_idle_seconds),
         bus=bus,

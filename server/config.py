@@ -97,7 +97,9 @@ class Settings(BaseModel):
     lora_alpha: float = Field(32.0, gt=0)
     max_lora_rank: int = Field(128, ge=1)
     default_sample_max_tokens: int = Field(256, ge=1)
-    max_request_mb: int = Field(256, ge=1)  # larger request bodies get a 413
+    max_request_mb: int = Field(256, ge=1)  # bodies of the routes that carry training data or rows (else 413)
+    max_json_mb: int = Field(8, ge=1)  # bodies of every other route (control JSON)
+    auth_failures_per_minute: int = Field(60, ge=1)  # per client address; past it, 429 before any key lookup
     max_file_mb: int = Field(64, ge=1)  # one uploaded file; a larger upload is refused as it arrives
     signed_url_ttl_seconds: int = Field(3600, ge=1, le=7 * 24 * 3600)  # download links we hand out
     reap_interval_seconds: float = Field(60.0, gt=0)  # how often expired checkpoints are removed
@@ -106,6 +108,7 @@ class Settings(BaseModel):
     fwdbwd_batch_tokens: int = Field(1 << 16, ge=1)  # queued chunks merged into one pass, up to this
     sample_batch_rows: int = Field(64, ge=1)  # queued samples on one adapter decoded together, up to this
     sample_queue_limit: int = Field(512, ge=1)  # queued sample requests; beyond it asample answers 429
+    sample_queue_tenant_share: float = Field(0.5, gt=0, le=1)  # of those, the most one tenant may hold
     # retrieve_future answers "complete_metadata" first for results larger than this (the SDK then
     # reserves room in its in-flight budget before fetching them).
     metadata_only_bytes: int = Field(1 << 20, ge=0)

@@ -172,25 +172,27 @@ class Runtime:
         """A place among the samples admitted and not finished (in the whole deployment, with
         Redis), or Busy: a 429 the SDK backs off from and resends (docs/tinker-protocol-notes.md,
         "429 and Retry-After"). Returns the place's release, callable from a completion callback."""
-        limit = self.sample_admission.limit
+        admission = self.sample_admission
         token = None
-        if self.shared is not None and (token := await self.shared.take_sample_place(limit)) is None:
-            raise _sampler_full(tenant_id, limit)
+        if self.shared is not None:
+            token, full = await self.shared.take_sample_place(tenant_id, admission.limit, admission.tenant_limit)
+            if token is None:
+                raise _sampler_full(tenant_id, full, admission)
 
         def give_back_shared() -> None:
             if token is not None:
-                self.spawn(_quietly(self.shared.release_sample_place(token)), name="sample-place")  # type: ignore[union-attr]
+                self.spawn(_quietly(self.shared.release_sample_place(tenant_id, token)), name="sample-place")  # type: ignore[union-attr]
 
-        if not self.sample_admission.take():  # checked and taken with no await in between
+        if (full := admission.take(tenant_id)) is not None:  # checked and taken with no await in between
             give_back_shared()
-            raise _sampler_full(tenant_id, limit)
+            raise _sampler_full(tenant_id, full, admission)
         released = False
 
         def release() -> None:
             nonlocal released
             if not released:
                 released = True
-                self.sample_admission.release()
+                admission.release(tenant_id)
                 give_back_shared()
 
         return release
@@ -278,9 +280,12 @@ class Runtime:
         self.db.close()
 
 
-def _sampler_full(tenant_id: str, limit: int) -> Busy:
-    log.info("sample_refused_busy", extra={"tenant_id": tenant_id, "limit": limit})
-    return Busy(f"the sampler queue is full ({limit} requests); retry shortly")
+def _sampler_full(tenant_id: str, full: str, admission: Admission) -> Busy:
+    log.info("sample_refused_busy", extra={"tenant_id": tenant_id, "full": full})
+    if full == "tenant":
+        return Busy(f"this tenant has {admission.tenant_limit} sample requests queued, its share of the sampler "
+                    "queue; retry shortly")
+    return Busy(f"the sampler queue is full ({admission.limit} requests); retry shortly")
 
 
 async def _quietly(work: Coroutine[Any, Any, None]) -> None:

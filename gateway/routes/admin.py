@@ -7,11 +7,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Body, Depends, Query
 
 from gateway.deps import Rt, require_admin
+from gateway.guard import GuardedRoute
 from schemas import admin as api
 from server.tenancy import tenants
 
 PREFIX = "/twinkle/v1/admin"
-router = APIRouter(prefix=PREFIX, dependencies=[Depends(require_admin)], tags=["admin"])
+router = APIRouter(prefix=PREFIX, dependencies=[Depends(require_admin)], tags=["admin"], route_class=GuardedRoute)
 
 
 # ----- tenants -----------------------------------------------------------------------------------
@@ -48,7 +49,9 @@ async def set_limits(name: str, rt: Rt, limits: api.Limits = Body(...)) -> api.L
 @router.post("/keys", status_code=201)
 async def create_key(req: api.CreateKeyRequest, rt: Rt) -> api.CreatedApiKey:
     """A new key for the tenant: the answer is the only time it is shown."""
-    return await rt.db.run(lambda s: tenants.create_key(s, req.tenant, req.label))
+    created = await rt.db.run(lambda s: tenants.create_key(s, req.tenant, req.label))
+    rt.keys.forget_misses()  # in case it was tried (and cached as unknown) a moment ago
+    return created
 
 
 @router.get("/keys")

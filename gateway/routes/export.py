@@ -6,11 +6,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Request
 
 from gateway.deps import Rt, TenantId
+from gateway.guard import GuardedRoute
 from gateway.routes.rest import download_base
 from schemas import twinkle as tw
 from server.ops import export
 
-router = APIRouter()
+router = APIRouter(route_class=GuardedRoute)
 
 
 @router.get("/export/{model_id}/{checkpoint_id:path}")

@@ -8,13 +8,14 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway.deps import Rt, TenantId
 from gateway.errors import error_body
+from gateway.guard import GuardedRoute
 from schemas import futures, legacy
 from schemas import tinker as api
 from server.errors import NotFound
 from server.kinds import FutureState, ResultFormat
 from server.ops import sampling
 
-router = APIRouter()
+router = APIRouter(route_class=GuardedRoute)
 MEDIA = {ResultFormat.PROTO: "application/x-protobuf", ResultFormat.JSON: "application/json"}
 
 

@@ -16,11 +16,12 @@ from starlette.exceptions import HTTPException
 
 from gateway.deps import Rt, TenantId
 from gateway.errors import error_body
+from gateway.guard import GuardedRoute
 from schemas import tinker as api
 from server.errors import InvalidRequest
 from server.ops import catalog, checkpoints, signing
 
-router = APIRouter()
+router = APIRouter(route_class=GuardedRoute)
 
 AccessScope = Annotated[Literal["owned", "accessible"], Query()]
 RUN_CHECKPOINT = "/training_runs/{model_id}/checkpoints/{segment}/{name}"

@@ -5,10 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from gateway.deps import Fingerprint, Rt, TenantId
+from gateway.guard import GuardedRoute
 from schemas import tinker as api
 from server.ops import sampling
 
-router = APIRouter()
+router = APIRouter(route_class=GuardedRoute)
 
 
 @router.post("/create_sampling_session", response_model_exclude_none=True)

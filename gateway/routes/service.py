@@ -7,11 +7,12 @@ from typing import Any
 from fastapi import APIRouter, Body
 
 from gateway.deps import Rt, TenantId
+from gateway.guard import GuardedRoute
 from schemas import tinker as api
 from server.ops import sessions
 from server.runtime import Runtime
 
-router = APIRouter()
+router = APIRouter(route_class=GuardedRoute)
 
 def client_config(rt: Runtime) -> api.ClientConfigResponse:
     """How the SDK should talk to this server (docs/tinker-protocol-notes.md, "client/config flags"): chunks

@@ -8,13 +8,14 @@ from typing import Annotated
 from fastapi import APIRouter, Request
 
 from gateway.deps import Fingerprint, Rt, TenantId, sequenced_body
+from gateway.guard import GuardedRoute
 from schemas import legacy
 from schemas import tinker as api
 from schemas.custom_loss import CreateCustomLossRequest
 from schemas.wire import ForwardBackwardCall, WireError, decode_forward_backward_request
 from server.ops import custom_losses, training
 
-router = APIRouter()
+router = APIRouter(route_class=GuardedRoute)
 
 # JSON submissions that carry a model's seq_id: parsed so that a refused one releases it.
 OptimStepBody = Annotated[api.OptimStepRequest, sequenced_body(api.OptimStepRequest)]

@@ -7,11 +7,12 @@ from dataclasses import asdict
 from fastapi import APIRouter
 
 from gateway.deps import Rt, TenantId
+from gateway.guard import GuardedRoute
 from schemas import twinkle as tw
 from server.runtime import Runtime
 from workers.types import PoolStatus
 
-router = APIRouter()
+router = APIRouter(route_class=GuardedRoute)
 
 
 def _pool_view(pool: PoolStatus) -> tw.PoolView:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import random
 import shutil
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 
@@ -42,6 +43,10 @@ async def owned_model(
     does) and records the request as the run's last_request_time (in the same transaction, at
     submission: off the compute path). `route`: check where it runs without touching (default:
     as `touch`)."""
+
+    if touch:  # a submission the quotas would refuse is refused before it writes anything
+        await rt.refresh_limits(tenant_id)
+        rt.quotas.check(tenant_id, time.monotonic(), rate=rt.shared is None)
 
     def read(s: Session) -> Model:
         model = owned(s, Model, tenant_id, model_id, field="model_id")

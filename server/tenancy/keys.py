@@ -3,7 +3,9 @@
 A key is "tml-" and 32 random bytes; only its sha256 is stored, logged (never), or compared (by
 looking the hash up). Successful lookups are cached for CACHE_SECONDS, so a key revoked through
 the admin API stops working at once in this process, and one revoked elsewhere (the CLI, another
-gateway) within CACHE_SECONDS."""
+gateway) within CACHE_SECONDS. Failed lookups (keys mode) are cached for MISS_SECONDS, so a
+stream of bad keys costs no database query each; a key made in this process (the admin API) works
+at once, one made elsewhere (the CLI) within MISS_SECONDS of a failed try."""
 
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ NEW_KEY_BYTES = 32
 SHOWN_PREFIX = 12  # "tml-" and 8 characters: 48 of a new key's 256 random bits
 MIN_KEY_FOR_PREFIX = 36  # shorter keys (hand-made ones in open mode) show no prefix at all
 CACHE_SECONDS = 5.0
+MISS_SECONDS = 5.0
 CACHE_MAX_ENTRIES = 10_000
 LAST_USED_RESOLUTION = timedelta(minutes=1)  # last_used_at is written at most this often per key
 UNKNOWN_OR_REVOKED = "unknown or revoked API key"
@@ -54,7 +57,9 @@ class KeyCache:
     """Recently resolved keys of one server process: key hash -> (tenant, key id, expiry)."""
 
     seconds: float = CACHE_SECONDS
+    miss_seconds: float = MISS_SECONDS
     _entries: dict[str, tuple[KeyHit, float]] = field(default_factory=dict)
+    _misses: dict[str, float] = field(default_factory=dict)  # key hash -> until when it is known bad
     generation: int = 0  # bumped by forget_key
 
     def get(self, key_hash: str, now: float) -> KeyHit | None:
@@ -62,6 +67,22 @@ class KeyCache:
         if entry is None or entry[1] <= now:
             return None
         return entry[0]
+
+    def missed(self, key_hash: str, now: float) -> bool:
+        """Whether the key failed a lookup within the last miss_seconds."""
+        until = self._misses.get(key_hash)
+        return until is not None and until > now
+
+    def put_miss(self, key_hash: str, now: float) -> None:
+        if len(self._misses) >= CACHE_MAX_ENTRIES:
+            self._misses = {h: t for h, t in self._misses.items() if t > now}
+            if len(self._misses) >= CACHE_MAX_ENTRIES:
+                self._misses.clear()
+        self._misses[key_hash] = now + self.miss_seconds
+
+    def forget_misses(self) -> None:
+        """A key was made: any key may be good now."""
+        self._misses.clear()
 
     def put(self, key_hash: str, hit: KeyHit, now: float, generation: int | None = None) -> None:
         """Cache a lookup; one that began (at `generation`) before a key was forgotten is dropped,
@@ -89,15 +110,17 @@ async def tenant_for_key(cache: KeyCache, db: Database, api_key: str | None, *, 
         raise Unauthorized("API key too long")
     if not api_key.startswith(KEY_PREFIXES):
         raise Unauthorized("API keys start with 'tml-' (the tinker SDK refuses any other)")
-    key_hash = ids.hash_key(api_key)
-    if (hit := cache.get(key_hash, time.monotonic())) is not None:
+    key_hash, now = ids.hash_key(api_key), time.monotonic()
+    if (hit := cache.get(key_hash, now)) is not None:
         return hit.tenant_id
+    refusal = UNKNOWN_OR_REVOKED if open_mode else f"{UNKNOWN_OR_REVOKED}: this server accepts registered keys only"
+    if cache.missed(key_hash, now):
+        raise Unauthorized(refusal)
     prefix, generation = shown_prefix(api_key), cache.generation
     hit = await db.run(lambda s: resolve_key(s, key_hash, register=open_mode, prefix=prefix))
     if hit is None:
-        raise Unauthorized(
-            UNKNOWN_OR_REVOKED if open_mode else f"{UNKNOWN_OR_REVOKED}: this server accepts registered keys only"
-        )
+        cache.put_miss(key_hash, time.monotonic())
+        raise Unauthorized(refusal)
     cache.put(key_hash, hit, time.monotonic(), generation)
     return hit.tenant_id
 

@@ -132,6 +132,15 @@ class Quotas:
     def admit(self, tenant: str, now: float, *, rate: bool = True) -> None:
         """Count one submission against requests/s (unless `rate` is False: counted in Redis, see
         server/tenancy/shared.py) and in-flight, or refuse it with a 429."""
+        self.check(tenant, now, rate=rate)
+        st = self.state(tenant)
+        if rate:
+            st.requests.add(now, 1)
+        st.inflight += 1
+
+    def check(self, tenant: str, now: float, *, rate: bool = True) -> None:
+        """The 429 `admit` would give now, counting nothing: a submission checks this before it
+        touches the database, so a refused one costs no write."""
         st = self.state(tenant)
         budget = st.limits.requests_per_second * self.window
         at = st.requests.free_at(now, budget, 1) if rate else now
@@ -147,9 +156,6 @@ class Quotas:
                 f"quota: at most {st.limits.max_inflight_requests} requests of this tenant may be in flight; "
                 "wait for some to finish", retry_after=1.0,
             )
-        if rate:
-            st.requests.add(now, 1)
-        st.inflight += 1
 
     def finished(self, tenant: str) -> None:
         st = self.state(tenant)

@@ -7,8 +7,9 @@ requests on different processes cannot together pass a limit), on Redis's clock:
 * **requests/s**: a sorted set of the tenant's submissions over the last window.
 * **live models**: a set of the tenant's live model ids (added when an adapter is made or loaded,
   removed when it is unloaded or its session ends, by whichever process does it).
-* **sampling admission**: leases on places in the sample queue of the whole deployment, each
-  with an expiry, so the places of a process that died come back by themselves.
+* **sampling admission**: leases on places in the sample queue of the whole deployment, and in
+  each tenant's share of it, each with an expiry, so the places of a process that died come back
+  by themselves.
 
 tokens/s and in-flight requests stay per process (server/tenancy/quotas.py): the first is charged
 by the scheduler as calls start, the second counts the process's own queue.
@@ -59,12 +60,17 @@ redis.call('SADD', KEYS[1], ARGV[2])
 return -1
 """
 
-# KEYS[1] leases; ARGV limit, member, lease_ms. -> 1 if a place was taken, else 0.
+# KEYS[1] all leases, KEYS[2] the tenant's; ARGV limit, tenant_limit, member, lease_ms.
+# -> 0 if a place was taken, 1 if the queue is full, 2 if the tenant's share is.
 _LEASE = _NOW + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
-return 1
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 1 end
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then return 2 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[3])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[3])
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[4]))
+return 0
 """
 
 
@@ -114,15 +120,21 @@ class SharedQuotas:
     async def release_model(self, tenant: str, model_id: str) -> None:
         await self._do("release_model", self._redis.srem(self._live(tenant), model_id))
 
-    async def take_sample_place(self, limit: int) -> str | None:
-        """A place in the deployment's sample queue (its token, to give back), or None when full."""
-        token = uuid.uuid4().hex
-        taken = await self._do("take_sample_place", self._lease(keys=[f"{self._prefix}:samples"],
-                                                                args=[limit, token, SAMPLE_LEASE_MS]))
-        return token if taken else None
+    def _samples(self, tenant: str) -> str:
+        return f"{self._prefix}:samples:{tenant}"
 
-    async def release_sample_place(self, token: str) -> None:
-        await self._do("release_sample_place", self._redis.zrem(f"{self._prefix}:samples", token))
+    async def take_sample_place(self, tenant: str, limit: int, tenant_limit: int) -> tuple[str | None, str]:
+        """A place in the deployment's sample queue: (its token, to give back, ""), or (None, which
+        limit is full: "queue" or "tenant")."""
+        token = uuid.uuid4().hex
+        full = await self._do("take_sample_place", self._lease(
+            keys=[f"{self._prefix}:samples", self._samples(tenant)], args=[limit, tenant_limit, token, SAMPLE_LEASE_MS]))
+        return (token, "") if full == 0 else (None, "queue" if full == 1 else "tenant")
+
+    async def release_sample_place(self, tenant: str, token: str) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.zrem(f"{self._prefix}:samples", token).zrem(self._samples(tenant), token)
+        await self._do("release_sample_place", pipe.execute())
 
     async def close(self) -> None:
         await self._redis.aclose()

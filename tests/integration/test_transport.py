@@ -104,11 +104,13 @@ def test_resubmission_is_idempotent_on_seq_id_and_body(server, token_rows) -> No
 
 @pytest.fixture(scope="module")
 def tight_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[ServerProcess]:
-    """A server that answers every result metadata-first and sheds samples beyond a queue of 2."""
+    """A server that answers every result metadata-first and sheds samples beyond a queue of 2 (all
+    of which one tenant may hold: these tests have one)."""
     data_dir = tmp_path_factory.mktemp("tight")
     (data_dir / "models").mkdir()
     (data_dir / "models" / "tiny-qwen3").symlink_to(tiny_model_dir)
-    env = {"TWINKLE_METADATA_ONLY_BYTES": "100", "TWINKLE_SAMPLE_QUEUE_LIMIT": "2"}
+    env = {"TWINKLE_METADATA_ONLY_BYTES": "100", "TWINKLE_SAMPLE_QUEUE_LIMIT": "2",
+           "TWINKLE_SAMPLE_QUEUE_TENANT_SHARE": "1"}
     with running_server(data_dir, env=env) as proc:
         yield proc
 

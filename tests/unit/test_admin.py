@@ -19,7 +19,7 @@ from server.runtime import Runtime
 from server.tenancy import tenants
 from tests.support.admin import ADMIN, ADMIN_API, ADMIN_KEY, new_key, new_tenant
 from tests.support.engines import IdleEngine
-from tests.support.http import error
+from tests.support.http import error, local_client
 
 A = ADMIN_API
 SESSION = {"sdk_version": "0.38.0", "tags": [], "user_metadata": {}}
@@ -27,7 +27,7 @@ SESSION = {"sdk_version": "0.38.0", "tags": [], "user_metadata": {}}
 
 def make_client(data_dir: Path, **settings) -> TestClient:
     config = Settings(data_dir=data_dir, base_model="tiny-qwen3", long_poll_seconds=1, **settings)
-    return TestClient(create_app(build_runtime(config, engine=IdleEngine())))
+    return local_client(create_app(build_runtime(config, engine=IdleEngine())))
 
 
 @pytest.fixture(scope="module")

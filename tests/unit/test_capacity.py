@@ -15,7 +15,7 @@ from server.boot import build_runtime
 from server.config import Settings
 from tests.support.admin import ADMIN, ADMIN_KEY, new_key, new_tenant
 from tests.support.engines import IdleEngine
-from tests.support.http import error
+from tests.support.http import error, local_client
 from workers.types import PoolStatus
 
 A = "/twinkle/v1/admin"
@@ -40,7 +40,7 @@ def engine() -> PoolEngine:
 def client(tmp_path_factory: pytest.TempPathFactory, engine: PoolEngine) -> Iterator[TestClient]:
     config = Settings(data_dir=Path(tmp_path_factory.mktemp("capacity")), base_model="tiny-qwen3", auth="keys",
                       admin_key=ADMIN_KEY, max_live_models=16, sample_queue_limit=64)
-    with TestClient(create_app(build_runtime(config, engine=engine))) as c:
+    with local_client(create_app(build_runtime(config, engine=engine))) as c:
         yield c
 
 

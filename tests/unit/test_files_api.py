@@ -20,6 +20,7 @@ from server.config import Settings
 from server.ops import files
 from server.ops.reaper import reap_expired
 from server.store.tables import UploadedFile, utcnow
+from tests.support.http import local_client
 
 ROWS = [{"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i}"}]}
         for i in range(4)]
@@ -32,7 +33,7 @@ def client(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
     (data_dir / "models").symlink_to(tiny_model_dir.parent)
     settings = Settings(data_dir=data_dir, base_model="tiny-qwen3", torch_threads=1, max_files=3,
                         max_file_mb=1, max_file_storage_mb=2)
-    with TestClient(create_app(build_runtime(settings))) as c:
+    with local_client(create_app(build_runtime(settings))) as c:
         yield c
 
 

@@ -11,7 +11,6 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from fastapi.testclient import TestClient
 
 from gateway.app import create_app
 from server.boot import build_runtime
@@ -25,6 +24,7 @@ from server.store.tables import Model, Tenant, utcnow
 from server.store.tables import Session as SessionRow
 from server.tenancy.quotas import Quotas
 from tests.support.engines import IdleEngine
+from tests.support.http import local_client
 from workers.types import LoraSpec
 
 
@@ -156,7 +156,7 @@ class GatedEngine(IdleEngine):
 def test_a_model_created_while_its_session_ends_is_released(tmp_path) -> None:
     engine = GatedEngine()
     config = Settings(data_dir=tmp_path, base_model="tiny-qwen3", long_poll_seconds=1)
-    with TestClient(create_app(build_runtime(config, engine=engine))) as client:
+    with local_client(create_app(build_runtime(config, engine=engine))) as client:
         headers = {"X-API-Key": "tml-lifecycle-race"}
 
         def post(path: str, **body) -> dict:

@@ -19,6 +19,7 @@ from server.config import Settings
 from server.errors import InvalidRequest
 from server.ops import native_data, native_store
 from server.ops.native_encode import DataTemplate, encode_row
+from tests.support.http import local_client
 
 BASE = "tiny-qwen3"
 URL = "/api/v1/processor/twinkle"
@@ -36,7 +37,7 @@ def client(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
     data_dir = tmp_path_factory.mktemp("native-data")
     (data_dir / "models").symlink_to(tiny_model_dir.parent)
     settings = Settings(data_dir=data_dir, base_model=BASE, torch_threads=1, long_poll_seconds=2)
-    with TestClient(create_app(build_runtime(settings))) as c:
+    with local_client(create_app(build_runtime(settings))) as c:
         yield c
 
 

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from gateway.app import create_app
 from server.boot import build_runtime
 from server.config import Settings
+from tests.support.http import local_client
 
 BASE = "tiny-qwen3"
 URL = f"/api/v1/model/{BASE}/twinkle"
@@ -28,7 +29,7 @@ def client(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
     data_dir = tmp_path_factory.mktemp("native")
     (data_dir / "models").symlink_to(tiny_model_dir.parent)
     settings = Settings(data_dir=data_dir, base_model=BASE, torch_threads=1, long_poll_seconds=2)
-    with TestClient(create_app(build_runtime(settings))) as c:
+    with local_client(create_app(build_runtime(settings))) as c:
         yield c
 
 

@@ -20,6 +20,7 @@ from server.boot import build_runtime
 from server.config import Settings
 from server.errors import InvalidRequest
 from server.ops import native_sampling as ns
+from tests.support.http import local_client
 from workers.types import SampledSequence, TopK
 
 KEY, OTHER = "tml-native-sampler", "tml-native-sampler-other"
@@ -34,7 +35,7 @@ def client(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
     data_dir = tmp_path_factory.mktemp("native-sampler")
     (data_dir / "models").symlink_to(tiny_model_dir.parent)
     settings = Settings(data_dir=data_dir, base_model="tiny-qwen3", torch_threads=1, long_poll_seconds=2)
-    with TestClient(create_app(build_runtime(settings))) as c:
+    with local_client(create_app(build_runtime(settings))) as c:
         yield c
 
 

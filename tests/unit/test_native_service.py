@@ -21,6 +21,7 @@ from server.runtime import Runtime
 from server.store.tables import ApiKey, Checkpoint, Model
 from server.store.tables import Session as SessionRow
 from tests.support.engines import IdleEngine
+from tests.support.http import local_client
 
 KEY = "tml-native-service"
 OTHER = "tml-native-service-other"
@@ -38,7 +39,7 @@ H, H2 = auth(), auth(OTHER)
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     settings = Settings(data_dir=tmp_path_factory.mktemp("native-service"), base_model="tiny-qwen3")
-    with TestClient(create_app(build_runtime(settings, engine=IdleEngine()))) as c:
+    with local_client(create_app(build_runtime(settings, engine=IdleEngine()))) as c:
         yield c
 
 

@@ -17,6 +17,7 @@ from server.config import Settings
 from server.errors import Busy, OperationFailed
 from server.kinds import ErrorCategory
 from server.ops import sampling
+from tests.support.http import local_client
 
 BEARER = {"Authorization": "Bearer tml-openai-unit"}
 CHAT = {"model": "tiny-qwen3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
@@ -27,7 +28,7 @@ def client(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
     data_dir = tmp_path_factory.mktemp("openai")
     (data_dir / "models").symlink_to(tiny_model_dir.parent)
     settings = Settings(data_dir=data_dir, base_model="tiny-qwen3", torch_threads=1, long_poll_seconds=2)
-    with TestClient(create_app(build_runtime(settings))) as c:
+    with local_client(create_app(build_runtime(settings))) as c:
         yield c
 
 

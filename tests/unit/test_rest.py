@@ -32,7 +32,7 @@ from server.runtime import Runtime
 from server.store.tables import ApiKey, Checkpoint, Model, SamplingSession, utcnow
 from server.store.tables import Session as SessionRow
 from tests.support.engines import IdleEngine
-from tests.support.http import error
+from tests.support.http import error, local_client
 
 KEY = {"X-API-Key": "tml-rest-test"}
 OTHER = {"X-API-Key": "tml-rest-other"}
@@ -42,7 +42,7 @@ API = "/api/v1"
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     settings = Settings(data_dir=tmp_path_factory.mktemp("rest"), base_model="tiny-qwen3", long_poll_seconds=1)
-    with TestClient(create_app(build_runtime(settings, engine=IdleEngine()))) as c:
+    with local_client(create_app(build_runtime(settings, engine=IdleEngine()))) as c:
         yield c
 
 

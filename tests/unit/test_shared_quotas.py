@@ -84,11 +84,21 @@ def test_concurrent_claims_cannot_pass_the_limit_together() -> None:
 
 def test_sample_places_are_leased_and_given_back() -> None:
     async def go(shared: SharedQuotas):
-        first = await shared.take_sample_place(2)
-        second = await shared.take_sample_place(2)
-        assert first and second and await shared.take_sample_place(2) is None
-        await shared.release_sample_place(first)
-        assert await shared.take_sample_place(2) is not None
+        (first, _), (second, _) = [await shared.take_sample_place(t, 2, 2) for t in ("a", "b")]
+        assert first and second and await shared.take_sample_place("c", 2, 2) == (None, "queue")
+        await shared.release_sample_place("a", first)
+        assert (await shared.take_sample_place("c", 2, 2))[0] is not None
+
+    run(_with(go))
+
+
+def test_a_tenant_holds_at_most_its_share_of_the_sample_places() -> None:
+    async def go(shared: SharedQuotas):
+        taken = [(await shared.take_sample_place("flood", 4, 2))[0] for _ in range(2)]
+        assert all(taken) and await shared.take_sample_place("flood", 4, 2) == (None, "tenant")
+        assert (await shared.take_sample_place("light", 4, 2))[0] is not None  # room for the others
+        await shared.release_sample_place("flood", taken[0])
+        assert (await shared.take_sample_place("flood", 4, 2))[0] is not None
 
     run(_with(go))
 
@@ -100,6 +110,6 @@ def test_redis_down_is_unavailable_at_once() -> None:
             await shared.admit_request("t", per_second=1.0, window_s=1.0)
         assert time.monotonic() - started < 3 and "Redis" in down.value.message
         with pytest.raises(Unavailable):
-            await shared.take_sample_place(1)
+            await shared.take_sample_place("t", 1, 1)
 
     run(_with(go, "redis://127.0.0.1:1/0"))  # nothing listens on port 1
