@@ -129,7 +129,7 @@ def decode_forward_backward_json(
     return decode_forward_backward_request(msg.SerializeToString(), max_decompressed_bytes=max_decompressed_bytes)
 
 
-def model_and_seq_of(body: bytes) -> tuple[object, object]:
+def model_and_seq_of(body: bytes, content_encoding: str | None = None) -> tuple[object, object]:
     """``(model_id, seq_id)`` as a JSON body names them, for releasing the seq_id of a refused
     request; ``(None, None)`` when the body is not a JSON object."""
     try:

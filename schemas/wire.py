@@ -125,6 +125,17 @@ def decode_forward_backward_request(
     )
 
 
+def model_and_seq_of(body: bytes, content_encoding: str | None = None,
+                     max_decompressed_bytes: int = 256 * 2**20) -> tuple[str | None, int | None]:
+    """``(model_id, seq_id)`` as a refused protobuf body names them, for releasing its seq_id;
+    ``(None, None)`` when not even its envelope parses."""
+    try:
+        msg = _parse_request(_decompress(body, content_encoding, max_decompressed_bytes))
+    except WireError:
+        return None, None
+    return (msg.model_id, int(msg.seq_id)) if msg.model_id else (None, None)
+
+
 def _decompress(body: bytes, content_encoding: str | None, limit: int) -> bytes:
     # Content-coding names are case-insensitive (RFC 9110 §8.4.1).
     encoding = (content_encoding or "identity").strip().lower() or "identity"
@@ -163,10 +174,20 @@ def _zstd_decompress_bounded(body: bytes, limit: int) -> bytes:
     return bytes(out)
 
 
+_DATA_FIELD = pb.ForwardBackwardRequest.DESCRIPTOR.fields_by_name["data"].number
+
+
 def _parse_request(raw: bytes) -> pb.ForwardBackwardRequest:
-    msg = pb.ForwardBackwardRequest()
+    """The request, parsed datum by datum: one ParseFromString of a 64 MiB body holds the GIL for
+    ~50 ms, and the event loop with it; between datums, other threads run. The envelope (every
+    field but `data`) is parsed as one small message, then each datum is appended in order: the
+    same message one ParseFromString would give."""
     try:
-        msg.ParseFromString(raw)
+        envelope, datums = _split_data(memoryview(raw))
+        msg = pb.ForwardBackwardRequest()
+        msg.ParseFromString(envelope)
+        for datum in datums:
+            msg.data.add().ParseFromString(datum)
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise WireError(
             "body",
@@ -174,6 +195,49 @@ def _parse_request(raw: bytes) -> pb.ForwardBackwardRequest:
             "send the SDK's Content-Type: application/x-protobuf body",
         ) from None
     return msg
+
+
+def _split_data(view: memoryview) -> tuple[bytes, list[memoryview]]:
+    """(the top-level fields but `data`, as bytes; each `data` entry's bytes), by the wire format."""
+    envelope, datums, pos = bytearray(), [], 0
+    while pos < len(view):
+        start = pos
+        tag, pos = _varint(view, pos)
+        field, wire_type = tag >> 3, tag & 7
+        if wire_type == 2:  # length-delimited
+            length, pos = _varint(view, pos)
+            if pos + length > len(view):
+                raise ValueError("truncated field")
+            if field == _DATA_FIELD:
+                datums.append(view[pos:pos + length])
+                pos += length
+                continue
+            pos += length
+        elif wire_type == 0:
+            pos = _varint(view, pos)[1]
+        elif wire_type in (1, 5):  # 64-bit, 32-bit
+            pos += 8 if wire_type == 1 else 4
+        else:
+            raise ValueError(f"wire type {wire_type} at byte {start}")
+        if pos > len(view):
+            raise ValueError("truncated field")
+        envelope += view[start:pos]
+    return bytes(envelope), datums
+
+
+def _varint(view: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(view):
+            raise ValueError("truncated varint")
+        byte = view[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift >= 64:
+            raise ValueError("varint longer than 64 bits")
 
 
 def _merge_loss_fn_config(msg: pb.ForwardBackwardRequest) -> dict[str, float | str]:

@@ -17,10 +17,11 @@ from workers.adapter_files import CheckpointFormatError
 from workers.custom_loss import CustomLossError
 from workers.native_args import NativeArgError
 from workers.peft_host import AdapterError
+from workers.sampler import NonFiniteLogits
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-USER_ERRORS = (AdapterError, CheckpointFormatError, CustomLossError, NativeArgError)
+USER_ERRORS = (AdapterError, CheckpointFormatError, CustomLossError, NativeArgError, NonFiniteLogits)
 
 
 @dataclass(frozen=True)

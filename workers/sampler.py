@@ -90,6 +90,8 @@ def sample_batch(
     outputs_prompt = []
     for j, st in enumerate(states):  # one job's prompt logits at a time
         logits = scoring_logits[j] if scoring_logits[j] is not None else _own_prompt_logits(model, st, device)
+        if logits is not None:
+            _finite(logits)
         outputs_prompt.append(_score_prompt(st, logits))
         scoring_logits[j] = logits = None  # freed before the next job's
     del scoring_logits  # the prompt logits are freed before decoding
@@ -371,9 +373,21 @@ def _update_done(row: _Row, st: _JobState, decode: Decode) -> None:
         row.done = True
 
 
+class NonFiniteLogits(ValueError):
+    """The model computed NaN or inf logits: its adapter's weights hold NaN or inf (a diverged
+    run). A user error: the weights are the caller's."""
+
+
+def _finite(logits: torch.Tensor) -> None:
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteLogits("the model's logits are NaN or infinite: the adapter's weights hold NaN or inf "
+                              "(did training diverge?); sample an earlier checkpoint")
+
+
 def _choose_all(
     states: list[_JobState], active: list[tuple[int, int]], logits: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _finite(logits)  # else NaN would pass through the CDF as a random token
     logprobs = torch.log_softmax(logits, dim=-1)
     tokens = torch.empty(len(active), dtype=torch.long, device=logits.device)
     by_job: dict[int, tuple[list[int], list[int]]] = {}

@@ -39,6 +39,12 @@ class ForwardBackwardResult:
     metrics: dict[str, float]  # keys are "<name>:<reduction>"
 
 
+# Temperatures below this sample greedily (as 0 does). Dividing logits by a tiny temperature
+# overflows float32 to inf below ~1e-37, and softmax of that picks the least likely token; well
+# before that, at 1e-4, a logit gap of 0.01 already weighs e^-100: greedy in all but name.
+GREEDY_BELOW = 1e-4
+
+
 @dataclass(frozen=True)
 class SampleParams:
     max_tokens: int
@@ -49,6 +55,10 @@ class SampleParams:
     stop_tokens: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if 0 < self.temperature < GREEDY_BELOW:
+            object.__setattr__(self, "temperature", 0.0)
 
 
 # Tinker's empty top-k cell (tinker.types.topk_logprobs): a position or slot with nothing scored.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Annotated
 
@@ -9,7 +10,7 @@ from fastapi import APIRouter, Request
 
 from gateway.deps import Fingerprint, Rt, TenantId, sequenced_body
 from gateway.guard import GuardedRoute
-from schemas import legacy
+from schemas import legacy, wire
 from schemas import tinker as api
 from schemas.custom_loss import CreateCustomLossRequest
 from schemas.wire import ForwardBackwardCall, WireError, decode_forward_backward_request
@@ -55,14 +56,16 @@ async def forward(request: Request, rt: Rt, tenant: TenantId, fp: Fingerprint) -
 async def _decode_call(request: Request, rt: Rt, tenant: str, *, forward_only: bool) -> ForwardBackwardCall:
     body = await request.body()
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "application/json":
-        call = decode_forward_backward_request(body, request.headers.get("content-encoding"))
-        return dataclasses.replace(call, forward_only=True) if forward_only else call
-    try:
-        return legacy.decode_forward_backward_json(body, forward_only=forward_only)
+    encoding = request.headers.get("content-encoding")
+    try:  # decompressing and decoding up to max_request_mb: off the event loop
+        if content_type != "application/json":
+            call = await asyncio.to_thread(decode_forward_backward_request, body, encoding)
+            return dataclasses.replace(call, forward_only=True) if forward_only else call
+        return await asyncio.to_thread(legacy.decode_forward_backward_json, body, forward_only=forward_only)
     except WireError:
         # Refused before it was queued: the model's queue must not wait for its seq_id.
-        await training.release_seq(rt, tenant, *legacy.model_and_seq_of(body))
+        named = legacy.model_and_seq_of if content_type == "application/json" else wire.model_and_seq_of
+        await training.release_seq(rt, tenant, *await asyncio.to_thread(named, body, encoding))
         raise
 
 

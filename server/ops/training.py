@@ -3,12 +3,14 @@ work on its model; the work itself runs later on the engine, in the model's seq_
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
+from typing import Any, TypeVar
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session
@@ -33,6 +35,7 @@ from workers.adapter_files import RecipientError, age_recipients
 from workers.types import AdamConfig, LoraSpec
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 async def owned_model(
@@ -205,17 +208,28 @@ async def get_info(rt: Runtime, tenant_id: str, model_id: str) -> api.GetInfoRes
 
 
 # ----- steps -----------------------------------------------------------------------------------
+OFFLOAD_TOKENS = 1 << 16  # a call with more tokens than this is checked in a worker thread
+
+
+async def off_loop(call: ForwardBackwardCall, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)`: in a worker thread for a large call (numpy on megabytes: the event loop serves
+    other requests meanwhile), inline for a small one (a thread hop costs more than the work)."""
+    if sum(len(d.tokens) for d in call.data) > OFFLOAD_TOKENS:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
 async def forward_backward(
     rt: Runtime, tenant_id: str, call: ForwardBackwardCall, fingerprint: str
 ) -> api.UntypedAPIFuture:
     model = await owned_model(rt, tenant_id, call.model_id)
     with refusing(rt, model, call.seq_id):
         custom = None
+        base = rt.base_for(model.base_model)
         if call.loss_fn == "custom":
             custom = await custom_losses.spec_for(rt, tenant_id, model.session_id, call.loss_fn_config.get("loss_id"))
-            check_custom_loss_data(call, custom, rt.base_for(model.base_model))
+            await off_loop(call, check_custom_loss_data, call, custom, base)
         else:
-            check_forward_backward(call, rt.base_for(model.base_model))
+            await off_loop(call, check_forward_backward, call, base)
         await rt.refresh_limits(tenant_id)
         tokens = sum(len(d.tokens) for d in call.data)
         rt.quotas.check_tokens(tenant_id, tokens, "data")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Mapping
@@ -26,6 +27,11 @@ OpRunner = Callable[[], Awaitable[OpResult]]
 # Told after an operation's outcome is stored: (request_id, state "done"/"failed", result bytes).
 Notify = Callable[[str, str, bytes | None], None]
 NO_SEQ = 2**62  # sorts after every real seq_id
+# Operations that never run past a missing seq_id: an optimizer step, a save or a load must see
+# every forward_backward sent before it (a chunk of a forward_backward may be given up on after
+# the grace; these wait until the missing one arrives, is refused, or the session ends).
+BARRIERS = frozenset({OpKind.OPTIM_STEP, OpKind.SAVE_WEIGHTS, OpKind.SAVE_WEIGHTS_FOR_SAMPLER,
+                      OpKind.SAVE_WEIGHTS_EXTERNAL, OpKind.LOAD_WEIGHTS, OpKind.UNLOAD_MODEL})
 
 
 def lane_of(kind: str) -> Lane:
@@ -100,12 +106,15 @@ class Queue:
 
     def ready_at(self, now: float, grace: float, start: int = 0) -> float:
         """When ops[start] may run as far as order goes (the ones before it taken): now if it is
-        due, `grace` seconds after it was queued if a seq_id before it is missing."""
+        due, `grace` seconds after it was queued if a seq_id before it is missing, never for a
+        barrier (it waits for every op before it, or for their refusal to be seen)."""
         head = self.ops[start]
         if not self.ordered or head.seq_id == NO_SEQ:
             return now
         if head.seq_id <= self.due(self.ops[start - 1].seq_id if start else None):
             return now
+        if head.kind in BARRIERS:
+            return math.inf
         return head.queued_at + grace
 
 

@@ -18,7 +18,8 @@ Order. In an *ordered* queue (a model's) operations run in seq_id order, never r
 queue waits for a missing seq_id: the SDK sends the chunks of one forward_backward concurrently,
 chunk 1 last, counting on the server to hold chunks 2..n until chunk 1 is there. A seq_id can
 also be missing for good (its POST was refused before the server learnt it, or a client died),
-so the wait is bounded by `gap_grace` seconds; a refusal the server does see calls `skip()`.
+so the wait is bounded by `gap_grace` seconds; a refusal the server does see calls `skip()`. A
+barrier (an optimizer step, a save, a load: pick.BARRIERS) never runs past a missing seq_id.
 Unordered queues (sampling, model creation) run in arrival order and never wait.
 
 Batching. Neighbouring operations with the same `Batch.key` run as one engine call, within the
@@ -42,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Mapping
 
@@ -181,7 +183,7 @@ class Scheduler:
                 self._start(step, now)
                 continue
             self._wakeup.clear()
-            timeout = None if step.until is None else max(step.until - now, 0.0)
+            timeout = None if step.until is None or math.isinf(step.until) else max(step.until - now, 0.0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
 

@@ -147,3 +147,23 @@ def test_sample_admissions_are_given_back(client: TestClient) -> None:
     result = client.post("/api/v1/retrieve_future", json={"request_id": first}, headers=KEY)
     assert result.headers["content-type"].startswith("application/x-protobuf")
     assert rt.sample_admission.pending == 0
+
+
+def test_a_refused_protobuf_body_releases_its_seq_id_so_the_next_step_runs(client: TestClient) -> None:
+    """optim_step never runs past a missing seq_id, so a forward_backward refused at decoding must
+    give its seq_id up, or the model would wait for it forever."""
+    from tests.support.data import fwdbwd_proto
+
+    sid = session(client)
+    made = client.post("/api/v1/create_model", headers=KEY, json={
+        "session_id": sid, "model_seq_id": 0, "base_model": "tiny-qwen3", "lora_config": {"rank": 2}}).json()
+    model_id = client.post("/api/v1/retrieve_future", json={"request_id": made["request_id"]},
+                           headers=KEY).json()["model_id"]
+    no_data = fwdbwd_proto(model_id, [], seq_id=1)  # decodes as far as its envelope, then refused
+    refused = client.post("/api/v1/forward_backward", content=no_data,
+                          headers={**KEY, "Content-Type": "application/x-protobuf"})
+    assert error(refused, 400)["field"] == "data"
+    step = client.post("/api/v1/optim_step", headers=KEY, json={
+        "model_id": model_id, "seq_id": 2, "adam_params": {"learning_rate": 1e-3}}).json()
+    done = client.post("/api/v1/retrieve_future", json={"request_id": step["request_id"]}, headers=KEY)
+    assert done.status_code == 200 and done.json()["metrics"]["learning_rate:mean"] == 1e-3  # ran, no wait

@@ -6,11 +6,14 @@ No database, no event loop: a test fills a Board, asks `pick` for calls, starts 
 
 from __future__ import annotations
 
+import math
 import random
+
+import pytest
 
 from server.config import Settings
 from server.kinds import Lane, OpKind
-from server.queue.pick import NO_SEQ, Batch, Board, Call, NoThrottle, Op, OpResult, Throttle, Wait, pick
+from server.queue.pick import BARRIERS, NO_SEQ, Batch, Board, Call, NoThrottle, Op, OpResult, Throttle, Wait, pick
 from server.tenancy.quotas import Quotas
 
 TWO_LANES = {Lane.TRAINING: 1, Lane.SAMPLING: 1}
@@ -113,6 +116,18 @@ def test_a_missing_seq_id_is_waited_for_gap_grace_seconds_then_given_up() -> Non
     start(board, call, now=15.0)
     board.release(call)
     assert drain(board, now=15.0) == [["m#3"]]
+
+
+@pytest.mark.parametrize("kind", sorted(BARRIERS))
+def test_a_barrier_never_runs_past_a_missing_seq_id(kind: str) -> None:
+    board = Board(lanes=TWO_LANES)
+    model_ops(board, "m", [2], at=10.0, kind=kind)  # seq_id 1, a forward_backward, has not come
+    assert step(board, now=10.0 + 1000 * GRACE) == Wait(math.inf)
+    model_ops(board, "m", [1], at=20.0)  # it comes: both run, in order
+    assert drain(board, now=20.0) == [["m#1"], ["m#2"]]
+    model_ops(board, "m", [4], at=30.0, kind=kind)
+    assert board.skip("m", 3, "")  # or it is refused, and the server sees the refusal
+    assert drain(board, now=30.0) == [["m#4"]]
 
 
 def test_a_skipped_seq_id_is_not_waited_for() -> None:

@@ -17,9 +17,11 @@ import torch
 from transformers import AutoTokenizer
 
 from workers import sampler
+from workers.guard import Failure, guarded
 from workers.sampler import sample, sample_batch
 from workers.trainer import LoraTrainer, load_base_model
 from workers.types import (
+    GREEDY_BELOW,
     TOPK_EMPTY_ID,
     TOPK_EMPTY_LOGPROB,
     BaseModelInfo,
@@ -127,6 +129,31 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(run) -> None:
     assert top1.tokens == greedy.tokens
     assert tiny_p.tokens == greedy.tokens
     np.testing.assert_allclose(top1.logprobs, greedy.logprobs, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 5e-5])
+def test_a_temperature_below_the_floor_is_greedy(run, temperature: float) -> None:
+    """Logits / 1e-40 overflow float32 to inf; without the floor softmax gives NaN and the CDF
+    picks an arbitrary token."""
+    assert SampleParams(max_tokens=1, temperature=temperature).temperature == 0.0
+    greedy = seq(SampleParams(max_tokens=10, temperature=0.0, stop_at_eos=False), run)
+    tiny = seq(SampleParams(max_tokens=10, temperature=temperature, seed=3, stop_at_eos=False), run)
+    assert tiny.tokens == greedy.tokens
+    assert SampleParams(max_tokens=1, temperature=GREEDY_BELOW).temperature == GREEDY_BELOW
+
+
+def test_nan_weights_fail_the_sample_as_a_user_error(tiny_model_dir: Path, decode) -> None:
+    broken = LoraTrainer(load_base_model(tiny_model_dir), INFO, pad_token_id=0)
+    broken.create_adapter("nan", LoraSpec(rank=2, seed=0))
+    with torch.no_grad():  # a diverged run: every weight of the adapter NaN
+        for param in broken._adapter("nan").params.values():
+            param.fill_(float("nan"))
+    for params, prompt_logprobs in ((SampleParams(max_tokens=4, temperature=1.0, seed=1), False),
+                                    (SampleParams(max_tokens=0), True)):
+        with broken.using("nan") as model:
+            failed = guarded(sample, model, PROMPT, 1, params, eos_token_ids=(EOS,), decode=decode,
+                             want_prompt_logprobs=prompt_logprobs)
+        assert isinstance(failed, Failure) and failed.category == "user" and "NaN" in failed.message
 
 
 # ----- seeds ------------------------------------------------------------------------------------
