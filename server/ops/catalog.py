@@ -39,6 +39,7 @@ from server.store.tables import Checkpoint, Model, Tenant, utcnow
 from server.store.tables import Session as SessionRow
 
 MAX_PAGE = 1000
+MAX_OFFSET = 2**62  # a page's offset: any larger is past every row, and past a 64-bit SQL integer
 NO_PROJECT = "default"  # what a session outside any project reports as its project_id
 FINISH_REASONS = ("success", "errored", "interrupted")
 

@@ -481,3 +481,10 @@ def test_migration_0002_upgrades_a_0001_database_with_rows(tmp_path: Path) -> No
         assert conn.execute(text("SELECT id, copied_from FROM models")).all() == [("s:train:0", None)]
     assert "ix_checkpoints_expires_at" in {i["name"] for i in inspect(engine).get_indexes("checkpoints")}
     engine.dispose()
+
+
+@pytest.mark.parametrize("path", ["/training_runs", "/sessions", "/checkpoints", "/twinkle/training_runs"])
+def test_an_offset_past_64_bits_is_a_4xx_naming_it(client: TestClient, path: str) -> None:
+    """Found by schemathesis: SQLite (and PostgreSQL) take no integer past 64 bits."""
+    answer = client.get(f"{API}{path}?offset={2**64}", headers={**KEY, "Authorization": "Bearer tml-rest-test"})
+    assert answer.status_code == 422 and "query.offset" in answer.text and "Traceback" not in answer.text
