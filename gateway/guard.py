@@ -43,6 +43,10 @@ KEY_READERS: dict[Callable[..., Any], Callable[[Request], str | None]] = {
 LIMIT_KEY = "twinkle.body_limit"  # the scope key a route's body limit travels in, to BodyGuard
 OPEN_MODE_REMOTE = ("this server runs with --auth open (any 'tml-…' key is accepted), so it serves callers on "
                     "this machine only; its operator must serve with --auth keys to let others in")
+# Every answer: no MIME sniffing of downloads, no framing (clickjacking), no referrer leaking a
+# signed link. No CORS headers are sent at all: browsers keep other origins from reading answers.
+SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                    (b"referrer-policy", b"no-referrer"))
 WINDOW_SECONDS = 60.0
 MAX_ADDRESSES = 100_000
 
@@ -58,7 +62,8 @@ class BodyGuard:
     """ASGI middleware: counts each request's body bytes as the server receives them, and refuses
     (TooLarge, raised to whoever is reading) once they pass the limit its route set in the scope
     (GuardedRoute), else `default_limit`. In open mode (every key is a tenant) it also serves only
-    callers on loopback, however the server was started (uvicorn on 0.0.0.0 included)."""
+    callers on loopback, however the server was started (uvicorn on 0.0.0.0 included). Every
+    response gets SECURITY_HEADERS."""
 
     def __init__(self, app: ASGIApp, default_limit: int, open_mode: bool) -> None:
         self.app, self.default_limit, self.open_mode = app, default_limit, open_mode
@@ -83,7 +88,14 @@ class BodyGuard:
                                    field="body")
             return message
 
-        await self.app(scope, counted, send)
+        async def headed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                message["headers"] = [*message.get("headers", []),
+                                      *((n, v) for n, v in SECURITY_HEADERS if n not in present)]
+            await send(message)
+
+        await self.app(scope, counted, headed)
 
 
 async def _refuse_open_mode(send: Send) -> None:

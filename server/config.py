@@ -103,6 +103,9 @@ class Settings(BaseModel):
     max_file_mb: int = Field(64, ge=1)  # one uploaded file; a larger upload is refused as it arrives
     signed_url_ttl_seconds: int = Field(3600, ge=1, le=7 * 24 * 3600)  # download links we hand out
     reap_interval_seconds: float = Field(60.0, gt=0)  # how often expired checkpoints are removed
+    # How long a finished future keeps its result (logprobs, samples): then the result is dropped and
+    # retrieving it answers that it expired. Retries of the same submission still find the row.
+    future_retention_seconds: float = Field(24 * 3600.0, gt=0)
     # How long a model's queue waits for a missing seq_id before running the next one anyway.
     seq_gap_grace_seconds: float = Field(3.0, gt=0)
     fwdbwd_batch_tokens: int = Field(1 << 16, ge=1)  # queued chunks merged into one pass, up to this

@@ -1,6 +1,6 @@
 """Removal of what has expired. Expired checkpoints are already invisible (every lookup filters on
 expires_at); reap_expired deletes their rows and folders, old trace exports, and expired uploaded
-files, for good.
+files, for good, and drops the results of futures past their retention.
 Runtime.start schedules it every settings.reap_interval_seconds."""
 
 from __future__ import annotations
@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import timedelta
 
 from sqlalchemy.orm import Session
 
 from server.ops import files
 from server.ops.checkpoints import ARCHIVES_DIR, TRACES_DIR, forget, remove_folders
+from server.queue.futures import EXPIRE_BATCH, expire_results
 from server.runtime import Runtime
 from server.store.queries import ended_ephemeral_checkpoints, expired_checkpoints
 from server.store.tables import utcnow
@@ -33,10 +35,22 @@ async def reap_expired(rt: Runtime) -> int:
             break
     removed_traces = await asyncio.to_thread(_remove_old_exports, rt)
     removed_files = await files.reap(rt)
-    if reaped or removed_traces or removed_files:
+    expired_results = await _expire_results(rt)
+    if reaped or removed_traces or removed_files or expired_results:
         log.info("reaped_expired", extra={"checkpoints": reaped, "trace_exports": removed_traces,
-                                          "files": removed_files})
+                                          "files": removed_files, "future_results": expired_results})
     return reaped
+
+
+async def _expire_results(rt: Runtime) -> int:
+    """Drop the results of futures finished longer ago than the retention, in batches."""
+    retention = rt.settings.future_retention_seconds
+    cutoff, expired = utcnow() - timedelta(seconds=retention), 0
+    while count := await rt.db.run(lambda s: expire_results(s, cutoff, retention)):
+        expired += count
+        if count < EXPIRE_BATCH:
+            break
+    return expired
 
 
 def _forget_expired(s: Session) -> tuple[int, list[str]]:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -151,3 +152,21 @@ class FutureHub:
             waiters.discard(event)
             if not waiters and self._events.get(request_id) is waiters:
                 del self._events[request_id]
+
+
+EXPIRE_BATCH = 500
+EXPIRED = ("the result of this request expired: results are kept {seconds:g} s after they are ready "
+           "(future_retention_seconds); the work ran once and is not run again")
+
+
+def expire_results(s: Session, finished_before: datetime, retention_seconds: float) -> int:
+    """Up to EXPIRE_BATCH finished futures, done before `finished_before`, lose their result: each
+    then answers that it expired (a user error). Their rows stay, so a retry of the same submission
+    still finds them and runs nothing twice. How many were expired."""
+    rows = list(s.scalars(select(Future).where(
+        Future.finished_at < finished_before, Future.state == FutureState.DONE).limit(EXPIRE_BATCH)))
+    for row in rows:
+        row.state, row.result, row.result_format = FutureState.FAILED, None, None
+        row.error, row.error_category = EXPIRED.format(seconds=retention_seconds), ErrorCategory.USER
+    return len(rows)
+

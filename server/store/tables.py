@@ -76,6 +76,8 @@ class ApiKey(Base):
 
 class Session(Base):
     __tablename__ = "sessions"
+    # The session reaper's scan: live sessions (finished_at IS NULL) by their last heartbeat.
+    __table_args__ = (Index("ix_sessions_live_heartbeat", "finished_at", "last_heartbeat_at"),)
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     sdk_version: Mapped[str | None] = mapped_column(String(64))
@@ -120,6 +122,7 @@ class Future(Base):
         UniqueConstraint("tenant_id", "scope", "seq_id", "fingerprint", name="uq_futures_submission"),
         Index("ix_futures_state", "state"),
         Index("ix_futures_owner", "owner"),
+        Index("ix_futures_finished_at", "finished_at"),  # the reaper's scan for results past retention
     )
     request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)

@@ -167,3 +167,29 @@ def test_a_refused_protobuf_body_releases_its_seq_id_so_the_next_step_runs(clien
         "model_id": model_id, "seq_id": 2, "adam_params": {"learning_rate": 1e-3}}).json()
     done = client.post("/api/v1/retrieve_future", json={"request_id": step["request_id"]}, headers=KEY)
     assert done.status_code == 200 and done.json()["metrics"]["learning_rate:mean"] == 1e-3  # ran, no wait
+
+
+def test_a_result_past_its_retention_answers_that_it_expired(client: TestClient) -> None:
+    """Results do not stay in the database forever: past future_retention_seconds the reaper drops
+    them; the row stays, so retrieving says why, and a retry of the same submission runs nothing."""
+    import asyncio
+    from datetime import timedelta
+
+    from server.ops.reaper import reap_expired
+    from server.store.tables import Future, utcnow
+
+    rt = client.app.state.runtime
+    body = {"session_id": session(client), "model_seq_id": 0, "base_model": "tiny-qwen3", "lora_config": {"rank": 2}}
+    request_id = client.post("/api/v1/create_model", json=body, headers=KEY).json()["request_id"]
+    assert client.post("/api/v1/retrieve_future", json={"request_id": request_id}, headers=KEY).json()["model_id"]
+
+    def age(s) -> None:  # noqa: ANN001
+        s.get(Future, request_id).finished_at = utcnow() - timedelta(seconds=rt.settings.future_retention_seconds + 1)
+
+    asyncio.run(rt.db.run(age))
+    client.portal.call(reap_expired, rt)
+    row = asyncio.run(rt.db.run(lambda s: s.get(Future, request_id)))
+    assert row.result is None
+    expired = error(client.post("/api/v1/retrieve_future", json={"request_id": request_id}, headers=KEY), 200)
+    assert expired["category"] == "user" and "expired" in expired["error"] and "future_retention_seconds" in expired["error"]
+    assert client.post("/api/v1/create_model", json=body, headers=KEY).json()["request_id"] == request_id

@@ -220,3 +220,12 @@ def test_keys_mode_serves_any_address(keys_client: TestClient) -> None:
 def test_the_app_factory_refuses_open_mode_on_a_public_address(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--auth open"):
         make_app(tmp_path, host="0.0.0.0")
+
+
+def test_every_answer_carries_the_security_headers_and_no_cors(client: TestClient) -> None:
+    for answer in (client.get("/api/v1/healthz"), client.get("/api/v1/training_runs", headers=KEY),
+                   client.post("/api/v1/optim_step", json={}, headers={"Origin": "https://evil.example", **KEY})):
+        assert answer.headers["x-content-type-options"] == "nosniff" and answer.headers["x-frame-options"] == "DENY"
+        assert answer.headers["referrer-policy"] == "no-referrer"
+        assert "access-control-allow-origin" not in answer.headers
+
