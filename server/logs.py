@@ -41,5 +41,5 @@ def setup_logging(level: str = "info") -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
-    for noisy in ("httpx", "alembic", "transformers", "peft"):
+    for noisy in ("httpx", "alembic", "transformers", "peft", "python_multipart"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

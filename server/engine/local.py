@@ -14,6 +14,7 @@ import hashlib
 import logging
 import shutil
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,6 +54,7 @@ from workers.types import (
 )
 
 log = logging.getLogger(__name__)
+CUSTOM_LOSS_CACHE = 256  # compiled custom losses kept per engine
 T = TypeVar("T")
 Fetch = Callable[[], AdapterWeights]
 
@@ -79,7 +81,7 @@ class LocalEngine:
         self._versions: dict[str, AdapterWeights] = {}  # in-memory versions made here, until released
         self._sampler: SamplerBackend | None = None
         self._native: NativeTraining | None = None  # the native Twinkle API's per-adapter training state
-        self._custom_losses: dict[str, CustomLoss] = {}
+        self._custom_losses: OrderedDict[str, CustomLoss] = OrderedDict()  # least recently used first
 
     async def _call(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         """`fn` on the compute thread; a Failure it ends in is raised here as OperationFailed."""
@@ -213,10 +215,14 @@ class LocalEngine:
         return self.trainer.forward_backward_groups(self._require(model_id), groups, loss, config, first.forward_only)
 
     def _custom_loss(self, spec: CustomLossSpec) -> CustomLoss:
-        """Compiled once per loss_id (compiling checks the whole graph; the result is immutable)."""
+        """Compiled once per loss_id (compiling checks the whole graph; the result is immutable),
+        the most recently used CUSTOM_LOSS_CACHE kept: compiling again is cheap, growing is not."""
         if (compiled := self._custom_losses.get(spec.loss_id)) is None:
             inputs = [{"name": name, "rank": rank} for name, rank in spec.inputs]
             compiled = self._custom_losses[spec.loss_id] = compile_graph(spec.graph, inputs, spec.name)
+            while len(self._custom_losses) > CUSTOM_LOSS_CACHE:
+                self._custom_losses.popitem(last=False)
+        self._custom_losses.move_to_end(spec.loss_id)
         return compiled
 
     async def optim_step(self, model_id: str, adam: AdamConfig) -> dict[str, float]:

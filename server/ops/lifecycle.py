@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from server.kinds import FutureState
 from server.ops import native_store, versions
-from server.queue.scopes import session_scopes
+from server.queue.scopes import model_scope, session_scopes
 from server.runtime import Runtime
 from server.store.tables import Future, Model, SamplingSession, utcnow
 from server.store.tables import Session as SessionRow
@@ -69,6 +69,8 @@ async def release(rt: Runtime, ended: Ended, message: str, *, wait_for_engine: b
             await rt.fail_queued(request_id, message)
         except Exception:
             log.exception("cancel_failed", extra={"request_id": request_id, "session_id": ended.session_id})
+    for model_id in ended.model_ids:  # each model's queue and its next seq_id: not needed any more
+        rt.scheduler.forget(model_scope(model_id))
     versions.release(rt, rt.versions.take_session(ended.session_id), "session ended")
     native_store.drop_session(ended.session_id)  # the native processor app's datasets and data loaders
     keep = ended.reason == "expired" and rt.settings.expired_adapter_retention_seconds > 0

@@ -207,6 +207,16 @@ class Board:
         self._leave_if_empty(key)
         return op
 
+    def forget(self, key: str) -> bool:
+        """Drop an idle ordered queue (its model has ended: nothing will be queued on it again).
+        False, and nothing dropped, while it holds ops or a call of it runs."""
+        queue = self.queues.get(key)
+        if queue is None or queue.ops or key in self.busy:
+            return False
+        self._leave_if_empty(key)
+        del self.queues[key]
+        return True
+
     def find(self, request_id: str) -> tuple[str, Queue, Op] | None:
         for key, queue in self.queues.items():
             for op in queue.ops:

@@ -133,6 +133,11 @@ class Scheduler:
             self._wakeup.set()  # its seq_id no longer holds up the ops behind it
         return op
 
+    def forget(self, key: str) -> bool:
+        """Drop the idle queue of a model that has ended (its next seq_id is no longer worth
+        remembering); False while it still holds or runs work."""
+        return self._board.forget(key)
+
     def depth(self, key: str) -> int:
         queue = self._board.queues.get(key)
         return len(queue.ops) if queue else 0

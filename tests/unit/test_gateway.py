@@ -193,3 +193,18 @@ def test_a_result_past_its_retention_answers_that_it_expired(client: TestClient)
     expired = error(client.post("/api/v1/retrieve_future", json={"request_id": request_id}, headers=KEY), 200)
     assert expired["category"] == "user" and "expired" in expired["error"] and "future_retention_seconds" in expired["error"]
     assert client.post("/api/v1/create_model", json=body, headers=KEY).json()["request_id"] == request_id
+
+
+def test_an_ended_sessions_model_queues_are_dropped(client: TestClient) -> None:
+    rt = client.app.state.runtime
+    sid = session(client)
+    body = {"session_id": sid, "model_seq_id": 0, "base_model": "tiny-qwen3", "lora_config": {"rank": 2}}
+    made = client.post("/api/v1/create_model", json=body, headers=KEY).json()
+    model_id = client.post("/api/v1/retrieve_future", json={"request_id": made["request_id"]}, headers=KEY).json()["model_id"]
+    step = client.post("/api/v1/optim_step", headers=KEY, json={
+        "model_id": model_id, "seq_id": 1, "adam_params": {"learning_rate": 1e-3}}).json()
+    client.post("/api/v1/retrieve_future", json={"request_id": step["request_id"]}, headers=KEY)
+    assert f"model:{model_id}" in rt.scheduler._board.queues
+    finished = client.post(f"/api/v1/sessions/{sid}/finish", json={"reason": {"type": "success"}}, headers=KEY)
+    assert finished.status_code == 200
+    assert f"model:{model_id}" not in rt.scheduler._board.queues

@@ -65,9 +65,12 @@ def runtime(tmp_path, engine: RecordingEngine, **settings) -> SimpleNamespace:
     async def release_model(tenant_id: str, model_id: str) -> None:
         quotas.model_unloaded(tenant_id, model_id)
 
+    forgotten: list[str] = []
+    scheduler = SimpleNamespace(forget=forgotten.append)  # the model queues dropped
     return SimpleNamespace(settings=config, engine=engine, engines={"tiny-qwen3": engine}, quotas=quotas,
                            retention=Retention(), fail_queued=fail_queued, failed=failed, spawn=spawn, spawned=spawned,
-                           release_model=release_model, versions=Versions(4, 60.0))
+                           release_model=release_model, versions=Versions(4, 60.0), scheduler=scheduler,
+                           forgotten=forgotten)
 
 
 def ended(reason: str | None, models: list[str], pending: list[str] = ()) -> Ended:
@@ -90,6 +93,7 @@ def test_a_finished_session_unloads_its_adapters_and_frees_its_slots(tmp_path, r
     asyncio.run(release(rt, ended(reason, ["m1", "m2"], ["req-1"]), "finished"))
     assert rt.engine.calls == [("unload", "m1"), ("unload", "m2")]
     assert live(rt) == 0 and rt.retention.held() == {} and rt.failed == ["req-1"]
+    assert rt.forgotten == ["model:m1", "model:m2"]  # their queues go too
 
 
 def test_a_closing_client_does_not_wait_for_the_engine(tmp_path) -> None:
