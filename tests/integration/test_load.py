@@ -27,6 +27,8 @@ from tests.support.data import make_data
 BASE = "tiny-qwen3"
 TENANTS, CLIENTS, SAMPLERS = 8, 32, 4
 STEPS = int(os.environ.get("TWINKLE_LOAD_STEPS", "2"))
+# The full form runs for many minutes on a 2-core machine: its timeout grows with the steps.
+pytestmark = pytest.mark.timeout(240 + 40 * STEPS)
 SAMPLE_PAUSE = 0.1  # between one sampler's requests: sampling alongside training, not instead of it
 
 
