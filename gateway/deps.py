@@ -8,11 +8,12 @@ import hmac
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from server.errors import NotFound, Unauthorized
+from server.ops import catalog
 from server.ops.training import release_seq
 from server.runtime import Runtime
 from server.tenancy.keys import tenant_for_key
@@ -143,6 +144,8 @@ TenantId = Annotated[str, Depends(get_tenant)]
 BearerTenantId = Annotated[str, Depends(get_bearer_tenant)]
 NativeTenantId = Annotated[str, Depends(get_native_tenant)]
 Fingerprint = Annotated[str, Depends(get_fingerprint)]
+# A listing's offset: past 2**62 it is past every row, and past what a 64-bit SQL integer holds.
+Offset = Annotated[int, Query(ge=0, le=catalog.MAX_OFFSET)]
 
 
 def sequenced_body(model: type[M]) -> Any:

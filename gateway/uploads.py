@@ -78,7 +78,7 @@ async def _parse(request: Request, upload: Upload, boundary: bytes, max_bytes: i
 
     def on_file(part: File) -> None:
         name = (part.field_name or b"").decode("utf-8", "replace")
-        if name in upload.files or len(upload.files) >= 1:
+        if upload.files:
             raise InvalidRequest(f"send exactly one file, in the part named {file_field!r}", field=name)
         upload.files[name] = part
 

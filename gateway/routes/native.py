@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from gateway.deps import NativeTenantId, Rt
+from gateway.deps import NativeTenantId, Offset, Rt
 from gateway.errors import NativeRoute
 from schemas import native as nt
 from server.errors import InvalidRequest
@@ -101,7 +101,7 @@ async def capacity_info(rt: Rt, tenant: NativeTenantId) -> nt.CapacityInfo:
 # ----- training runs and checkpoints -------------------------------------------------------------
 @router.get("/twinkle/training_runs")
 async def list_training_runs(
-    rt: Rt, tenant: NativeTenantId, limit: int = Query(20, ge=0, le=catalog.MAX_PAGE), offset: int = Query(0, ge=0, le=catalog.MAX_OFFSET),
+    rt: Rt, tenant: NativeTenantId, limit: int = Query(20, ge=0, le=catalog.MAX_PAGE), offset: Offset = 0,
     all_users: bool = False,
 ) -> nt.TrainingRunsResponse:
     return await service.list_training_runs(rt, tenant, limit, offset, all_users=all_users)

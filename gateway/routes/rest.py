@@ -14,7 +14,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
-from gateway.deps import Rt, TenantId
+from gateway.deps import Offset, Rt, TenantId
 from gateway.errors import error_body
 from gateway.guard import GuardedRoute
 from schemas import tinker as api
@@ -38,7 +38,7 @@ async def list_training_runs(
     rt: Rt,
     tenant: TenantId,
     limit: int = Query(20, ge=0, le=catalog.MAX_PAGE),
-    offset: int = Query(0, ge=0, le=catalog.MAX_OFFSET),
+    offset: Offset = 0,
     access_scope: AccessScope = "owned",
     project_id: str | None = Query(None, min_length=1, max_length=200),
 ) -> api.TrainingRunsResponse:
@@ -56,7 +56,7 @@ async def training_run_checkpoints(
     rt: Rt,
     tenant: TenantId,
     limit: int | None = Query(None, ge=0, le=catalog.MAX_PAGE),
-    offset: int = Query(0, ge=0, le=catalog.MAX_OFFSET),
+    offset: Offset = 0,
 ) -> api.CheckpointsListResponse:
     return await catalog.training_run_checkpoints(rt, tenant, model_id, limit, offset)
 
@@ -123,7 +123,7 @@ async def malformed_checkpoint_route(model_id: str, rest: str, request: Request,
 
 @router.get("/checkpoints", response_model_exclude_none=True)
 async def list_user_checkpoints(
-    rt: Rt, tenant: TenantId, limit: int = Query(100, ge=0, le=catalog.MAX_PAGE), offset: int = Query(0, ge=0, le=catalog.MAX_OFFSET)
+    rt: Rt, tenant: TenantId, limit: int = Query(100, ge=0, le=catalog.MAX_PAGE), offset: Offset = 0
 ) -> api.CheckpointsListResponse:
     return await catalog.list_user_checkpoints(rt, tenant, limit, offset)
 
@@ -162,7 +162,7 @@ async def list_sessions(
     rt: Rt,
     tenant: TenantId,
     limit: int = Query(20, ge=0, le=catalog.MAX_PAGE),
-    offset: int = Query(0, ge=0, le=catalog.MAX_OFFSET),
+    offset: Offset = 0,
     access_scope: AccessScope = "owned",  # no organisations here: both scopes are the caller's own
 ) -> api.ListSessionsResponse:
     return await catalog.list_user_sessions(rt, tenant, limit, offset)

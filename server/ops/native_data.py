@@ -11,9 +11,9 @@ it is live; native_store.drop_session is the hook for a session's end).
 
 Rows come in the request (`DatasetMeta(data=[...])`) or from a file the tenant uploaded
 (`POST /v1/files`, then `DatasetMeta(dataset_id="file-…")`, server/ops/files.py): this server loads
-nothing from a hub or from a server path, and writes no datasets (`save_as` is refused). `map` / `filter` name functions
-of an allow-list (server/ops/native_preprocessors.py); `encode` is Twinkle's Template on the served
-base model's tokenizer (server/ops/native_encode.py).
+nothing from a hub or from a server path, and writes no datasets (`save_as` is refused). `map` /
+`filter` name functions of an allow-list (server/ops/native_preprocessors.py); `encode` is
+Twinkle's Template on the served base model's tokenizer (server/ops/native_encode.py).
 """
 
 from __future__ import annotations

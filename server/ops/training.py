@@ -211,12 +211,13 @@ async def get_info(rt: Runtime, tenant_id: str, model_id: str) -> api.GetInfoRes
 OFFLOAD_TOKENS = 1 << 16  # a call with more tokens than this is checked in a worker thread
 
 
-async def off_loop(call: ForwardBackwardCall, fn: Callable[..., T], *args: Any) -> T:
+async def off_loop(tokens: int, fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)`: in a worker thread for a large call (numpy on megabytes: the event loop serves
     other requests meanwhile), inline for a small one (a thread hop costs more than the work)."""
-    if sum(len(d.tokens) for d in call.data) > OFFLOAD_TOKENS:
+    if tokens > OFFLOAD_TOKENS:
         return await asyncio.to_thread(fn, *args)
     return fn(*args)
+
 
 async def forward_backward(
     rt: Runtime, tenant_id: str, call: ForwardBackwardCall, fingerprint: str
@@ -224,14 +225,13 @@ async def forward_backward(
     model = await owned_model(rt, tenant_id, call.model_id)
     with refusing(rt, model, call.seq_id):
         custom = None
-        base = rt.base_for(model.base_model)
+        base, tokens = rt.base_for(model.base_model), sum(len(d.tokens) for d in call.data)
         if call.loss_fn == "custom":
             custom = await custom_losses.spec_for(rt, tenant_id, model.session_id, call.loss_fn_config.get("loss_id"))
-            await off_loop(call, check_custom_loss_data, call, custom, base)
+            await off_loop(tokens, check_custom_loss_data, call, custom, base)
         else:
-            await off_loop(call, check_forward_backward, call, base)
+            await off_loop(tokens, check_forward_backward, call, base)
         await rt.refresh_limits(tenant_id)
-        tokens = sum(len(d.tokens) for d in call.data)
         rt.quotas.check_tokens(tenant_id, tokens, "data")
 
     async def run_calls(calls: list[ForwardBackwardCall]) -> list[OpResult]:

@@ -169,4 +169,3 @@ def expire_results(s: Session, finished_before: datetime, retention_seconds: flo
         row.state, row.result, row.result_format = FutureState.FAILED, None, None
         row.error, row.error_category = EXPIRED.format(seconds=retention_seconds), ErrorCategory.USER
     return len(rows)
-

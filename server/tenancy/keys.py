@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -25,6 +27,7 @@ from server.store.database import Database
 from server.store.tables import ApiKey, Tenant, utcnow
 
 log = logging.getLogger(__name__)
+V = TypeVar("V")
 MAX_KEY_LENGTH = 4096
 KEY_PREFIXES = ("tml-", "eyJ")  # static keys, and JWTs as the SDK sends them
 NEW_KEY_BYTES = 32
@@ -74,10 +77,7 @@ class KeyCache:
         return until is not None and until > now
 
     def put_miss(self, key_hash: str, now: float) -> None:
-        if len(self._misses) >= CACHE_MAX_ENTRIES:
-            self._misses = {h: t for h, t in self._misses.items() if t > now}
-            if len(self._misses) >= CACHE_MAX_ENTRIES:
-                self._misses.clear()
+        self._misses = _room(self._misses, now, lambda until: until)
         self._misses[key_hash] = now + self.miss_seconds
 
     def forget_misses(self) -> None:
@@ -89,15 +89,20 @@ class KeyCache:
         since it may have read the key before its revocation."""
         if generation is not None and generation != self.generation:
             return
-        if len(self._entries) >= CACHE_MAX_ENTRIES:
-            self._entries = {h: e for h, e in self._entries.items() if e[1] > now}
-            if len(self._entries) >= CACHE_MAX_ENTRIES:
-                self._entries.clear()
+        self._entries = _room(self._entries, now, lambda entry: entry[1])
         self._entries[key_hash] = (hit, now + self.seconds)
 
     def forget_key(self, key_id: str) -> None:
         self._entries = {h: e for h, e in self._entries.items() if e[0].key_id != key_id}
         self.generation += 1
+
+
+def _room(entries: dict[str, V], now: float, expiry: Callable[[V], float]) -> dict[str, V]:
+    """`entries` with room for one more: expired ones dropped when full, all of them if still full."""
+    if len(entries) < CACHE_MAX_ENTRIES:
+        return entries
+    live = {h: e for h, e in entries.items() if expiry(e) > now}
+    return live if len(live) < CACHE_MAX_ENTRIES else {}
 
 
 async def tenant_for_key(cache: KeyCache, db: Database, api_key: str | None, *, open_mode: bool) -> str:
