@@ -11,7 +11,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 TWINKLE_REF_VENV := .venv-twinkle-ref
 TWINKLE_REF_STAMP := $(TWINKLE_REF_VENV)/.installed
 
-.PHONY: install serve test test-fast test-slow test-ray install-vllm test-vllm install-twinkle-ref lint bench bench-pool bench-memory bench-ray proto clean
+.PHONY: install serve test test-fast test-slow test-ray install-vllm test-vllm install-twinkle-ref lint bench bench-pool bench-memory bench-ray bench-soak proto clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -106,6 +106,11 @@ bench-memory: $(STAMP)
 # Per-step time of the local and the Ray engine, in one run (loopback-only namespace, as the tests).
 bench-ray: $(STAMP)
 	$(BIN)/python bench/ray_overhead.py $(ARGS)
+
+# A steady RL-style workload for 30 minutes (ARGS="--minutes 2" for the CI form): database, data
+# dir, open files and RSS must stay flat; a table, JSON and a PNG under bench/results/.
+bench-soak: $(STAMP)
+	$(BIN)/python bench/soak.py $(ARGS)
 
 proto: $(STAMP)
 	scripts/gen_proto.sh

@@ -30,7 +30,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas import tinker_wire_pb2 as pb
 from schemas.tinker import EncodedTextChunk, ImageChunk, ModelInput
-from schemas.wire import ForwardBackwardCall, WireError, decode_forward_backward_request
+from schemas.wire import (
+    MAX_DATUMS,
+    ForwardBackwardCall,
+    WireError,
+    check_datum_count,
+    decode_forward_backward_request,
+)
 
 __all__ = [
     "decode_forward_backward_json",
@@ -104,6 +110,7 @@ def decode_forward_backward_json(
     *,
     forward_only: bool,
     max_decompressed_bytes: int = 256 * 2**20,
+    max_datums: int = MAX_DATUMS,
 ) -> ForwardBackwardCall:
     """Decode a JSON ``ForwardBackwardRequest`` (``forward_only=False``) or ``ForwardRequest``
     (``forward_only=True``) into a ``ForwardBackwardCall``. Raises ``WireError``."""
@@ -124,9 +131,11 @@ def decode_forward_backward_json(
             msg.loss_fn_config_v2[key].text = value
         else:
             msg.loss_fn_config_v2[key].number = value
+    check_datum_count(len(inp.data) or 1, max_datums)  # none at all: decoding says so, after model_id
     for i, datum in enumerate(inp.data):
         _datum_to_proto(datum, msg.data.add(), f"data[{i}]")
-    return decode_forward_backward_request(msg.SerializeToString(), max_decompressed_bytes=max_decompressed_bytes)
+    return decode_forward_backward_request(msg.SerializeToString(), max_decompressed_bytes=max_decompressed_bytes,
+                                           max_datums=max_datums)
 
 
 def model_and_seq_of(body: bytes, content_encoding: str | None = None) -> tuple[object, object]:

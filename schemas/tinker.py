@@ -14,7 +14,9 @@ own pydantic types (``tinker.types``), which tests/unit/test_schemas.py checks.
 
 from __future__ import annotations
 
+import json
 import unicodedata
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -45,6 +47,50 @@ class ResponseModel(BaseModel):
     """Base of every server -> SDK body; dump with ``model_dump(mode="json", exclude_none=True)``."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+TEXT_MAX_LEN = 200  # names, tags, project ids: what the database columns hold
+METADATA_MAX_BYTES = 64 * 1024  # a user_metadata object, as JSON
+
+
+def _no_nul(text: str) -> str:
+    # PostgreSQL text cannot hold NUL; refused here for every database alike.
+    if "\x00" in text:
+        raise ValueError("cannot contain NUL characters")
+    return text
+
+
+def _strings_of(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield str(key)
+            yield from _strings_of(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings_of(item)
+
+
+def _check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
+    if metadata is None:
+        return None
+    size = len(json.dumps(metadata))
+    if size > METADATA_MAX_BYTES:
+        raise ValueError(f"is {size} bytes as JSON; at most {METADATA_MAX_BYTES}")
+    for text in _strings_of(metadata):
+        _no_nul(text)
+    return metadata
+
+
+Text = Annotated[str, Field(max_length=TEXT_MAX_LEN), AfterValidator(_no_nul)]
+"""Short free text a request names things with (stored, listed, searched)."""
+SdkVersion = Annotated[str, Field(max_length=64), AfterValidator(_no_nul)]
+Ref = Annotated[str, Field(max_length=700), AfterValidator(_no_nul)]
+"""A base model name or a tinker:// path that a request refers to (echoed in its errors)."""
+Metadata = Annotated[dict[str, Any] | None, AfterValidator(_check_metadata)]
+"""``user_metadata``: any JSON object up to METADATA_MAX_BYTES."""
+StrMetadata = Annotated[dict[str, str] | None, AfterValidator(_check_metadata)]
 
 
 CHECKPOINT_NAME_MAX_LEN = 128
@@ -209,11 +255,11 @@ class ClientDynamicConfigResponse(ResponseModel):
 class CreateSessionRequest(RequestModel):
     """``POST /api/v1/create_session``."""
 
-    tags: list[str] = Field(default_factory=list)
-    user_metadata: dict[str, Any] | None = None
-    sdk_version: str
-    project_id: str | None = None
-    display_name: str | None = None
+    tags: list[Text] = Field(default_factory=list, max_length=100)
+    user_metadata: Metadata = None
+    sdk_version: SdkVersion
+    project_id: Text | None = None
+    display_name: Text | None = None
     type: Literal["create_session"] = "create_session"
 
 
@@ -354,8 +400,8 @@ class CreateModelRequest(RequestModel):
 
     session_id: str
     model_seq_id: int = Field(ge=0)
-    base_model: str
-    user_metadata: dict[str, Any] | None = None
+    base_model: Ref
+    user_metadata: Metadata = None
     lora_config: LoraConfig | None = None
     optimizer_config: OptimizerConfig = Field(default_factory=OptimizerConfig)
     type: Literal["create_model"] = "create_model"
@@ -431,7 +477,7 @@ class SaveWeightsRequest(RequestModel):
     seq_id: int | None = None
     ttl_seconds: int | None = None
     overwrite: bool = False
-    user_metadata: dict[str, str] | None = None
+    user_metadata: StrMetadata = None
     type: Literal["save_weights"] = "save_weights"
 
 
@@ -451,7 +497,7 @@ class SaveWeightsForSamplerRequest(RequestModel):
     kind: Literal["snapshot", "inflight"] = "snapshot"
     seq_id: int | None = None
     ttl_seconds: int | None = None
-    user_metadata: dict[str, str] | None = None
+    user_metadata: StrMetadata = None
     type: Literal["save_weights_for_sampler"] = "save_weights_for_sampler"
 
     @model_validator(mode="after")
@@ -489,9 +535,9 @@ class LoadWeightsRequest(RequestModel):
     seq_id: int | None = None
     session_id: str | None = None
     model_seq_id: int | None = Field(default=None, ge=0)
-    base_model: str | None = None
-    user_metadata: dict[str, Any] | None = None
-    path: str
+    base_model: Ref | None = None
+    user_metadata: Metadata = None
+    path: Ref
     optimizer: bool
     optimizer_config: OptimizerConfig | None = None
     weights_access_token: str | None = None
@@ -543,8 +589,8 @@ class CreateSamplingSessionRequest(RequestModel):
 
     session_id: str
     sampling_session_seq_id: int = Field(ge=0)
-    base_model: str | None = None
-    model_path: str | None = None
+    base_model: Ref | None = None
+    model_path: Ref | None = None
     type: Literal["create_sampling_session"] = "create_sampling_session"
 
     @model_validator(mode="after")
@@ -594,8 +640,8 @@ class SampleRequest(RequestModel):
     num_samples: int = Field(default=1, ge=1)
     prompt: ModelInput
     sampling_params: SamplingParams
-    base_model: str | None = None
-    model_path: str | None = None
+    base_model: Ref | None = None
+    model_path: Ref | None = None
     sampling_session_id: str | None = None
     seq_id: int | None = None
     prompt_logprobs: bool | None = None
@@ -698,7 +744,7 @@ class ExternalWeightsUrlsResponse(ResponseModel):
 class CopyWeightsRequest(RequestModel):
     """``POST /api/v1/copy_weights``: a destination project, or a session and a model slot in it."""
 
-    source_path: str
+    source_path: Ref
     session_id: str | None = None
     model_seq_id: int | None = Field(default=None, ge=0)
     destination_project_id: str | None = Field(default=None, min_length=1, max_length=200)
@@ -773,9 +819,9 @@ class SessionSearchRequest(RequestModel):
     """``POST /api/v1/sessions/search``."""
 
     session_id: str | None = None
-    project_ids: list[str] | None = None
-    user_metadata: dict[str, str] = Field(default_factory=dict)
-    display_name: str | None = Field(default=None, min_length=1)
+    project_ids: list[Text] | None = Field(default=None, max_length=100)
+    user_metadata: Annotated[dict[str, str], AfterValidator(_check_metadata)] = Field(default_factory=dict)
+    display_name: Text | None = Field(default=None, min_length=1)
     owner: SearchOwner = Field(default_factory=SearchOwner)
     statuses: list[SessionStatusQuery] | None = Field(default=None, min_length=1)
     limit: int = Field(default=50, ge=1, le=200)

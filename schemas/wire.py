@@ -40,6 +40,7 @@ __all__ = [
     "encode_sample_response",
 ]
 
+MAX_DATUMS = 1 << 16  # per request, by default; the server passes its max_datums_per_request
 _TOKEN_DTYPE = np.dtype("<i4")
 _INDEX_DTYPE = np.dtype("<i8")
 _LOGPROB_DTYPE = np.dtype("<f4")
@@ -99,20 +100,22 @@ def decode_forward_backward_request(
     content_encoding: str | None = None,
     *,
     max_decompressed_bytes: int = 256 * 2**20,
+    max_datums: int = MAX_DATUMS,
 ) -> ForwardBackwardCall:
     """Decode a ``POST /api/v1/forward_backward`` body. Raises ``WireError`` on bad input.
 
     ``max_decompressed_bytes`` bounds both the zstd output and the extra memory that
-    densifying sparse CSR tensors may take, so a small body cannot blow up the server.
+    densifying sparse CSR tensors may take, so a small body cannot blow up the server;
+    ``max_datums`` bounds the datums, checked before any is decoded (a body of millions of
+    one-token datums would cost far more memory decoded than its bytes).
     """
     raw = _decompress(body, content_encoding, max_decompressed_bytes)
-    msg = _parse_request(raw)
+    msg = _parse_request(raw, max_datums)
     if not msg.model_id:
         raise WireError("model_id", "missing: the request names no model")
     if not msg.loss_fn:
         raise WireError("loss_fn", "missing: the request names no loss function")
-    if not msg.data:
-        raise WireError("data", "the request has no datums; send at least one")
+    check_datum_count(len(msg.data), max_datums)
     budget = _DensifyBudget(max_decompressed_bytes)
     data = [_decode_datum(datum, f"data[{i}]", budget) for i, datum in enumerate(msg.data)]
     return ForwardBackwardCall(
@@ -125,13 +128,22 @@ def decode_forward_backward_request(
     )
 
 
+def check_datum_count(count: int, max_datums: int) -> None:
+    if count == 0:
+        raise WireError("data", "the request has no datums; send at least one")
+    if count > max_datums:
+        raise WireError("data", f"{count} datums in one request; at most {max_datums} are taken "
+                                "(the SDK sends at most 1024 per request: send fewer at a time)")
+
+
 def model_and_seq_of(body: bytes, content_encoding: str | None = None,
                      max_decompressed_bytes: int = 256 * 2**20) -> tuple[str | None, int | None]:
     """``(model_id, seq_id)`` as a refused protobuf body names them, for releasing its seq_id;
     ``(None, None)`` when not even its envelope parses."""
-    try:
-        msg = _parse_request(_decompress(body, content_encoding, max_decompressed_bytes))
-    except WireError:
+    msg = pb.ForwardBackwardRequest()
+    try:  # the envelope alone: a damaged datum or too many of them must not hide the seq_id
+        msg.ParseFromString(_split_data(memoryview(_decompress(body, content_encoding, max_decompressed_bytes)))[0])
+    except (WireError, DecodeError, RuntimeError, ValueError):
         return None, None
     return (msg.model_id, int(msg.seq_id)) if msg.model_id else (None, None)
 
@@ -177,24 +189,30 @@ def _zstd_decompress_bounded(body: bytes, limit: int) -> bytes:
 _DATA_FIELD = pb.ForwardBackwardRequest.DESCRIPTOR.fields_by_name["data"].number
 
 
-def _parse_request(raw: bytes) -> pb.ForwardBackwardRequest:
+def _parse_request(raw: bytes, max_datums: int) -> pb.ForwardBackwardRequest:
     """The request, parsed datum by datum: one ParseFromString of a 64 MiB body holds the GIL for
     ~50 ms, and the event loop with it; between datums, other threads run. The envelope (every
     field but `data`) is parsed as one small message, then each datum is appended in order: the
     same message one ParseFromString would give."""
     try:
         envelope, datums = _split_data(memoryview(raw))
+    except ValueError as exc:
+        raise _not_a_request(exc) from None
+    if len(datums) > max_datums:  # before any is parsed
+        check_datum_count(len(datums), max_datums)
+    try:
         msg = pb.ForwardBackwardRequest()
         msg.ParseFromString(envelope)
         for datum in datums:
             msg.data.add().ParseFromString(datum)
     except (DecodeError, RuntimeError, ValueError) as exc:
-        raise WireError(
-            "body",
-            f"not a valid ForwardBackwardRequest protobuf ({exc or type(exc).__name__}); "
-            "send the SDK's Content-Type: application/x-protobuf body",
-        ) from None
+        raise _not_a_request(exc) from None
     return msg
+
+
+def _not_a_request(exc: Exception) -> WireError:
+    return WireError("body", f"not a valid ForwardBackwardRequest protobuf ({exc or type(exc).__name__}); "
+                             "send the SDK's Content-Type: application/x-protobuf body")
 
 
 def _split_data(view: memoryview) -> tuple[bytes, list[memoryview]]:

@@ -99,6 +99,9 @@ class Settings(BaseModel):
     default_sample_max_tokens: int = Field(256, ge=1)
     max_request_mb: int = Field(256, ge=1)  # bodies of the routes that carry training data or rows (else 413)
     max_json_mb: int = Field(8, ge=1)  # bodies of every other route (control JSON)
+    # Datums in one forward_backward/forward body (the SDK sends at most 1024), checked before any
+    # is decoded: a body of millions of tiny datums costs far more memory decoded than its bytes.
+    max_datums_per_request: int = Field(4096, ge=1)
     auth_failures_per_minute: int = Field(60, ge=1)  # per client address; past it, 429 before any key lookup
     max_file_mb: int = Field(64, ge=1)  # one uploaded file; a larger upload is refused as it arrives
     signed_url_ttl_seconds: int = Field(3600, ge=1, le=7 * 24 * 3600)  # download links we hand out
@@ -106,6 +109,15 @@ class Settings(BaseModel):
     # How long a finished future keeps its result (logprobs, samples): then the result is dropped and
     # retrieving it answers that it expired. Retries of the same submission still find the row.
     future_retention_seconds: float = Field(24 * 3600.0, gt=0)
+    # How long a finished future's row is kept at all: then it is deleted (retrieving it answers
+    # "not found", and a submission retried after that would run again).
+    future_row_retention_seconds: float = Field(7 * 24 * 3600.0, gt=0)
+    # How long an ended session's rows are kept: then its samplers, custom losses and training runs
+    # without a checkpoint are deleted, and the session once no run of it is left.
+    ended_session_retention_seconds: float = Field(7 * 24 * 3600.0, gt=0)
+    # A checkpoint folder with no row (a crash between the files and the row) or a temp folder is
+    # removed once it is this old: younger ones may be a save in progress.
+    orphan_grace_seconds: float = Field(3600.0, ge=0)
     # How long a model's queue waits for a missing seq_id before running the next one anyway.
     seq_gap_grace_seconds: float = Field(3.0, gt=0)
     fwdbwd_batch_tokens: int = Field(1 << 16, ge=1)  # queued chunks merged into one pass, up to this

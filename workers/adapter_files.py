@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from workers import failpoints
 from workers.types import LoraSpec
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -46,6 +47,7 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_dir_files(tmp)
+        failpoints.hit("checkpoint.before_rename")
         if dest.exists():
             shutil.rmtree(dest)
         os.rename(tmp, dest)

@@ -58,10 +58,12 @@ async def _decode_call(request: Request, rt: Rt, tenant: str, *, forward_only: b
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     encoding = request.headers.get("content-encoding")
     try:  # decompressing and decoding up to max_request_mb: off the event loop
+        limit = rt.settings.max_datums_per_request
         if content_type != "application/json":
-            call = await asyncio.to_thread(decode_forward_backward_request, body, encoding)
+            call = await asyncio.to_thread(decode_forward_backward_request, body, encoding, max_datums=limit)
             return dataclasses.replace(call, forward_only=True) if forward_only else call
-        return await asyncio.to_thread(legacy.decode_forward_backward_json, body, forward_only=forward_only)
+        return await asyncio.to_thread(legacy.decode_forward_backward_json, body, forward_only=forward_only,
+                                       max_datums=limit)
     except WireError:
         # Refused before it was queued: the model's queue must not wait for its seq_id.
         named = legacy.model_and_seq_of if content_type == "application/json" else wire.model_and_seq_of

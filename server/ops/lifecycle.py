@@ -24,16 +24,16 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import delete, or_, select
 from sqlalchemy.orm import Session
 
 from server.kinds import FutureState
 from server.ops import native_store, versions
 from server.queue.scopes import model_scope, session_scopes
 from server.runtime import Runtime
-from server.store.tables import Future, Model, SamplingSession, utcnow
+from server.store.tables import Checkpoint, CustomLossRow, Future, Model, SamplingSession, utcnow
 from server.store.tables import Session as SessionRow
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,34 @@ def end_session(s: Session, row: SessionRow, reason: str | None) -> Ended:
     pending = list(s.scalars(
         select(Future.request_id).where(Future.state == FutureState.PENDING, Future.scope.in_(scopes))))
     return Ended(row.id, row.tenant_id, reason, models, pending)
+
+
+FORGET_BATCH = 200
+
+
+def forget_ended_sessions(s: Session, ended_before: datetime) -> int:
+    """What sessions ended before `ended_before` leave in the database, deleted: their samplers,
+    custom losses and the training runs with no checkpoint (nothing can resume them), then each
+    session with no training run left. Runs with checkpoints stay listed (and their session with
+    them) until their checkpoints are deleted or expire. How many sessions were pruned."""
+    has_checkpoint = select(Checkpoint.id).where(Checkpoint.model_id == Model.id).exists()
+    # Only sessions with something left to forget: the kept ones must not fill every batch.
+    left = or_(
+        select(SamplingSession.id).where(SamplingSession.session_id == SessionRow.id).exists(),
+        select(CustomLossRow.id).where(CustomLossRow.session_id == SessionRow.id).exists(),
+        select(Model.id).where(Model.session_id == SessionRow.id, ~has_checkpoint).exists(),
+        ~select(Model.id).where(Model.session_id == SessionRow.id).exists(),
+    )
+    sessions = list(s.scalars(
+        select(SessionRow.id).where(SessionRow.finished_at < ended_before, left).limit(FORGET_BATCH)))
+    if not sessions:
+        return 0
+    s.execute(delete(SamplingSession).where(SamplingSession.session_id.in_(sessions)))
+    s.execute(delete(CustomLossRow).where(CustomLossRow.session_id.in_(sessions)))
+    s.execute(delete(Model).where(Model.session_id.in_(sessions), ~has_checkpoint))
+    with_runs = select(Model.id).where(Model.session_id == SessionRow.id).exists()
+    s.execute(delete(SessionRow).where(SessionRow.id.in_(sessions), ~with_runs))
+    return len(sessions)
 
 
 async def release(rt: Runtime, ended: Ended, message: str, *, wait_for_engine: bool = True) -> None:

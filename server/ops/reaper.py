@@ -1,6 +1,7 @@
 """Removal of what has expired. Expired checkpoints are already invisible (every lookup filters on
 expires_at); reap_expired deletes their rows and folders, old trace exports, and expired uploaded
-files, for good, and drops the results of futures past their retention.
+files, for good, drops the results of futures past their retention, deletes futures and ended
+sessions past theirs (ops/lifecycle.forget_ended_sessions), and sweeps orphaned folders.
 Runtime.start schedules it every settings.reap_interval_seconds."""
 
 from __future__ import annotations
@@ -8,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
 
 from server.ops import files
 from server.ops.checkpoints import ARCHIVES_DIR, TRACES_DIR, forget, remove_folders
-from server.queue.futures import EXPIRE_BATCH, expire_results
+from server.ops.lifecycle import FORGET_BATCH, forget_ended_sessions
+from server.ops.orphans import sweep_orphans
+from server.queue.futures import EXPIRE_BATCH, delete_finished, expire_results
 from server.runtime import Runtime
 from server.store.queries import ended_ephemeral_checkpoints, expired_checkpoints
 from server.store.tables import utcnow
@@ -22,6 +26,7 @@ from server.store.tables import utcnow
 log = logging.getLogger(__name__)
 
 BATCH = 500
+ORPHAN_SWEEP_SECONDS = 3600.0
 
 
 async def reap_expired(rt: Runtime) -> int:
@@ -35,22 +40,25 @@ async def reap_expired(rt: Runtime) -> int:
             break
     removed_traces = await asyncio.to_thread(_remove_old_exports, rt)
     removed_files = await files.reap(rt)
-    expired_results = await _expire_results(rt)
-    if reaped or removed_traces or removed_files or expired_results:
-        log.info("reaped_expired", extra={"checkpoints": reaped, "trace_exports": removed_traces,
-                                          "files": removed_files, "future_results": expired_results})
+    retention = rt.settings.future_retention_seconds
+    expired_results = await _drain(rt, lambda s, cutoff: expire_results(s, cutoff, retention), retention, EXPIRE_BATCH)
+    deleted_futures = await _drain(rt, delete_finished, rt.settings.future_row_retention_seconds, EXPIRE_BATCH)
+    sessions = await _drain(rt, forget_ended_sessions, rt.settings.ended_session_retention_seconds, FORGET_BATCH)
+    counts = {"checkpoints": reaped, "trace_exports": removed_traces, "files": removed_files,
+              "future_results": expired_results, "futures": deleted_futures, "sessions": sessions}
+    if any(counts.values()):
+        log.info("reaped_expired", extra=counts)
     return reaped
 
 
-async def _expire_results(rt: Runtime) -> int:
-    """Drop the results of futures finished longer ago than the retention, in batches."""
-    retention = rt.settings.future_retention_seconds
-    cutoff, expired = utcnow() - timedelta(seconds=retention), 0
-    while count := await rt.db.run(lambda s: expire_results(s, cutoff, retention)):
-        expired += count
-        if count < EXPIRE_BATCH:
+async def _drain(rt: Runtime, batch: Callable[[Session, datetime], int], retention: float, size: int) -> int:
+    """Run `batch` (rows older than the retention, at most `size` at a time) until it runs dry."""
+    cutoff, total = utcnow() - timedelta(seconds=retention), 0
+    while count := await rt.db.run(lambda s: batch(s, cutoff)):
+        total += count
+        if count < size:
             break
-    return expired
+    return total
 
 
 def _forget_expired(s: Session) -> tuple[int, list[str]]:
@@ -79,9 +87,13 @@ def _remove_old_exports(rt: Runtime) -> int:
 async def run_reaper(rt: Runtime, interval: float | None = None) -> None:
     """Reap forever (cancel the task to stop). A failed round is logged and retried next round."""
     interval = interval or rt.settings.reap_interval_seconds
+    next_sweep = 0.0  # orphaned folders: at start (after a crash), then hourly (a directory walk)
     while True:
         try:
             await reap_expired(rt)
+            if time.monotonic() >= next_sweep:
+                await sweep_orphans(rt)
+                next_sweep = time.monotonic() + ORPHAN_SWEEP_SECONDS
         except Exception:
             log.exception("reap_failed")
         await asyncio.sleep(interval)

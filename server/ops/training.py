@@ -31,6 +31,7 @@ from server.runtime import Runtime
 from server.store.queries import checkpoint_by_name, owned
 from server.store.tables import Checkpoint, Model, SamplingSession, utcnow
 from server.store.tables import Session as SessionRow
+from workers import failpoints
 from workers.adapter_files import RecipientError, age_recipients
 from workers.types import AdamConfig, LoraSpec
 
@@ -292,6 +293,7 @@ async def save_checkpoint(
         raise OperationFailed(f"checkpoint {path} already exists; choose another name (or save_state with overwrite=True)")
     checkpoint_id, relative = new_checkpoint_ref(tenant_id)
     size = await engine_of(rt, model).save(model.id, relative, with_optimizer=with_optimizer, encrypt_to=encrypt_to)
+    failpoints.hit("checkpoint.before_record")
 
     def record(s: Session) -> Checkpoint:
         row = checkpoint_by_name(s, tenant_id, model.id, kind, name)

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 STOP_MESSAGE = (
     "the server stopped while this request was queued or running, so it was not completed; "
-    "submit it again (training state since the last checkpoint may be lost)"
+    "a training run's state since its last checkpoint is lost: reload that checkpoint "
+    "(create_training_client_from_state_with_optimizer) and submit it again; a sample: submit it again"
 )
 
 
@@ -169,3 +170,13 @@ def expire_results(s: Session, finished_before: datetime, retention_seconds: flo
         row.state, row.result, row.result_format = FutureState.FAILED, None, None
         row.error, row.error_category = EXPIRED.format(seconds=retention_seconds), ErrorCategory.USER
     return len(rows)
+
+
+def delete_finished(s: Session, finished_before: datetime) -> int:
+    """Up to EXPIRE_BATCH futures finished before `finished_before` deleted for good; retrieving
+    one then answers that it is not found. How many."""
+    ids_ = list(s.scalars(select(Future.request_id).where(
+        Future.finished_at < finished_before, Future.state != FutureState.PENDING).limit(EXPIRE_BATCH)))
+    if ids_:
+        s.execute(delete(Future).where(Future.request_id.in_(ids_)))
+    return len(ids_)

@@ -32,8 +32,9 @@ from server.store.tables import Future, Instance, Model, utcnow
 log = logging.getLogger(__name__)
 
 GONE_MESSAGE = (
-    "the server process that held this request stopped before completing it; submit it again "
-    "(training state since the last checkpoint may be lost)"
+    "the server process that held this request stopped before completing it; "
+    "a training run's state since its last checkpoint is lost: reload that checkpoint "
+    "(create_training_client_from_state_with_optimizer) and submit it again; a sample: submit it again"
 )
 
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from schemas import legacy
 from schemas import tinker_wire_pb2 as pb
 from schemas.tensors import decode_target_ids
-from schemas.wire import ForwardBackwardCall, WireError, _parse_request, decode_forward_backward_request
+from schemas.wire import MAX_DATUMS, ForwardBackwardCall, WireError, _parse_request, decode_forward_backward_request
 from tests.support.data import fwdbwd_proto
 
 # The same examples on every run (CI stays deterministic); explore further with
@@ -127,7 +127,7 @@ def test_random_well_typed_requests_decode_or_are_refused(body: bytes) -> None:
 def test_parsing_datum_by_datum_is_parsing_the_whole_message(body: bytes) -> None:
     whole = pb.ForwardBackwardRequest()
     whole.ParseFromString(body)
-    assert _parse_request(body) == whole
+    assert _parse_request(body, MAX_DATUMS) == whole
 
 
 # ----- zstd ----------------------------------------------------------------------------------------
