@@ -141,11 +141,15 @@ def test_two_servers_on_one_database_fail_only_a_dead_ones_work(tmp_path, tiny_m
     env = {"TWINKLE_INSTANCE_TIMEOUT_SECONDS": "3", "TWINKLE_SEQ_GAP_GRACE_SECONDS": "600"}
     args, key = ["--database-url", url], {"X-API-Key": "tml-two-servers"}
     with running_server(fresh_data_dir(tmp_path / "a", tiny_model_dir), extra_args=args, env=env) as first:
-        # No context manager: the client's session would be closed on a server that is gone by then.
-        tc = tinker.ServiceClient(base_url=first.base_url, api_key="tml-two-servers").create_lora_training_client(
-            BASE, rank=2, seed=0).result()
+        # Raw HTTP, not the SDK: an SDK client would go on heartbeating the server killed below.
+        api = f"{first.base_url}/api/v1"
+        session = httpx.post(f"{api}/create_session", json={"sdk_version": "raw"}, headers=key).json()["session_id"]
+        created = httpx.post(f"{api}/create_model", headers=key, json={
+            "session_id": session, "model_seq_id": 0, "base_model": BASE, "lora_config": {"rank": 2}}).json()
+        model_id = httpx.post(f"{api}/retrieve_future", json={"request_id": created["request_id"]}, headers=key,
+                              timeout=30).json()["model_id"]
         # seq_id 50 waits (for 600 s) for the seq_ids before it: queued in the first server.
-        body = fwdbwd_proto(tc.model_id, make_data(token_rows), seq_id=50)
+        body = fwdbwd_proto(model_id, make_data(token_rows), seq_id=50)
         headers = {**key, "Content-Type": "application/x-protobuf"}
         request_id = httpx.post(f"{first.base_url}/api/v1/forward_backward", headers=headers, content=body).json()[
             "request_id"]
