@@ -84,14 +84,17 @@ def interleaved_losses(server: ServerProcess, rows: list[list[int]], prefix: str
 
 
 def test_five_tenants_on_two_slots_train_exactly_as_with_unlimited_slots(server, pool_server, token_rows) -> None:
+    # The shared server pages out the adapters of other tests' sessions as they expire: count ours only.
+    page_outs_before = capacity(server, "tml-unlimited-0")["pool"]["page_outs"]
     unlimited = interleaved_losses(server, token_rows, "unlimited")
+    page_outs_during = capacity(server, "tml-unlimited-0")["pool"]["page_outs"] - page_outs_before
     paged = interleaved_losses(pool_server, token_rows, "paged")
     np.testing.assert_allclose(np.array(paged), np.array(unlimited), atol=1e-6, rtol=0)
     assert all(l[-1] != l[0] for l in paged)  # every tenant really trained
     pool = capacity(pool_server, "tml-paged-0")["pool"]
     assert pool["max_resident_adapters"] == 2 and pool["resident_adapters"] <= 2
     assert pool["page_outs"] >= 45 and pool["page_ins"] >= 45  # a page-in per turn: 5 tenants on 2 slots
-    assert capacity(server, "tml-unlimited-0")["pool"]["page_outs"] == 0
+    assert page_outs_during == 0
 
 
 # ----- quotas and rate limits -------------------------------------------------------------------
