@@ -134,11 +134,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--torch-threads", type=int, default=2, help="the server's compute threads")
     args = parser.parse_args()
-    settings = {"base_model": TINY_QWEN3, "rank": 8, "engine": "local", "database": "sqlite", "torch_threads": 2,
+    settings = {"base_model": TINY_QWEN3, "rank": 8, "engine": "local", "database": "sqlite",
+                "torch_threads": args.torch_threads,
                 "cpus": os.cpu_count(), "python": platform.python_version(), "reps": args.reps}
     with tempfile.TemporaryDirectory(prefix="twinkle-bench-") as tmp, \
-            running_server(Path(tmp), extra_args=["--torch-threads", "2", "--log-level", "warning"]) as server:
+            running_server(Path(tmp), extra_args=["--torch-threads", str(args.torch_threads), "--log-level",
+                                                  "warning"]) as server:
         times = measure(server.base_url, args.reps, args.warmup)
     rows = report(times, settings)
     json_path, png_path = save(rows, settings)

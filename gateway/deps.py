@@ -22,8 +22,13 @@ M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 
 
-def get_runtime(request: Request) -> Runtime:
+def runtime_of(request: Request) -> Runtime:
     return request.app.state.runtime
+
+
+async def get_runtime(request: Request) -> Runtime:
+    # async: FastAPI runs a plain-def dependency in a worker thread, a hop on every request.
+    return runtime_of(request)
 
 
 # ----- the calling tenant -------------------------------------------------------------------------
@@ -59,7 +64,7 @@ async def authenticated(request: Request, key_of: Callable[[Request], str | None
     """The caller's tenant id (once per request: the route class may have found it already)."""
     if (tenant := getattr(request.state, "tenant_id", None)) is not None:
         return tenant
-    rt = get_runtime(request)
+    rt = runtime_of(request)
     tenant = await _counting_failures(
         request, lambda: tenant_for_key(rt.keys, rt.db, key_of(request), open_mode=rt.settings.auth == "open"))
     request.state.tenant_id = tenant
@@ -117,7 +122,7 @@ async def admin_of(request: Request) -> None:
 
 
 async def _check_admin(request: Request, x_admin_key: str | None) -> None:
-    expected = get_runtime(request).settings.admin_key
+    expected = runtime_of(request).settings.admin_key
     if expected is None:
         raise NotFound("admin API disabled: start the server with an admin key (TWINKLE_ADMIN_KEY, --admin-key, "
                        "or admin_key in the config file) to enable it")

@@ -29,6 +29,7 @@ from server.store.database import Database
 from server.store.tables import Tenant
 from server.tenancy.keys import KeyCache
 from server.tenancy.quotas import Limits, Quotas
+from server.tenancy.runs import RunCache, write_touched
 from server.tenancy.shared import SharedQuotas
 from workers.types import BaseModelInfo
 
@@ -50,6 +51,7 @@ class Runtime:
     shared: SharedQuotas | None = None  # with --redis-url: the limits that hold over every server process
     feeds: CompletionFeeds = field(default_factory=CompletionFeeds)
     keys: KeyCache = field(default_factory=KeyCache)  # key hash -> tenant, for a few seconds
+    runs: RunCache = field(default_factory=RunCache)  # runs admitted here lately, for a few seconds
     retention: Retention = field(default_factory=Retention)  # expired sessions' adapters, freed later
     _bases: dict[str, BaseModelInfo] = field(default_factory=dict)
     _background: list[asyncio.Task] = field(default_factory=list)
@@ -239,7 +241,10 @@ class Runtime:
         while True:
             await asyncio.sleep(interval)
             try:
-                await asyncio.to_thread(self.instances.heartbeat)
+                if not await asyncio.to_thread(self.instances.heartbeat):
+                    self.runs.clear()  # taken for gone meanwhile: a peer may have adopted our runs
+                if touched := self.runs.take_touched():
+                    await self.db.run(lambda s: write_touched(s, touched))
                 await self.hub.ended(await asyncio.to_thread(self.instances.sweep))
             except Exception:
                 log.exception("instance_heartbeat_failed")

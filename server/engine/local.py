@@ -15,8 +15,9 @@ import logging
 import shutil
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -55,6 +56,7 @@ from workers.types import (
 
 log = logging.getLogger(__name__)
 CUSTOM_LOSS_CACHE = 256  # compiled custom losses kept per engine
+SMALL_PASS_TOKENS = 256  # forward/backward work up to this runs on one torch thread (CPU)
 T = TypeVar("T")
 Fetch = Callable[[], AdapterWeights]
 
@@ -77,6 +79,7 @@ class LocalEngine:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self._pool_status: PoolStatus | None = None  # a snapshot, refreshed after every compute call
         self._trainer: LoraTrainer | None = None
+        self._on_cpu = True  # set when the base model is placed
         self._tokenizer = None
         self._versions: dict[str, AdapterWeights] = {}  # in-memory versions made here, until released
         self._sampler: SamplerBackend | None = None
@@ -143,6 +146,7 @@ class LocalEngine:
         torch.set_num_threads(opts.torch_threads)
         hf_logging.disable_progress_bar()  # the server logs JSON lines; no tqdm bars in them
         device, dtype = resolve_device(opts.device, opts.dtype)
+        self._on_cpu = device.type == "cpu"
         model_dir = self._model_dir()
         base = load_base_model(model_dir, device=device, dtype=dtype)
         self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -212,7 +216,23 @@ class LocalEngine:
             raise AdapterError(f"unknown loss_fn {first.loss_fn!r}")
         config = {k: float(v) for k, v in first.loss_fn_config.items() if not isinstance(v, str)}
         groups = [call.data for call in calls]
-        return self.trainer.forward_backward_groups(self._require(model_id), groups, loss, config, first.forward_only)
+        with self._threads_for(sum(len(d.tokens) for group in groups for d in group)):
+            return self.trainer.forward_backward_groups(self._require(model_id), groups, loss, config,
+                                                        first.forward_only)
+
+    @contextmanager
+    def _threads_for(self, tokens: int) -> Iterator[None]:
+        """One torch thread for a small CPU pass: a second thread's start and sync cost more than it
+        saves there, and it takes the core the event loop and the client need (docs/cpu-threads.md,
+        "Small passes run on one thread")."""
+        if not self._on_cpu or tokens > SMALL_PASS_TOKENS or self._options.torch_threads == 1:
+            yield
+            return
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(self._options.torch_threads)
 
     def _custom_loss(self, spec: CustomLossSpec) -> CustomLoss:
         """Compiled once per loss_id (compiling checks the whole graph; the result is immutable),

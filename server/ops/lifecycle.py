@@ -97,6 +97,7 @@ async def release(rt: Runtime, ended: Ended, message: str, *, wait_for_engine: b
             await rt.fail_queued(request_id, message)
         except Exception:
             log.exception("cancel_failed", extra={"request_id": request_id, "session_id": ended.session_id})
+    rt.runs.forget(ended.model_ids)  # their next operation reads the session's end (410)
     for model_id in ended.model_ids:  # each model's queue and its next seq_id: not needed any more
         rt.scheduler.forget(model_scope(model_id))
     versions.release(rt, rt.versions.take_session(ended.session_id), "session ended")

@@ -40,8 +40,7 @@ async def reap_expired(rt: Runtime) -> int:
             break
     removed_traces = await asyncio.to_thread(_remove_old_exports, rt)
     removed_files = await files.reap(rt)
-    retention = rt.settings.future_retention_seconds
-    expired_results = await _drain(rt, lambda s, cutoff: expire_results(s, cutoff, retention), retention, EXPIRE_BATCH)
+    expired_results = await _expire_results(rt)
     deleted_futures = await _drain(rt, delete_finished, rt.settings.future_row_retention_seconds, EXPIRE_BATCH)
     sessions = await _drain(rt, forget_ended_sessions, rt.settings.ended_session_retention_seconds, FORGET_BATCH)
     counts = {"checkpoints": reaped, "trace_exports": removed_traces, "files": removed_files,
@@ -57,6 +56,18 @@ async def _drain(rt: Runtime, batch: Callable[[Session, datetime], int], retenti
     while count := await rt.db.run(lambda s: batch(s, cutoff)):
         total += count
         if count < size:
+            break
+    return total
+
+
+async def _expire_results(rt: Runtime) -> int:
+    """Drop results past future_retention_seconds, from the store and from the hub's memory."""
+    retention = rt.settings.future_retention_seconds
+    cutoff, total = utcnow() - timedelta(seconds=retention), 0
+    while expired := await rt.db.run(lambda s: expire_results(s, cutoff, retention)):
+        rt.hub.forget_results(expired)
+        total += len(expired)
+        if len(expired) < EXPIRE_BATCH:
             break
     return total
 

@@ -44,13 +44,15 @@ async def owned_model(
 ) -> Model:
     """The tenant's model; by default (a request that runs on the model) also checks that this
     process runs its work (else Elsewhere: the gateway forwards the request to the process that
-    does) and records the request as the run's last_request_time (in the same transaction, at
-    submission: off the compute path). `route`: check where it runs without touching (default:
-    as `touch`)."""
+    does) and records the request as the run's last_request_time (at submission: off the compute
+    path). A run that passed lately is admitted from memory (tenancy/runs.py). `route`: check
+    where it runs without touching (default: as `touch`)."""
 
     if touch:  # a submission the quotas would refuse is refused before it writes anything
         await rt.refresh_limits(tenant_id)
         rt.quotas.check(tenant_id, time.monotonic(), rate=rt.shared is None)
+        if (known := rt.runs.get(tenant_id, model_id)) is not None:  # passed all of the below lately
+            return known
 
     def read(s: Session) -> Model:
         model = owned(s, Model, tenant_id, model_id, field="model_id")
@@ -67,7 +69,10 @@ async def owned_model(
             raise Elsewhere(url, model.id)
         return model
 
-    return await rt.db.run(read)
+    model = await rt.db.run(read)
+    if touch and route is not False:
+        rt.runs.put(model)
+    return model
 
 
 async def _model_op(

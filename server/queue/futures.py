@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -69,6 +71,11 @@ class FutureHub:
         self._owner = owner
         self._announce = announce
         self._events: dict[str, set[asyncio.Event]] = {}  # request_id -> one event per waiter
+        # Futures submitted here and not ended: (tenant, kind). A poll of one waits without a read.
+        self._pending: dict[str, tuple[str, str]] = {}
+        # Futures ended here in the last RECENT_SECONDS: the poll that follows an end (the common
+        # case: the client is already waiting) is answered from memory, not from a read.
+        self._recent = RecentResults()
 
     async def submit(self, *, tenant_id: str, kind: OpKind, scope: str, seq_id: int, fingerprint: str) -> Submission:
         request_id = ids.new_id("req")
@@ -89,14 +96,13 @@ class FutureHub:
                 )
             )
 
-        if (found := await self._db.run(existing)) is not None:
-            return Submission(found, is_new=False)
-        try:
+        try:  # one write in the common case; a retry of the same submission meets the unique key
             await self._db.run(insert)
-        except IntegrityError:  # a concurrent retry inserted it first
-            found = await self._db.run(existing)
-            assert found is not None
+        except IntegrityError:
+            if (found := await self._db.run(existing)) is None:
+                raise
             return Submission(found, is_new=False)
+        self._pending[request_id] = (tenant_id, kind)
         return Submission(request_id, is_new=True)
 
     async def resolve(self, request_id: str, result: bytes, result_format: ResultFormat) -> None:
@@ -105,11 +111,21 @@ class FutureHub:
     async def fail(self, request_id: str, message: str, category: ErrorCategory) -> None:
         await self._finish(request_id, state=FutureState.FAILED, error=message, error_category=category)
 
-    async def _finish(self, request_id: str, **values: object) -> None:
+    async def _finish(self, request_id: str, *, state: str, result: bytes | None = None,
+                      result_format: str | None = None, error: str | None = None,
+                      error_category: str | None = None) -> None:
+        values = {"state": state, "result": result, "result_format": result_format, "error": error,
+                  "error_category": error_category}
+
+        changed = {key: value for key, value in values.items() if value is not None}
+
         def write(s: Session) -> None:
-            s.execute(update(Future).where(Future.request_id == request_id).values(finished_at=utcnow(), **values))
+            s.execute(update(Future).where(Future.request_id == request_id).values(finished_at=utcnow(), **changed))
 
         await self._db.run(write)
+        if (pending := self._pending.pop(request_id, None)) is not None:
+            tenant_id, kind = pending
+            self._recent.put(tenant_id, FutureView(request_id=request_id, kind=kind, **values))
         await self.ended([request_id])
 
     async def ended(self, request_ids: list[str]) -> None:
@@ -125,11 +141,24 @@ class FutureHub:
                 event.set()
 
     async def get(self, tenant_id: str, request_id: str) -> FutureView | None:
+        if (recent := self._recent.get(tenant_id, request_id)) is not None:
+            return recent
+
         def read(s: Session) -> FutureView | None:
             row = s.get(Future, request_id)
             return _view(row) if row is not None and row.tenant_id == tenant_id else None
 
         return await self._db.run(read)
+
+    def forget_results(self, request_ids: list[str]) -> None:
+        """Results the store dropped (past their retention) are not answered from memory either."""
+        self._recent.drop(request_ids)
+
+    def _pending_here(self, tenant_id: str, request_id: str) -> FutureView | None:
+        pending = self._pending.get(request_id)
+        if pending is None or pending[0] != tenant_id:
+            return None
+        return FutureView(request_id, pending[1], FutureState.PENDING, None, None, None, None)
 
     async def wait(self, tenant_id: str, request_id: str, timeout: float) -> FutureView | None:
         """The future once it has ended, or still pending after `timeout` seconds; None if it does
@@ -141,7 +170,7 @@ class FutureHub:
         waiters = self._events.setdefault(request_id, set())
         waiters.add(event)
         try:
-            view = await self.get(tenant_id, request_id)
+            view = self._pending_here(tenant_id, request_id) or await self.get(tenant_id, request_id)
             if view is None or view.state != FutureState.PENDING:
                 return view
             try:
@@ -155,21 +184,55 @@ class FutureHub:
                 del self._events[request_id]
 
 
+class RecentResults:
+    """Futures that ended here lately, by request id: at most RECENT_COUNT of them and RECENT_BYTES
+    of results, none older than RECENT_SECONDS (the database has them all, for longer)."""
+
+    RECENT_COUNT, RECENT_BYTES, RECENT_SECONDS = 4096, 64 << 20, 60.0
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[str, tuple[str, FutureView, float]] = OrderedDict()
+        self._bytes = 0
+
+    def put(self, tenant_id: str, view: FutureView) -> None:
+        now = time.monotonic()
+        self._entries[view.request_id] = (tenant_id, view, now)
+        self._bytes += len(view.result or b"")
+        while self._entries and (len(self._entries) > self.RECENT_COUNT or self._bytes > self.RECENT_BYTES
+                                 or next(iter(self._entries.values()))[2] < now - self.RECENT_SECONDS):
+            _, (_, dropped, _) = self._entries.popitem(last=False)
+            self._bytes -= len(dropped.result or b"")
+
+    def get(self, tenant_id: str, request_id: str) -> FutureView | None:
+        entry = self._entries.get(request_id)
+        if entry is None or entry[0] != tenant_id or entry[2] < time.monotonic() - self.RECENT_SECONDS:
+            return None
+        return entry[1]
+
+    def drop(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            if (entry := self._entries.pop(request_id, None)) is not None:
+                self._bytes -= len(entry[1].result or b"")
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 EXPIRE_BATCH = 500
 EXPIRED = ("the result of this request expired: results are kept {seconds:g} s after they are ready "
            "(future_retention_seconds); the work ran once and is not run again")
 
 
-def expire_results(s: Session, finished_before: datetime, retention_seconds: float) -> int:
+def expire_results(s: Session, finished_before: datetime, retention_seconds: float) -> list[str]:
     """Up to EXPIRE_BATCH finished futures, done before `finished_before`, lose their result: each
     then answers that it expired (a user error). Their rows stay, so a retry of the same submission
-    still finds them and runs nothing twice. How many were expired."""
+    still finds them and runs nothing twice. Their request ids."""
     rows = list(s.scalars(select(Future).where(
         Future.finished_at < finished_before, Future.state == FutureState.DONE).limit(EXPIRE_BATCH)))
     for row in rows:
         row.state, row.result, row.result_format = FutureState.FAILED, None, None
         row.error, row.error_category = EXPIRED.format(seconds=retention_seconds), ErrorCategory.USER
-    return len(rows)
+    return [row.request_id for row in rows]
 
 
 def delete_finished(s: Session, finished_before: datetime) -> int:

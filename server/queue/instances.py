@@ -55,13 +55,17 @@ class Instances:
     def register(self) -> None:
         self._db.call(lambda s: s.add(self._row()))
 
-    def heartbeat(self) -> None:
-        def write(s: Session) -> None:
+    def heartbeat(self) -> bool:
+        """Whether this process's row was still there (False: a peer swept it after a long pause,
+        and it has come back)."""
+        def write(s: Session) -> bool:
             touched = s.execute(update(Instance).where(Instance.id == self.id).values(heartbeat_at=utcnow()))
             if touched.rowcount != 1:  # swept by a peer after a long pause: come back
                 s.add(self._row())
+                return False
+            return True
 
-        self._db.call(write)
+        return self._db.call(write)
 
     def retire(self, message: str) -> list[str]:
         """A clean stop: this process's pending futures fail with `message` (their request ids are

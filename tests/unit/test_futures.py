@@ -181,8 +181,10 @@ def test_resolve_between_read_and_wait_is_not_lost(sqlite_db: Database) -> None:
     tenant = new_tenant(sqlite_db)
 
     async def scenario() -> None:
-        hub = FutureHub(sqlite_db)
-        rid = (await submit(hub, tenant)).request_id
+        # Submitted and resolved by another process's hub (a future pending here is known to be
+        # pending without a read); its end reaches this hub as a wake-up, as over the bus.
+        hub, other = FutureHub(sqlite_db), FutureHub(sqlite_db, announce=None)
+        rid = (await submit(other, tenant)).request_id
         original_get = hub.get
         calls = 0
 
@@ -192,7 +194,8 @@ def test_resolve_between_read_and_wait_is_not_lost(sqlite_db: Database) -> None:
             view = await original_get(tenant_id, request_id)
             if calls == 1:
                 assert view is not None and view.state == "pending"
-                await hub.resolve(rid, b"r", "json")
+                await other.resolve(rid, b"r", "json")
+                hub.wake([rid])
             return view
 
         hub.get = get_then_resolve  # type: ignore[method-assign]
@@ -280,3 +283,75 @@ def test_waits_leave_no_per_request_state_behind(sqlite_db: Database) -> None:
     arun(scenario)
 
 
+
+
+# --------------------------------------------------------------------------------------------
+# the round trip from memory: what ended here is answered without a read
+
+
+class CountingDb:
+    """The hub's database, counting the transactions the hub runs."""
+
+    def __init__(self, db: Database) -> None:
+        self.db, self.runs = db, 0
+
+    async def run(self, fn):  # noqa: ANN001, ANN201
+        self.runs += 1
+        return await self.db.run(fn)
+
+
+def test_a_submission_is_one_write_and_its_retrieval_no_read(sqlite_db: Database) -> None:
+    tenant = new_tenant(sqlite_db)
+
+    async def scenario() -> None:
+        db = CountingDb(sqlite_db)
+        hub = FutureHub(db)  # type: ignore[arg-type]
+        rid = (await submit(hub, tenant, seq_id=41)).request_id
+        assert db.runs == 1  # the insert; no read before it
+        waiting = asyncio.create_task(hub.wait(tenant, rid, timeout=5))
+        await asyncio.sleep(0.01)
+        assert db.runs == 1  # pending here: known without a read
+        await hub.resolve(rid, b"result", "json")
+        view = await waiting
+        assert view is not None and view.state == "done" and view.result == b"result"
+        assert db.runs == 2  # the resolve's write; the waiter read nothing
+        assert (await hub.wait(tenant, rid, timeout=5)).result == b"result" and db.runs == 2  # a re-poll: memory
+        assert await hub.get(new_tenant(sqlite_db), rid) is None  # another tenant: not from memory either
+        retry = await submit(hub, tenant, seq_id=41)
+        assert retry.request_id == rid and not retry.is_new  # the unique key answers a retry
+
+    arun(scenario)
+
+
+def test_results_dropped_from_the_store_are_not_answered_from_memory(sqlite_db: Database) -> None:
+    tenant = new_tenant(sqlite_db)
+
+    async def scenario() -> None:
+        hub = FutureHub(sqlite_db)
+        rid = (await submit(hub, tenant, seq_id=42)).request_id
+        await hub.resolve(rid, b"result", "json")
+        hub.forget_results([rid])
+        sqlite_db.call(lambda s: setattr(s.get(Future, rid), "result", None))
+        assert (await hub.get(tenant, rid)).result is None  # read from the store
+
+    arun(scenario)
+
+
+def test_recent_results_are_bounded_by_count_bytes_and_age(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.queue.futures import RecentResults
+
+    monkeypatch.setattr(RecentResults, "RECENT_COUNT", 3)
+    monkeypatch.setattr(RecentResults, "RECENT_BYTES", 10)
+    recent = RecentResults()
+
+    def view(i: int, size: int = 1) -> FutureView:
+        return FutureView(f"req-{i}", "optim_step", "done", b"x" * size, "json", None, None)
+
+    for i in range(5):
+        recent.put("t", view(i))
+    assert len(recent) == 3 and recent.get("t", "req-0") is None and recent.get("t", "req-4") is not None
+    recent.put("t", view(9, size=9))  # 1 + 1 + 9 > 10 bytes: the oldest go
+    assert recent.get("t", "req-3") is None and recent.get("t", "req-9") is not None
+    clock = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: clock + RecentResults.RECENT_SECONDS + 1)
+    assert recent.get("t", "req-9") is None  # older than RECENT_SECONDS

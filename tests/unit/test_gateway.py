@@ -3,6 +3,7 @@ codes and JSON error bodies for bad input; the SDK-driven tests cover the happy 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from gateway.app import create_app
+from server import ids
 from server.boot import build_runtime
 from server.config import Settings
 from tests.support.http import local_client
@@ -208,3 +210,21 @@ def test_an_ended_sessions_model_queues_are_dropped(client: TestClient) -> None:
     finished = client.post(f"/api/v1/sessions/{sid}/finish", json={"reason": {"type": "success"}}, headers=KEY)
     assert finished.status_code == 200
     assert f"model:{model_id}" not in rt.scheduler._board.queues
+
+
+def test_a_run_admitted_from_memory_is_gone_the_moment_its_session_finishes(client: TestClient) -> None:
+    """An operation on a run that passed lately is admitted without a read (tenancy/runs.py); the
+    session's end forgets it, so the next one gets the 410 at once, not after the cache's TTL."""
+    sid = session(client)
+    made = client.post("/api/v1/create_model", headers=KEY, json={
+        "session_id": sid, "model_seq_id": 0, "base_model": "tiny-qwen3", "lora_config": {"rank": 2}}).json()
+    model_id = client.post("/api/v1/retrieve_future", json={"request_id": made["request_id"]},
+                           headers=KEY).json()["model_id"]
+    step = {"model_id": model_id, "adam_params": {"learning_rate": 1e-3}}
+    assert client.post("/api/v1/optim_step", json={**step, "seq_id": 1}, headers=KEY).status_code == 200
+    rt = client.app.state.runtime
+    assert rt.runs.get(rt.keys.get(ids.hash_key(KEY["X-API-Key"]), time.monotonic()).tenant_id, model_id) is not None
+    finished = client.post(f"/api/v1/sessions/{sid}/finish", json={"reason": {"type": "success"}}, headers=KEY)
+    assert finished.status_code == 200, finished.text
+    gone = client.post("/api/v1/optim_step", json={**step, "seq_id": 2}, headers=KEY)
+    assert gone.status_code == 410, gone.text

@@ -23,6 +23,7 @@ from server.store.database import Database
 from server.store.tables import Model, Tenant, utcnow
 from server.store.tables import Session as SessionRow
 from server.tenancy.quotas import Quotas
+from server.tenancy.runs import RunCache
 from tests.support.engines import IdleEngine
 from tests.support.http import local_client
 from workers.types import LoraSpec
@@ -70,7 +71,7 @@ def runtime(tmp_path, engine: RecordingEngine, **settings) -> SimpleNamespace:
     return SimpleNamespace(settings=config, engine=engine, engines={"tiny-qwen3": engine}, quotas=quotas,
                            retention=Retention(), fail_queued=fail_queued, failed=failed, spawn=spawn, spawned=spawned,
                            release_model=release_model, versions=Versions(4, 60.0), scheduler=scheduler,
-                           forgotten=forgotten)
+                           forgotten=forgotten, runs=RunCache())
 
 
 def ended(reason: str | None, models: list[str], pending: list[str] = ()) -> Ended:

@@ -161,6 +161,6 @@ def test_orphaned_checkpoint_folders_are_swept_once_past_the_grace(client: TestC
     assert asyncio.run(sweep_orphans(rt)) == 0  # younger than the grace (an hour): maybe a save in progress
     rt.settings = rt.settings.model_copy(update={"orphan_grace_seconds": 0})
     time.sleep(0.01)
-    assert asyncio.run(sweep_orphans(rt)) == 3
+    asyncio.run(sweep_orphans(rt))  # (the server's own reaper may sweep them first: the disk is what counts)
     assert kept.exists() and merged_kept.exists()
     assert not temp.exists() and not unrecorded.exists() and not merged_orphan.parent.exists()
