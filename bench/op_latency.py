@@ -18,7 +18,6 @@ Prints a table, writes JSON and a PNG under bench/results/ (op_latency.*).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -31,11 +30,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+import outputs  # noqa: E402 - bench/outputs.py, beside this script
 
 from server.process import running_server  # noqa: E402
 from workers.base_models import TINY_QWEN3  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -107,16 +105,8 @@ def report(times: dict[str, list[float]], settings: dict) -> dict:
 
 
 def save(rows: dict, settings: dict) -> tuple[Path, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    RESULTS.mkdir(exist_ok=True)
-    json_path, png_path = RESULTS / "op_latency.json", RESULTS / "op_latency.png"
-    json_path.write_text(json.dumps({"rows": rows, "settings": settings}, indent=1))
     names = list(rows)
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = outputs.figure()
     ax.barh(names, [rows[n]["p50_ms"] for n in names], label="p50")
     ax.scatter([rows[n]["p95_ms"] for n in names], names, color="black", marker="|", s=200, label="p95")
     ax.set_xscale("log")
@@ -124,10 +114,7 @@ def save(rows: dict, settings: dict) -> tuple[Path, Path]:
     ax.invert_yaxis()
     ax.legend()
     ax.set_title("per-op latency through the tinker SDK, tiny-qwen3, local engine")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=80)
-    plt.close(fig)
-    return json_path, png_path
+    return outputs.save("op_latency", {"rows": rows, "settings": settings}, fig)
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ JSON and a PNG of the curves under bench/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -34,11 +33,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+import outputs  # noqa: E402 - bench/outputs.py, beside this script
 
 from server.process import running_server  # noqa: E402
 from workers.base_models import TINY_QWEN3, resolve_base_model  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 KEY = "tml-soak"
 ITERATIONS_PER_CLIENT, SAVE_EVERY = 6, 3
 FLAT_RATIO, FLAT_FDS = 1.10, 8
@@ -214,19 +213,11 @@ def show(report: Report) -> None:
         console.print(f"[red]error:[/red] {error}")
 
 
-def save(report: Report, name: str, folder: Path = RESULTS) -> tuple[Path, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder.mkdir(parents=True, exist_ok=True)
+def save(report: Report, name: str, folder: Path = outputs.RESULTS) -> tuple[Path, Path]:
     data = {**asdict(report), "verdicts": report.verdicts(), "flat": report.flat,
             "machine": {"cpus": os.cpu_count(), "arch": platform.machine(), "python": platform.python_version()},
             "settings": {**RETENTIONS, "checkpoint_ttl": CHECKPOINT_TTL}}
-    json_path, png_path = folder / f"{name}.json", folder / f"{name}.png"
-    json_path.write_text(json.dumps(data, indent=1))
-    fig, axes = plt.subplots(len(SERIES), 1, figsize=(8, 9), sharex=True)
+    fig, axes = outputs.figure(len(SERIES), height=9)
     times = [s.t for s in report.samples]
     for ax, series in zip(axes, SERIES):
         ax.plot(times, [getattr(s, series) for s in report.samples])
@@ -235,10 +226,7 @@ def save(report: Report, name: str, folder: Path = RESULTS) -> tuple[Path, Path]
         ax.set_ylim(bottom=0)
     axes[-1].set_xlabel("seconds (dashed: end of warm-up)")
     fig.suptitle(f"soak, {report.database}: {report.steps} RL iterations by {report.clients} clients")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=80)
-    plt.close(fig)
-    return json_path, png_path
+    return outputs.save(name, data, fig, folder)
 
 
 def main() -> None:

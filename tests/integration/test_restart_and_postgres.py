@@ -33,6 +33,16 @@ def step(tc, data) -> float:
     return fb.result().metrics["loss:sum"]
 
 
+def raw_model(base_url: str, key: dict[str, str]) -> str:
+    """A training run in a new session, made over raw HTTP (no SDK client left heartbeating)."""
+    api = f"{base_url}/api/v1"
+    session = httpx.post(f"{api}/create_session", json={"sdk_version": "raw"}, headers=key).json()["session_id"]
+    created = httpx.post(f"{api}/create_model", headers=key, json={
+        "session_id": session, "model_seq_id": 0, "base_model": BASE, "lora_config": {"rank": 2}}).json()
+    return httpx.post(f"{api}/retrieve_future", json={"request_id": created["request_id"]}, headers=key,
+                      timeout=30).json()["model_id"]
+
+
 def fresh_data_dir(tmp_path: Path, tiny_model_dir: Path) -> Path:
     (tmp_path / "models").mkdir(parents=True)
     (tmp_path / "models" / "tiny-qwen3").symlink_to(tiny_model_dir)
@@ -52,12 +62,7 @@ def test_runs_and_checkpoints_survive_a_restart(tmp_path, tiny_model_dir, token_
         file_id = upload_and_check(server.base_url, "tml-restart")
         # A client still running when the server stops: its session stays open (raw HTTP, so no
         # SDK is left heartbeating a server that is gone).
-        api = f"{server.base_url}/api/v1"
-        session = httpx.post(f"{api}/create_session", json={"sdk_version": "raw"}, headers=key).json()["session_id"]
-        created = httpx.post(f"{api}/create_model", headers=key, json={
-            "session_id": session, "model_seq_id": 0, "base_model": BASE, "lora_config": {"rank": 2}}).json()
-        live_model = httpx.post(f"{api}/retrieve_future", json={"request_id": created["request_id"]}, headers=key,
-                                timeout=30).json()["model_id"]
+        live_model = raw_model(server.base_url, key)
     with running_server(data_dir) as server:
         rest = tinker.RestClient(base_url=server.base_url, api_key="tml-restart")
         assert {r.training_run_id for r in rest.list_training_runs().result().training_runs} == {model_id, live_model}
@@ -142,12 +147,7 @@ def test_two_servers_on_one_database_fail_only_a_dead_ones_work(tmp_path, tiny_m
     args, key = ["--database-url", url], {"X-API-Key": "tml-two-servers"}
     with running_server(fresh_data_dir(tmp_path / "a", tiny_model_dir), extra_args=args, env=env) as first:
         # Raw HTTP, not the SDK: an SDK client would go on heartbeating the server killed below.
-        api = f"{first.base_url}/api/v1"
-        session = httpx.post(f"{api}/create_session", json={"sdk_version": "raw"}, headers=key).json()["session_id"]
-        created = httpx.post(f"{api}/create_model", headers=key, json={
-            "session_id": session, "model_seq_id": 0, "base_model": BASE, "lora_config": {"rank": 2}}).json()
-        model_id = httpx.post(f"{api}/retrieve_future", json={"request_id": created["request_id"]}, headers=key,
-                              timeout=30).json()["model_id"]
+        model_id = raw_model(first.base_url, key)
         # seq_id 50 waits (for 600 s) for the seq_ids before it: queued in the first server.
         body = fwdbwd_proto(model_id, make_data(token_rows), seq_id=50)
         headers = {**key, "Content-Type": "application/x-protobuf"}

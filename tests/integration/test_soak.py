@@ -18,6 +18,7 @@ def load_soak():  # noqa: ANN201 - the bench script as a module (bench/ is not a
     spec = importlib.util.spec_from_file_location("soak", SOAK)
     module = importlib.util.module_from_spec(spec)
     sys.modules["soak"] = module  # its dataclasses look their module up
+    sys.path.insert(0, str(SOAK.parent))  # its sibling bench/outputs.py, as when it runs as a script
     spec.loader.exec_module(module)
     return module
 
