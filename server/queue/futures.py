@@ -116,7 +116,6 @@ class FutureHub:
                       error_category: str | None = None) -> None:
         values = {"state": state, "result": result, "result_format": result_format, "error": error,
                   "error_category": error_category}
-
         changed = {key: value for key, value in values.items() if value is not None}
 
         def write(s: Session) -> None:
@@ -195,6 +194,7 @@ class RecentResults:
         self._bytes = 0
 
     def put(self, tenant_id: str, view: FutureView) -> None:
+        self.drop([view.request_id])
         now = time.monotonic()
         self._entries[view.request_id] = (tenant_id, view, now)
         self._bytes += len(view.result or b"")
