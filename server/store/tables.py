@@ -160,6 +160,7 @@ class Checkpoint(Base):
     __table_args__ = (
         UniqueConstraint("model_id", "kind", "name", name="uq_checkpoints_name"),
         Index("ix_checkpoints_expires_at", "expires_at"),  # the reaper's scan
+        Index("ix_checkpoints_storage_dir", "storage_dir"),  # the orphan sweep's (ops/orphans.py)
     )
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
