@@ -68,12 +68,13 @@ def forget_ended_sessions(s: Session, ended_before: datetime) -> int:
     session with no training run left. Runs with checkpoints stay listed (and their session with
     them) until their checkpoints are deleted or expire. How many sessions were pruned."""
     has_checkpoint = select(Checkpoint.id).where(Checkpoint.model_id == Model.id).exists()
+    with_runs = select(Model.id).where(Model.session_id == SessionRow.id).exists()
     # Only sessions with something left to forget: the kept ones must not fill every batch.
     left = or_(
         select(SamplingSession.id).where(SamplingSession.session_id == SessionRow.id).exists(),
         select(CustomLossRow.id).where(CustomLossRow.session_id == SessionRow.id).exists(),
         select(Model.id).where(Model.session_id == SessionRow.id, ~has_checkpoint).exists(),
-        ~select(Model.id).where(Model.session_id == SessionRow.id).exists(),
+        ~with_runs,
     )
     sessions = list(s.scalars(
         select(SessionRow.id).where(SessionRow.finished_at < ended_before, left).limit(FORGET_BATCH)))
@@ -82,7 +83,6 @@ def forget_ended_sessions(s: Session, ended_before: datetime) -> int:
     s.execute(delete(SamplingSession).where(SamplingSession.session_id.in_(sessions)))
     s.execute(delete(CustomLossRow).where(CustomLossRow.session_id.in_(sessions)))
     s.execute(delete(Model).where(Model.session_id.in_(sessions), ~has_checkpoint))
-    with_runs = select(Model.id).where(Model.session_id == SessionRow.id).exists()
     s.execute(delete(SessionRow).where(SessionRow.id.in_(sessions), ~with_runs))
     return len(sessions)
 
