@@ -121,6 +121,13 @@ class Settings(BaseModel):
     # How long a model's queue waits for a missing seq_id before running the next one anyway.
     seq_gap_grace_seconds: float = Field(3.0, gt=0)
     fwdbwd_batch_tokens: int = Field(1 << 16, ge=1)  # queued chunks merged into one pass, up to this
+    # Packed execution (workers/packing.py): ready forward(_backward) calls of several models on one
+    # base model share one engine call, up to pack_max_models models and pack_max_tokens tokens;
+    # the trainer then runs them in one pass when its rule (docs/packing.md) says that is faster.
+    # "never": one model per call; "always": one pass whenever it fits (for tests).
+    packing: Literal["auto", "always", "never"] = "auto"
+    pack_max_models: int = Field(16, ge=1)
+    pack_max_tokens: int = Field(8192, ge=1)
     sample_batch_rows: int = Field(64, ge=1)  # queued samples on one adapter decoded together, up to this
     sample_queue_limit: int = Field(512, ge=1)  # queued sample requests; beyond it asample answers 429
     sample_queue_tenant_share: float = Field(0.5, gt=0, le=1)  # of those, the most one tenant may hold

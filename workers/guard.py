@@ -35,8 +35,14 @@ def guarded(fn: Callable[..., T], *args: object, **kwargs: object) -> T | Failur
     """`fn(*args, **kwargs)`, or the Failure it ended in."""
     try:
         return fn(*args, **kwargs)
-    except USER_ERRORS as exc:
+    except Exception as exc:  # noqa: BLE001 - every error crosses as data
+        return failure_of(exc, getattr(fn, "__qualname__", repr(fn)))
+
+
+def failure_of(exc: Exception, call: str) -> Failure:
+    """The Failure an error in engine call `call` crosses as (a server error is logged here, with
+    its traceback: call this inside the `except` that caught it)."""
+    if isinstance(exc, USER_ERRORS):
         return Failure("user", str(exc), getattr(exc, "field", None))
-    except Exception as exc:
-        log.exception("engine_call_crashed", extra={"call": getattr(fn, "__qualname__", repr(fn))})
-        return Failure("server", f"internal error in the engine ({type(exc).__name__}); the server log has details")
+    log.error("engine_call_crashed", extra={"call": call}, exc_info=exc)
+    return Failure("server", f"internal error in the engine ({type(exc).__name__}); the server log has details")

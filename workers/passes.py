@@ -23,6 +23,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from schemas.wire import DatumIn
+from workers.peft_host import Runs
 
 
 def plan_passes(lengths: list[int], budget: int) -> list[list[int]]:
@@ -58,18 +59,26 @@ class Batch:
         mask = torch.zeros(len(data), width)
         for i, n in enumerate(lengths):
             mask[i, :n] = 1.0
-        inputs = {
-            key: _pad([d.loss_fn_inputs.get(key) for d in data], lengths, width, 0, torch.float32, missing=fill)
-            for key, fill in float_inputs.items()
-        }
         return cls(
             input_ids=_pad([d.tokens for d in data], lengths, width, pad_token_id, torch.long).to(device),
             attention_mask=None if len(set(lengths)) == 1 else mask.long().to(device),
             targets=_pad([d.loss_fn_inputs["target_tokens"] for d in data], lengths, width, 0, torch.long).to(device),
-            inputs={k: v.to(device) for k, v in inputs.items()},
+            inputs=padded_inputs(data, float_inputs, width, device),
             mask=mask.to(device),
             lengths=lengths,
         )
+
+
+def padded_inputs(
+    data: list[DatumIn], float_inputs: dict[str, float], width: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The per-token float inputs of `data`, [B, width] each, zero padded; `float_inputs` as in
+    Batch.build. (A packed pass builds them per part: each part's loss has its own.)"""
+    lengths = [len(d.tokens) for d in data]
+    return {
+        key: _pad([d.loss_fn_inputs.get(key) for d in data], lengths, width, 0, torch.float32, missing=fill).to(device)
+        for key, fill in float_inputs.items()
+    }
 
 
 def _pad(
@@ -91,27 +100,45 @@ def _pad(
     return out
 
 
-Head = Callable[[torch.Tensor], torch.Tensor]  # hidden states [N, H] -> logits [N, V]
+Head = Callable[..., torch.Tensor]  # hidden states [N, H] (and, routed, their runs of adapters) -> logits [N, V]
 
 
-def target_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: Head, vocab: int, logit_elements: int) -> torch.Tensor:
+def target_logprobs(
+    hidden: torch.Tensor, targets: torch.Tensor, head: Head, vocab: int, logit_elements: int,
+    runs: Runs | None = None,
+) -> torch.Tensor:
     """log p(target) for hidden states [..., H] and targets [...], in float32, never holding more
-    than about `logit_elements` logits at once (plus the same again for their gradient)."""
+    than about `logit_elements` logits at once (plus the same again for their gradient).
+    `runs`: in a packed pass, which adapter takes how many rows of a [B, T, H] `hidden`; the head
+    is then called as head(states, routes=runs of those states), since a chunk of flattened
+    states no longer says which row each came from."""
     shape = targets.shape
     flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    rows = max(1, logit_elements // max(vocab, 1))
-    if flat_h.shape[0] <= rows:
-        return _chunk_logprobs(head, flat_h, flat_t).view(shape)
-    grad = torch.is_grad_enabled() and flat_h.requires_grad
+    step = max(1, logit_elements // max(vocab, 1))
+    chunked = torch.is_grad_enabled() and flat_h.requires_grad and flat_h.shape[0] > step
     pieces = []
-    for start in range(0, flat_h.shape[0], rows):
-        h, t = flat_h[start : start + rows], flat_t[start : start + rows]
-        pieces.append(checkpoint(_chunk_logprobs, head, h, t, use_reentrant=False) if grad else _chunk_logprobs(head, h, t))
-    return torch.cat(pieces).view(shape)
+    for start in range(0, flat_h.shape[0], step):
+        h, t = flat_h[start : start + step], flat_t[start : start + step]
+        routes = None if runs is None else _state_runs(runs, shape[-1], start, start + h.shape[0])
+        args = (head, h, t, routes)
+        pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if chunked else _chunk_logprobs(*args))
+    return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).view(shape)
 
 
-def _chunk_logprobs(head: Head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()
+def _state_runs(runs: Runs, width: int, start: int, stop: int) -> Runs:
+    """The runs of flattened states [start, stop) of rows `width` long, from the runs of rows."""
+    out: Runs = []
+    first = 0  # the first flattened state of the current run of rows
+    for name, rows in runs:
+        lo, hi = max(first, start), min(first + rows * width, stop)
+        if lo < hi:
+            out.append((name, hi - lo))
+        first += rows * width
+    return out
+
+
+def _chunk_logprobs(head: Head, hidden: torch.Tensor, targets: torch.Tensor, routes: Runs | None) -> torch.Tensor:
+    logits = (head(hidden) if routes is None else head(hidden, routes=routes)).float()
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 

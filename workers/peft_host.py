@@ -8,12 +8,14 @@ serves training or sampling. Not thread-safe: one compute thread uses it.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel
 
@@ -27,6 +29,7 @@ UNEMBED_MODULES = ("lm_head",)
 IDLE_ADAPTER = "idle"
 
 Params = dict[str, torch.nn.Parameter]  # peft state-dict key -> parameter
+Runs = list[tuple[str, int]]  # (adapter, how many consecutive rows it takes), in row order
 
 
 class AdapterError(ValueError):
@@ -114,10 +117,50 @@ class PeftHost:
             for layer in layers:
                 layer._disable_adapters = False
 
+    @contextmanager
+    def routed(self, runs: Runs, params: list[Params]) -> Iterator[PeftModel]:
+        """The model with each row of a batch going through its own adapter: `runs` says which
+        adapter takes how many consecutive rows, and every LoRA layer adds each adapter's delta to
+        its own rows only (ranks and target modules may differ). A backward that recomputes
+        checkpointed layers must run inside too: the recomputation routes again. `params`: the
+        adapters' parameters, which must take gradients. (peft's own mixed-adapter batches,
+        `adapter_names`, gather and scatter every adapter's rows by index: their backward costs
+        a full-size tensor per adapter and layer, twice the pass here with 8 adapters.)"""
+        for adapter in params:
+            for param in adapter.values():
+                param.requires_grad_(True)
+        layers = self._lora_layers()
+        # Every target this host makes (workers/peft_host.py targets) is a linear layer.
+        assert all(isinstance(layer, LoraLinear) for layer in layers), "only LoRA linear layers can be routed"
+        for layer in layers:
+            layer.forward = functools.partial(_routed_forward, layer, runs)
+        try:
+            yield self.model
+        finally:
+            for layer in layers:
+                del layer.forward  # back to the class's
+
     def _lora_layers(self) -> list[BaseTunerLayer]:
         if self._layers is None:
             self._layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
         return self._layers
+
+
+def _routed_forward(layer: LoraLinear, runs: Runs, x: torch.Tensor, *args: object, routes: Runs | None = None,
+                    **kwargs: object) -> torch.Tensor:
+    """A LoRA linear layer over rows of several adapters: the base layer once, then each adapter
+    on its own consecutive rows (split and concatenated: views forward, one copy backward).
+    `routes`: instead of the pass's runs, for a caller that feeds the layer rows of its own (the
+    chunked head: runs of flattened states)."""
+    result = layer.base_layer(x, *args, **kwargs)
+    deltas = []
+    for (name, _), rows in zip(routes or runs, x.split([n for _, n in routes or runs])):
+        if name in layer.lora_A:
+            lora_a = layer.lora_A[name]
+            deltas.append(layer.lora_B[name](lora_a(rows.to(lora_a.weight.dtype))) * layer.scaling[name])
+        else:  # this adapter has no LoRA on this layer
+            deltas.append(torch.zeros((*rows.shape[:-1], result.shape[-1]), dtype=result.dtype, device=result.device))
+    return result + torch.cat(deltas).to(result.dtype)
 
 
 @contextmanager

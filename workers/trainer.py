@@ -17,27 +17,37 @@ Not thread-safe: the engine calls it from one compute thread.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from schemas.wire import DatumIn
 from workers import adapter_files as files
 from workers.adapter_versions import AdapterWeights
 from workers.custom_loss import CustomLoss, EvalBudget
-from workers.lora_pool import ADAM_SLOTS, Adapter, AdapterPool, optimizer_tensors, restore_optimizer
+from workers.lora_pool import ADAM_SLOTS, Adapter, AdapterPool, new_adamw, optimizer_tensors, restore_optimizer
 from workers.losses import LossFn
-from workers.passes import Batch, activation_cost, checkpointed, plan_passes, target_logprobs, tokens_per_pass
-from workers.peft_host import AdapterError, PeftHost
+from workers.packing import PackRule, Segment, plan_packs
+from workers.passes import (
+    Batch,
+    activation_cost,
+    checkpointed,
+    padded_inputs,
+    plan_passes,
+    target_logprobs,
+    tokens_per_pass,
+)
+from workers.peft_host import AdapterError, PeftHost, Runs
 from workers.types import AdamConfig, BaseModelInfo, ForwardBackwardResult, LoraSpec, PoolStatus
 
-__all__ = ["AdapterError", "LoraTrainer", "load_base_model", "resolve_device"]
+__all__ = ["AdapterError", "LoraTrainer", "Segment", "load_base_model", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +71,36 @@ def load_base_model(model_dir: Path, *, device: str | torch.device = "cpu", dtyp
     return model.to(device).eval()
 
 
+Around = Callable[[int], AbstractContextManager[None]]
+
+
+def _tokens_context(tokens: int) -> AbstractContextManager[None]:
+    return nullcontext()
+
+
 @dataclass
 class _DatumResult:
     loss: float
     logprobs: np.ndarray
     metrics: dict[str, float]
+
+
+@dataclass
+class _Part:
+    """Rows of a pass that share a loss: one adapter's data (of one pass) and how it is scored."""
+
+    data: list[DatumIn]
+    loss: LossFn | CustomLoss
+    config: dict[str, float]
+    budget: EvalBudget | None  # a custom loss's, shared by the call's datums
+
+
+class _BeforeBackward(Exception):
+    """A loss failed before the model's backward began: no gradient was touched."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class LoraTrainer:
@@ -83,13 +118,14 @@ class LoraTrainer:
         max_tokens_per_pass: int | None = None,
         logit_elements: int = DEFAULT_LOGIT_ELEMENTS,
         custom_loss_seconds: float = 60.0,
+        packing: PackRule | None = None,
     ) -> None:
         """Pool options: see AdapterPool. `pass_memory_bytes`: the activations one pass may keep;
         a pass that would keep more runs its decoder layers under activation checkpointing.
         `max_tokens_per_pass`: padded tokens in one pass (a longer datum is a pass of its own;
         None: as many as `pass_memory_bytes` holds, checkpointed). `logit_elements`: logits alive
         at once while computing logprobs. `custom_loss_seconds`: wall-clock limit of a custom
-        loss in one call."""
+        loss in one call. `packing`: when several adapters' calls share one pass (workers/packing.py)."""
         if (max_tokens_per_pass is not None and max_tokens_per_pass < 1) or logit_elements < 1:
             raise ValueError("max_tokens_per_pass and logit_elements must be at least 1")
         self.info = info
@@ -102,6 +138,7 @@ class LoraTrainer:
         )
         self.logit_elements = logit_elements
         self.custom_loss_seconds = custom_loss_seconds
+        self.packing = packing or PackRule()
         self.host = PeftHost(base)
         self.model: PeftModel = self.host.model
         self.device = next(base.parameters()).device
@@ -170,65 +207,115 @@ class LoraTrainer:
         most max_tokens_per_pass tokens."""
         data = [datum for group in groups for datum in group]
         results: list[_DatumResult | None] = [None] * len(data)
-        budget = EvalBudget.per_call(self.custom_loss_seconds) if isinstance(loss, CustomLoss) else None
+        budget = _budget(loss, self.custom_loss_seconds)
         passes = plan_passes([len(d.tokens) for d in data], self.max_tokens_per_pass)
         with self.using(name) as model:
             # A call that fails in a later pass must not leave the earlier passes' gradients behind.
             saved = _gradients(self.pool.get(name)) if len(passes) > 1 and not forward_only else None
             try:
                 for indices in passes:
-                    done = self._pass(model, [data[i] for i in indices], loss, config, forward_only, budget)
-                    for i, result in zip(indices, done):
+                    part = _Part([data[i] for i in indices], loss, config, budget)
+                    for i, result in zip(indices, self._pass(model, [part], forward_only)[0]):
                         results[i] = result
-            except BaseException:
+            except BaseException as exc:
                 if saved is not None:
                     _restore_gradients(self.pool.get(name), saved)
+                if isinstance(exc, _BeforeBackward):
+                    raise exc.cause from None
                 raise
-        out, start = [], 0
-        for group in groups:
-            part = results[start : start + len(group)]
-            start += len(group)
-            out.append(_group_result(part))  # type: ignore[arg-type]
-        return out
+        return _per_group(groups, results)  # type: ignore[arg-type]
+
+    def forward_backward_packed(
+        self, segments: list[Segment], forward_only: bool = False, around: Around = _tokens_context,
+    ) -> list[list[ForwardBackwardResult] | Exception]:
+        """Several adapters' calls (one segment per adapter), each getting exactly what
+        forward_backward_groups would give it alone: the segments the packing rule groups
+        (workers/packing.py plan_packs) in one pass of the base model each, every segment's rows
+        routed to its own adapter; the others one after another. A segment that fails fails alone.
+        `around(tokens)`: a context each run of the model is wrapped in, given its tokens (the
+        engine picks torch threads by them)."""
+        outcomes: list[list[ForwardBackwardResult] | Exception | None] = [None] * len(segments)
+        for group in plan_packs(self, segments):
+            if len(group) > 1:
+                try:
+                    with around(sum(sum(segments[i].rows) for i in group)):
+                        done = self._packed([segments[i] for i in group], forward_only)
+                    for i, result in zip(group, done):
+                        outcomes[i] = result
+                    continue
+                except _BeforeBackward as exc:  # one segment's loss refused its data: run them apart
+                    log.info("packed_pass_split", extra={"segments": len(group), "error": type(exc.cause).__name__})
+            for i in group:
+                seg = segments[i]
+                try:
+                    with around(sum(seg.rows)):
+                        outcomes[i] = self.forward_backward_groups(seg.name, seg.groups, seg.loss, seg.config,
+                                                                   forward_only)
+                except Exception as exc:  # noqa: BLE001 - the caller turns it into this segment's failure
+                    outcomes[i] = exc
+        return outcomes  # type: ignore[return-value]
+
+    def _packed(self, segments: list[Segment], forward_only: bool) -> list[list[ForwardBackwardResult]]:
+        # Fetched in turn, each becomes the most recently used: with at most max_resident of them
+        # (plan_packs sees to it), paging one in never pages out another.
+        adapters = [self.pool.get(seg.name) for seg in segments]
+        parts = [_Part([d for g in seg.groups for d in g], seg.loss, seg.config,
+                       _budget(seg.loss, self.custom_loss_seconds)) for seg in segments]
+        runs = [(seg.name, len(part.data)) for seg, part in zip(segments, parts)]
+        with self.host.routed(runs, [adapter.params for adapter in adapters]) as model:
+            done = self._pass(model, parts, forward_only, runs)
+        return [_per_group(seg.groups, results) for seg, results in zip(segments, done)]
 
     def _pass(
-        self, model: PeftModel, data: list[DatumIn], loss: LossFn | CustomLoss, config: dict[str, float],
-        forward_only: bool, budget: EvalBudget | None,
-    ) -> list[_DatumResult]:
-        """One pass: the model's forward (and backward) over `data`. The losses run on a detached
-        copy of the logprobs, so their graphs are freed before the model's backward runs."""
-        float_inputs = _float_inputs(loss) if isinstance(loss, LossFn) else {}
-        batch = Batch.build(data, float_inputs, self.pad_token_id, self.device)
-        padded = len(data) * max(batch.lengths)
-        layers = self._layers if not forward_only and padded * self._cost.full > self.pass_memory_bytes else None
+        self, model: PeftModel, parts: list[_Part], forward_only: bool, runs: Runs | None = None
+    ) -> list[list[_DatumResult]]:
+        """One pass: the model's forward (and backward) over the parts' data, each part with its
+        own loss. The losses run on a detached copy of the logprobs, so their graphs are freed
+        before the model's backward runs; every loss is evaluated before that backward starts,
+        so a loss that refuses its data leaves no gradient behind (raised as _BeforeBackward)."""
+        data = [datum for part in parts for datum in part.data]
+        batch = Batch.build(data, {}, self.pad_token_id, self.device)
+        width = max(batch.lengths)
+        layers = self._layers if not forward_only and len(data) * width * self._cost.full > self.pass_memory_bytes else None
         with torch.set_grad_enabled(not forward_only), checkpointed(layers or ()):
-            lp = self._target_logprobs(model, batch)
+            lp = self._target_logprobs(model, batch, runs=runs)
             leaf = lp.detach().requires_grad_(not forward_only)
-            if isinstance(loss, CustomLoss):
-                values, metrics = _custom_losses(loss, leaf, batch.lengths, data, budget, backward=not forward_only)
-            else:
-                per_datum = loss.body(leaf, batch.inputs, batch.mask, {**loss.config_defaults, **config})
-                if not forward_only and per_datum.requires_grad:
-                    per_datum.sum().backward()
-                values, metrics = per_datum.detach().cpu().tolist(), _sampler_gaps(leaf.detach(), batch, loss)
+            scored, start = [], 0
+            for part in parts:
+                rows = slice(start, start + len(part.data))
+                start = rows.stop
+                try:
+                    scored.append(_part_losses(part, leaf[rows], batch.mask[rows], width, forward_only))
+                except Exception as exc:
+                    raise _BeforeBackward(exc) from exc
         if not forward_only and leaf.grad is not None:
             lp.backward(leaf.grad)
         logprobs = lp.detach().cpu().numpy()
-        return [_DatumResult(float(values[j]), logprobs[j, :n].copy(), metrics[j]) for j, n in enumerate(batch.lengths)]
+        out, start = [], 0
+        for values, metrics in scored:
+            out.append([_DatumResult(float(values[j]), logprobs[start + j, : batch.lengths[start + j]].copy(), metrics[j])
+                        for j in range(len(values))])
+            start += len(values)
+        return out
 
-    def _target_logprobs(self, model: PeftModel, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+    def _target_logprobs(
+        self, model: PeftModel, batch: Batch, temperature: float = 1.0, runs: Runs | None = None
+    ) -> torch.Tensor:
         """log p(target) at every position, [B, T] float32, in bounded memory (workers/passes.py),
-        from the logits divided by `temperature` (the native Twinkle API's forward kwarg)."""
+        from the logits divided by `temperature` (the native Twinkle API's forward kwarg).
+        `runs`: the adapters of the rows, in a packed pass (the model is then PeftHost.routed)."""
         if self._split_head:
             lm = self.host.causal_lm
             hidden = lm.get_decoder()(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
             ).last_hidden_state
             head = lm.get_output_embeddings()
+            if not isinstance(head, BaseTunerLayer):  # no adapter trains the head: nothing to route
+                runs = None
             if temperature != 1.0:
                 out = head
-                head = lambda h: out(h) / temperature  # noqa: E731
-            return target_logprobs(hidden, batch.targets, head, self.info.vocab_size, self.logit_elements)
+                head = lambda h, **routes: out(h, **routes) / temperature  # noqa: E731
+            return target_logprobs(hidden, batch.targets, head, self.info.vocab_size, self.logit_elements, runs)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
         if temperature != 1.0:
             logits = logits / temperature
@@ -260,7 +347,7 @@ class LoraTrainer:
         adapter = self.pool.get(name)
         params = list(adapter.params.values())
         if adapter.optimizer is None:
-            adapter.optimizer = torch.optim.AdamW(params, lr=adam.learning_rate)
+            adapter.optimizer = new_adamw(params, adam.learning_rate)
         for group in adapter.optimizer.param_groups:
             group.update(
                 lr=adam.learning_rate,
@@ -423,6 +510,34 @@ def _float_inputs(loss: LossFn) -> dict[str, float]:
     return {**names, **loss.optional_inputs}
 
 
+def _budget(loss: LossFn | CustomLoss, seconds: float) -> EvalBudget | None:
+    return EvalBudget.per_call(seconds) if isinstance(loss, CustomLoss) else None
+
+
+def _part_losses(
+    part: _Part, lp: torch.Tensor, mask: torch.Tensor, width: int, forward_only: bool
+) -> tuple[list[float], list[dict[str, float]]]:
+    """Per datum of the part, its loss and metrics; unless `forward_only`, the loss's gradient is
+    accumulated into `lp` (a view of the pass's detached logprobs)."""
+    loss = part.loss
+    if isinstance(loss, CustomLoss):
+        lengths = [len(d.tokens) for d in part.data]
+        return _custom_losses(loss, lp, lengths, part.data, part.budget, backward=not forward_only)
+    inputs = padded_inputs(part.data, _float_inputs(loss), width, lp.device)
+    per_datum = loss.body(lp, inputs, mask, {**loss.config_defaults, **part.config})
+    if not forward_only and per_datum.requires_grad:
+        per_datum.sum().backward()
+    return per_datum.detach().cpu().tolist(), _sampler_gaps(lp.detach(), inputs, mask, loss)
+
+
+def _per_group(groups: list[list[DatumIn]], results: list[_DatumResult]) -> list[ForwardBackwardResult]:
+    out, start = [], 0
+    for group in groups:
+        out.append(_group_result(results[start : start + len(group)]))
+        start += len(group)
+    return out
+
+
 def _custom_losses(
     loss: CustomLoss, lp: torch.Tensor, lengths: list[int], data: list[DatumIn], budget: EvalBudget | None,
     *, backward: bool,
@@ -442,14 +557,15 @@ def _custom_losses(
     return values, metrics
 
 
-def _sampler_gaps(lp: torch.Tensor, batch: Batch, loss: LossFn) -> list[dict[str, float]]:
+def _sampler_gaps(lp: torch.Tensor, inputs: dict[str, torch.Tensor], mask: torch.Tensor, loss: LossFn
+                  ) -> list[dict[str, float]]:
     """Per datum, for the losses that take the sampler's logprobs: the mean absolute difference
     between them and this forward's logprobs over the sampled tokens (those whose sampler logprob
     is not 0: prompt positions carry 0). Near 0 when sampler and trainer agree on the weights."""
     if "logprobs" not in loss.required_inputs:
-        return [{} for _ in batch.lengths]
-    sampler = batch.inputs["logprobs"]
-    sampled = (sampler != 0) & (batch.mask > 0) & torch.isfinite(sampler)
+        return [{} for _ in range(lp.shape[0])]
+    sampler = inputs["logprobs"]
+    sampled = (sampler != 0) & (mask > 0) & torch.isfinite(sampler)
     gap = torch.where(sampled, (lp - sampler).abs(), torch.zeros_like(lp))
     means = (gap.sum(dim=-1) / sampled.sum(dim=-1).clamp(min=1)).cpu().tolist()
     return [{"sampler_logprob_gap:mean": float(m)} for m in means]

@@ -10,6 +10,8 @@ from typing import Literal
 
 import numpy as np
 
+from schemas.wire import ForwardBackwardCall
+
 
 @dataclass(frozen=True)
 class LoraSpec:
@@ -172,6 +174,16 @@ class CustomLossSpec:
 
 
 @dataclass(frozen=True)
+class ModelCalls:
+    """One model's share of a packed engine call: its queued forward(_backward) calls (one loss,
+    one forward_only between them) and the custom loss they name, if any."""
+
+    model_id: str
+    calls: list[ForwardBackwardCall]
+    custom: CustomLossSpec | None = None
+
+
+@dataclass(frozen=True)
 class PoolStatus:
     """The LoRA pool of one trainer (LoraTrainer.pool_status). Tenant (training) adapters only,
     except ``pinned``: the adapters kept outside the pool (the sampler's cache), always resident."""
@@ -203,3 +215,4 @@ class ComputeOptions:
     sampler: Literal["hf", "vllm"] = "hf"  # the sampler backend (workers/hf_sampler.py, workers/vllm_sampler.py)
     sampler_cache_versions: int = 8  # adapter versions a sampler keeps built (LRU)
     max_lora_rank: int = 128  # the largest rank a sampler must take (vLLM sizes its LoRA buffers by it)
+    packing: Literal["auto", "always", "never"] = "auto"  # workers/packing.py PackRule's mode

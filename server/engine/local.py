@@ -33,10 +33,11 @@ from workers.adapter_files import encrypt_folder, folder_size
 from workers.adapter_versions import AdapterSource, AdapterWeights, SamplerBackend, read_weights
 from workers.base_models import resolve_base_model
 from workers.custom_loss import CustomLoss, compile_graph
-from workers.guard import Failure, guarded
+from workers.guard import Failure, failure_of, guarded
 from workers.hf_sampler import HfSampler
 from workers.losses import LossFn, get_loss
 from workers.native_training import NativeTraining
+from workers.packing import PackRule, Segment
 from workers.peft_host import AdapterError
 from workers.storage import CheckpointStore, FolderStore
 from workers.trainer import LoraTrainer, load_base_model, resolve_device
@@ -47,6 +48,7 @@ from workers.types import (
     CustomLossSpec,
     ForwardBackwardResult,
     LoraSpec,
+    ModelCalls,
     PoolStatus,
     SampleJob,
     SampleOutput,
@@ -112,6 +114,7 @@ class LocalEngine:
             sampler=settings.sampler,
             sampler_cache_versions=settings.sampler_cache_versions,
             max_lora_rank=settings.max_lora_rank,
+            packing=settings.packing,
         )
         return cls(
             lambda: resolve_base_model(model, data_dir, allow_download=settings.allow_download), model, options,
@@ -163,6 +166,7 @@ class LocalEngine:
             host_budget_bytes=opts.host_budget_bytes, spill_dir=opts.spill_dir,
             pass_memory_bytes=opts.pass_memory_bytes or _pass_memory(device),
             max_tokens_per_pass=opts.max_tokens_per_pass, custom_loss_seconds=opts.custom_loss_seconds,
+            packing=PackRule(mode=opts.packing),
         )
         self._sampler = self._make_sampler(model_dir, info, dtype)
         log.info("base_model_loaded", extra={"model": self._name, "device": str(device), "dtype": str(dtype),
@@ -207,18 +211,43 @@ class LocalEngine:
     def _forward_backward(
         self, model_id: str, calls: list[ForwardBackwardCall], custom: CustomLossSpec | None
     ) -> list[ForwardBackwardResult]:
-        first = calls[0]
-        if custom is not None:
-            loss: LossFn | CustomLoss = self._custom_loss(custom)
+        seg = self._segment(ModelCalls(model_id, calls, custom))
+        with self._threads_for(sum(seg.rows)):
+            return self.trainer.forward_backward_groups(seg.name, seg.groups, seg.loss, seg.config,
+                                                        calls[0].forward_only)
+
+    async def forward_backward_packed(self, items: list[ModelCalls]) -> list[list[ForwardBackwardResult] | Failure]:
+        return await self._call(self._forward_backward_packed, items)
+
+    def _forward_backward_packed(self, items: list[ModelCalls]) -> list[list[ForwardBackwardResult] | Failure]:
+        """Each model's calls as one segment of a packed call (workers/packing.py); a model whose
+        calls cannot even be set up (unknown adapter or loss) fails alone."""
+        outcomes: list[list[ForwardBackwardResult] | Failure | None] = [None] * len(items)
+        segments, where = [], []
+        for i, item in enumerate(items):
+            seg = guarded(self._segment, item)
+            if isinstance(seg, Failure):
+                outcomes[i] = seg
+            else:
+                segments.append(seg)
+                where.append(i)
+        forward_only = items[0].calls[0].forward_only
+        done = self.trainer.forward_backward_packed(segments, forward_only, self._threads_for) if segments else []
+        for i, outcome in zip(where, done):
+            outcomes[i] = failure_of(outcome, "forward_backward_packed") if isinstance(outcome, Exception) else outcome
+        return outcomes  # type: ignore[return-value]
+
+    def _segment(self, item: ModelCalls) -> Segment:
+        """A model's calls as the trainer takes them: its adapter, one group per call, the loss."""
+        first = item.calls[0]
+        if item.custom is not None:
+            loss: LossFn | CustomLoss = self._custom_loss(item.custom)
         elif (builtin := get_loss(first.loss_fn)) is not None:
             loss = builtin
         else:
             raise AdapterError(f"unknown loss_fn {first.loss_fn!r}")
         config = {k: float(v) for k, v in first.loss_fn_config.items() if not isinstance(v, str)}
-        groups = [call.data for call in calls]
-        with self._threads_for(sum(len(d.tokens) for group in groups for d in group)):
-            return self.trainer.forward_backward_groups(self._require(model_id), groups, loss, config,
-                                                        first.forward_only)
+        return Segment(self._require(item.model_id), [call.data for call in item.calls], loss, config)
 
     @contextmanager
     def _threads_for(self, tokens: int) -> Iterator[None]:

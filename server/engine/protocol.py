@@ -16,12 +16,14 @@ from typing import Any, Protocol
 
 from schemas.wire import ForwardBackwardCall
 from server.kinds import Lane
+from workers.guard import Failure
 from workers.types import (
     AdamConfig,
     BaseModelInfo,
     CustomLossSpec,
     ForwardBackwardResult,
     LoraSpec,
+    ModelCalls,
     PoolStatus,
     SampleJob,
     SampleOutput,
@@ -50,6 +52,12 @@ class Engine(Protocol):
     ) -> list[ForwardBackwardResult]:
         """Calls with the same loss in one pass, one result per call (`custom`: the uploaded loss
         the calls name, when loss_fn is "custom")."""
+        ...
+
+    async def forward_backward_packed(self, items: list[ModelCalls]) -> list[list[ForwardBackwardResult] | Failure]:
+        """Several models' calls in one engine call (workers/packing.py: one pass of the base
+        model where that is faster), one outcome per item: its results, one per call, or the
+        Failure it alone ended in. Each item's calls have one loss, and all share forward_only."""
         ...
 
     async def optim_step(self, model_id: str, adam: AdamConfig) -> dict[str, float]: ...

@@ -38,6 +38,7 @@ from workers.types import (
     CustomLossSpec,
     ForwardBackwardResult,
     LoraSpec,
+    ModelCalls,
     PoolStatus,
     SampleJob,
     SampleOutput,
@@ -194,6 +195,9 @@ class RayEngine:
         self, model_id: str, calls: list[ForwardBackwardCall], custom: CustomLossSpec | None = None
     ) -> list[ForwardBackwardResult]:
         return await self._call(TRAINER, "forward_backward", model_id, calls, custom)
+
+    async def forward_backward_packed(self, items: list[ModelCalls]) -> list[list[ForwardBackwardResult] | Failure]:
+        return await self._call(TRAINER, "forward_backward_packed", items)
 
     async def optim_step(self, model_id: str, adam: AdamConfig) -> dict[str, float]:
         return await self._call(TRAINER, "optim_step", model_id, adam)

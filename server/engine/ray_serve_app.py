@@ -33,14 +33,16 @@ BUILDER = "server.engine.ray_serve_app:build_app"
 REPLICA_FIELDS = (
     "data_dir", "allow_download", "torch_threads", "device", "dtype", "pass_memory_mb", "max_tokens_per_pass",
     "custom_loss_seconds", "max_resident_adapters", "host_adapter_budget_mb", "sampler", "sampler_cache_versions",
-    "max_lora_rank",
+    "max_lora_rank", "packing",
 )
 # Serve's logs: warnings and up, no line per request (access logs double a handle call's cost).
 LOGGING = {"enable_access_log": False, "log_level": "WARNING"}
 # The engine methods a gateway may call on a replica ("snapshot" and "sample_batch" are adapted
 # to the object store by the replica: see EngineReplica).
-TRAINER_CALLS = frozenset(
-    {"create_adapter", "forward_backward", "optim_step", "save", "load", "unload", "page_out", "snapshot", "native"})
+TRAINER_CALLS = frozenset({
+    "create_adapter", "forward_backward", "forward_backward_packed", "optim_step", "save", "load", "unload",
+    "page_out", "snapshot", "native",
+})
 SAMPLER_CALLS = frozenset({"sample_batch", "release"})
 
 

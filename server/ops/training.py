@@ -4,6 +4,7 @@ work on its model; the work itself runs later on the engine, in the model's seq_
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import shutil
@@ -25,7 +26,7 @@ from server.ops import custom_losses, versions
 from server.ops.checkpoints import check_ttl, expiry, is_expired, new_checkpoint_ref, resolve_checkpoint
 from server.ops.sessions import live_session
 from server.ops.validation import check_custom_loss_data, check_forward_backward
-from server.queue.scheduler import Batch, OpResult, OpRunner, json_result
+from server.queue.scheduler import Batch, OpResult, OpRunner, Pack, json_result
 from server.queue.scopes import model_scope, session_scope
 from server.runtime import Runtime
 from server.store.queries import checkpoint_by_name, owned
@@ -33,7 +34,8 @@ from server.store.tables import Checkpoint, Model, SamplingSession, utcnow
 from server.store.tables import Session as SessionRow
 from workers import failpoints
 from workers.adapter_files import RecipientError, age_recipients
-from workers.types import AdamConfig, LoraSpec
+from workers.guard import Failure
+from workers.types import AdamConfig, CustomLossSpec, LoraSpec, ModelCalls
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -255,10 +257,35 @@ async def forward_backward(
         budget=rt.settings.fwdbwd_batch_tokens,
         payload=call,
         run=run_calls,
+        pack=_pack(rt, model, custom, call.forward_only),
     )
     kind = OpKind.FORWARD if call.forward_only else OpKind.FORWARD_BACKWARD
     return await _model_op(rt, tenant_id, model, kind=kind, seq_id=call.seq_id, fingerprint=fingerprint, run=run,
                            batch=batch, cost=tokens)
+
+
+def _pack(rt: Runtime, model: Model, custom: CustomLossSpec | None, forward_only: bool) -> Pack | None:
+    """How the model's forward(_backward) may share an engine call with other models' on its base
+    model (server/queue/scheduler.py, "Packing"); None when packing is off."""
+    settings = rt.settings
+    if settings.packing == "never":
+        return None
+    most = min(settings.pack_max_models, settings.max_resident_adapters or settings.pack_max_models)
+    return Pack(key=("forward_backward", model.base_model, forward_only), budget=settings.pack_max_tokens,
+                max_queues=most, item=(model, custom), run=functools.partial(_run_packed, rt))
+
+
+async def _run_packed(
+    rt: Runtime, parts: list[tuple[tuple[Model, CustomLossSpec | None], list[ForwardBackwardCall]]]
+) -> list[list[OpResult] | OperationFailed]:
+    engine = engine_of(rt, parts[0][0][0])
+    items = [ModelCalls(model.id, calls, custom) for (model, custom), calls in parts]
+    outcomes = await engine.forward_backward_packed(items)
+    return [
+        OperationFailed(o.message, o.category, o.field) if isinstance(o, Failure)
+        else [(encode_forward_backward_output(r.outputs, r.metrics), ResultFormat.PROTO) for r in o]
+        for o in outcomes
+    ]
 
 
 async def optim_step(rt: Runtime, tenant_id: str, req: api.OptimStepRequest, fingerprint: str) -> api.UntypedAPIFuture:

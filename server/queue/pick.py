@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, M
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from server.errors import OperationFailed
 from server.kinds import Lane, OpKind
 
 # What an operation produces: the encoded result and its format ("json" or "proto").
@@ -62,6 +63,23 @@ class NoThrottle:
         return ""
 
 
+# A packed call's runner: per queue (its Pack.item, its ops' payloads), the queue's results (one
+# per payload) or the OperationFailed all its ops end in.
+PackRunner = Callable[[list[tuple[Any, list[Any]]]], Awaitable[list[list[OpResult] | OperationFailed]]]
+
+
+@dataclass(frozen=True)
+class Pack:
+    """How an op of an ordered queue can share one engine call with the ready ops of other ordered
+    queues (other models on one base model: packed execution, workers/packing.py)."""
+
+    key: Hashable  # ops with the same pack key may share a call
+    budget: int  # the sizes of all the queues' ops together, at most
+    max_queues: int
+    item: Any  # what the runner needs of this op's queue (its model, its loss)
+    run: PackRunner
+
+
 @dataclass(frozen=True)
 class Batch:
     """How an operation can share one engine call with its neighbours of the same key."""
@@ -71,6 +89,7 @@ class Batch:
     budget: int
     payload: Any
     run: Callable[[list[Any]], Awaitable[list[OpResult]]]  # one result per payload, in order
+    pack: Pack | None = None
 
 
 @dataclass(order=True)
@@ -129,11 +148,13 @@ class Take:
 
 @dataclass(frozen=True)
 class Call:
-    """One engine call: the ops of the queue whose turn it was, then any merged from others."""
+    """One engine call: the ops of the queue whose turn it was, then any merged from others
+    (unordered queues: one batch of payloads) or packed with them (ordered queues: `packed`)."""
 
     lane: Lane
     takes: tuple[Take, ...]
     gap: tuple[int, int] | None = None  # (seq_id due, seq_id run): a missing one given up on
+    packed: bool = False
 
     @property
     def ops(self) -> list[Op]:
@@ -356,9 +377,13 @@ def _call(board: Board, lane: Lane, key: str, now: float, throttle: Throttle, gr
     if queue.ordered and head.seq_id != NO_SEQ and head.seq_id > (due := queue.due()):
         gap = (due, head.seq_id)
     takes = [Take(key, queue.tenant, tuple(ops))]
-    if not queue.ordered and head.batch is not None:
+    if head.batch is None:
+        return Call(lane, tuple(takes), gap)
+    if not queue.ordered:
         takes += _merged(board, lane, takes[0], now, throttle, grace)
-    return Call(lane, tuple(takes), gap)
+    elif head.batch.pack is not None and gap is None:
+        takes += _packed(board, lane, takes[0], now, throttle, grace)
+    return Call(lane, tuple(takes), gap, packed=queue.ordered and len(takes) > 1)
 
 
 def _neighbours(queue: Queue) -> list[Op]:
@@ -399,6 +424,40 @@ def _merged(board: Board, lane: Lane, first: Take, now: float, throttle: Throttl
                 break
             joined.append(op)
             last, size = op, size + op.batch.size  # type: ignore[union-attr]
+            pending[queue.tenant] += op.cost
+            taken[key] = len(joined)
+        if joined:
+            takes.append(Take(key, queue.tenant, tuple(joined)))
+    return takes
+
+
+def _packed(board: Board, lane: Lane, first: Take, now: float, throttle: Throttle, grace: float) -> list[Take]:
+    """Ops of other idle ordered queues (other models) whose heads are due now and carry the same
+    pack key join the call, oldest head first, each with its neighbours, within the pack's budget
+    and queue count: they run in the pass this call makes anyway. A head that waits for a missing
+    seq_id, or whose tenant is over its tokens/s budget, waits for its own turn."""
+    pack = first.ops[0].batch.pack  # type: ignore[union-attr]
+    size = sum(op.batch.size for op in first.ops)  # type: ignore[union-attr]
+    taken, pending = {first.key: len(first.ops)}, Counter({first.tenant: sum(op.cost for op in first.ops)})
+    candidates = sorted(
+        (q.ops[0].arrival, k) for k, q in board.queues.items()
+        if k != first.key and k not in board.busy and q.ordered and q.lane == lane and q.ops
+        and q.ops[0].batch is not None and q.ops[0].batch.pack is not None
+        and q.ops[0].batch.pack.key == pack.key and (q.ops[0].seq_id == NO_SEQ or q.ops[0].seq_id <= q.due())
+    )
+    takes: list[Take] = []
+    for _, key in candidates:
+        if len(takes) + 1 >= pack.max_queues:
+            break
+        queue, joined = board.queues[key], []
+        if _held_until(board, queue.tenant, now, throttle, grace, taken, pending) > now:
+            continue
+        for op in _neighbours(queue):
+            if size + op.batch.size > pack.budget or (  # type: ignore[union-attr]
+                    throttle.ready_at(queue.tenant, pending[queue.tenant] + op.cost, now) > now):
+                break
+            joined.append(op)
+            size += op.batch.size  # type: ignore[union-attr]
             pending[queue.tenant] += op.cost
             taken[key] = len(joined)
         if joined:

@@ -27,6 +27,12 @@ batch's budget: in an ordered queue only contiguous seq_ids (a chunked forward_b
 computes exactly what the unchunked call would); idle unordered queues with the same batch key
 (the samples of several tenants on one checkpoint) are merged across tenants.
 
+Packing. An ordered queue's head with a `Batch.pack` takes along the due heads (and their
+neighbours) of other idle ordered queues with the same pack key, within the pack's budget: the
+forward(_backward) calls of several models on one base model become one engine call, which the
+trainer may run as one pass (workers/packing.py). Each queue's order is kept (only its due ops go,
+and never past a missing seq_id or a barrier), and a queue whose part fails fails alone.
+
 Fairness. Per lane, tenants take turns round-robin, one engine call per turn, and within a tenant
 its keys take turns. Bound: per lane, once a tenant has an operation ready, it waits for at most
 the calls running in that lane plus one call per other tenant with ready work in that lane,
@@ -62,12 +68,13 @@ from server.queue.pick import (
     Op,
     OpResult,
     OpRunner,
+    Pack,
     Throttle,
     oldest_ready,
     pick,
 )
 
-__all__ = ["Batch", "Notify", "Op", "OpResult", "OpRunner", "Scheduler", "Throttle", "json_result"]
+__all__ = ["Batch", "Notify", "Op", "OpResult", "OpRunner", "Pack", "Scheduler", "Throttle", "json_result"]
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +215,7 @@ class Scheduler:
         started = time.perf_counter()
         ops = call.ops
         try:
-            outcomes = await self._run(ops)
+            outcomes = await self._run(call)
             for op, outcome in zip(ops, outcomes):
                 await self._finish(op, outcome)
         finally:
@@ -220,7 +227,7 @@ class Scheduler:
         log.info(
             "op_done",
             extra={"request_id": ops[0].request_id, "kind": ops[0].kind, "lane": call.lane, "batched": len(ops),
-                   "ms": round((time.perf_counter() - started) * 1e3, 1)},
+                   "packed": len(call.takes) if call.packed else 1, "ms": round((time.perf_counter() - started) * 1e3, 1)},
         )
 
     async def _finish(self, op: Op, outcome: OpResult | OperationFailed) -> None:
@@ -248,10 +255,13 @@ class Scheduler:
             except Exception:  # a listener's bug must not stop the call's other ops being recorded
                 log.exception("op_notify_failed", extra={"request_id": op.request_id, "kind": op.kind})
 
-    async def _run(self, ops: list[Op]) -> list[OpResult | OperationFailed]:
+    async def _run(self, call: Call) -> list[OpResult | OperationFailed]:
+        ops = call.ops
         try:
             if len(ops) == 1:
                 return [await ops[0].run()]
+            if call.packed:
+                return await _run_packed(call)
             results = await ops[0].batch.run([op.batch.payload for op in ops])  # type: ignore[union-attr]
             assert len(results) == len(ops)
             return list(results)
@@ -267,3 +277,23 @@ class Scheduler:
                 )
                 for op in ops
             ]
+
+
+async def _run_packed(call: Call) -> list[OpResult | OperationFailed]:
+    """A packed call: one runner for all its queues (each take's ops, one model's); a queue whose
+    part failed fails alone."""
+    pack = call.takes[0].ops[0].batch.pack  # type: ignore[union-attr]
+    parts = [(take.ops[0].batch.pack.item, [op.batch.payload for op in take.ops])  # type: ignore[union-attr]
+             for take in call.takes]
+    outcomes = await pack.run(parts)
+    assert len(outcomes) == len(call.takes)
+    flat: list[OpResult | OperationFailed] = []
+    for take, outcome in zip(call.takes, outcomes):
+        if isinstance(outcome, OperationFailed):
+            log.info("op_failed", extra={"request_id": take.ops[0].request_id, "kind": take.ops[0].kind,
+                                         "reason": outcome.message})
+            flat += [outcome] * len(take.ops)
+        else:
+            assert len(outcome) == len(take.ops)
+            flat += outcome
+    return flat

@@ -97,6 +97,49 @@ def test_five_tenants_on_two_slots_train_exactly_as_with_unlimited_slots(server,
     assert page_outs_during == 0
 
 
+# ----- packed execution -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def packed_servers(tmp_path_factory, tiny_model_dir) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    """One server that packs whatever fits a pass, one that runs one model per engine call."""
+    with start(tmp_path_factory, tiny_model_dir, "packed", packing="always") as packed, \
+            start(tmp_path_factory, tiny_model_dir, "unpacked", packing="never") as unpacked:
+        yield packed, unpacked
+
+
+def concurrent_losses(server: ServerProcess, rows: list[list[int]], prefix: str, steps: int = 4) -> list[list[float]]:
+    """Five tenants (ranks 1..32, CE and IS, own Adam settings) step at once: every step, all send
+    their forward_backward before anyone waits, then their optim_step."""
+    services = [tinker.ServiceClient(base_url=server.base_url, api_key=f"tml-{prefix}-{i}") for i in range(5)]
+    try:
+        clients = [sc.create_lora_training_client(BASE, rank=r, seed=10 + i).result()
+                   for i, (sc, r) in enumerate(zip(services, RANKS))]
+        work = [tenant_data(i, rows) for i in range(5)]
+        losses: list[list[float]] = [[] for _ in range(5)]
+        for _ in range(steps):
+            fbs = [tc.forward_backward(data, loss_fn) for tc, (loss_fn, data) in zip(clients, work)]
+            steps_ = [tc.optim_step(ADAM[i]) for i, tc in enumerate(clients)]
+            for i, (fb, step) in enumerate(zip(fbs, steps_)):
+                losses[i].append(fb.result().metrics["loss:sum"])
+                step.result()
+        return losses
+    finally:
+        for sc in services:
+            sc.close("success").result()
+
+
+def test_tenants_stepping_at_once_in_packed_passes_train_exactly_as_one_model_per_call(packed_servers,
+                                                                                       token_rows) -> None:
+    packed_server, unpacked_server = packed_servers
+    packed = concurrent_losses(packed_server, token_rows, "packed")
+    unpacked = concurrent_losses(unpacked_server, token_rows, "unpacked")
+    scale = np.abs(np.array(unpacked)).max()
+    np.testing.assert_allclose(np.array(packed), np.array(unpacked), atol=1e-5 * scale, rtol=0)
+    assert all(l[-1] != l[0] for l in packed)  # every tenant really trained
+    packs = [e["packed"] for e in log_events(packed_server, "op_done") if e.get("kind") == "forward_backward"]
+    assert max(packs) >= 2  # models really shared engine calls
+    assert all(e.get("packed", 1) == 1 for e in log_events(unpacked_server, "op_done"))
+
+
 # ----- quotas and rate limits -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def limits_server(tmp_path_factory, tiny_model_dir) -> Iterator[ServerProcess]:

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from schemas.wire import DatumIn
-from tests.support.lora import perturb_b
-from workers.custom_loss import CustomLossError, compile_graph
+from tests.support.lora import custom_loss, datum, perturb_b
+from workers.custom_loss import CustomLossError
 from workers.losses import LOSSES
 from workers.passes import ActivationCost, activation_cost, plan_passes, target_logprobs, tokens_per_pass
 from workers.trainer import LoraTrainer, load_base_model
@@ -76,39 +76,6 @@ def test_chunked_target_logprobs_and_gradients_equal_the_full_log_softmax(logit_
 
 
 # ----- the property ----------------------------------------------------------------------------
-def custom_loss():
-    """sum(-logprobs * weights), with a :sum and a :mean metric, as the SDK would trace it."""
-    def node(name, target, *args, op="call_function"):
-        return {"op": op, "name": name, "target": target, "args": list(args), "kwargs": {}}
-
-    nodes = [
-        node("logprobs", "logprobs", op="placeholder"),
-        node("weights", "weights", op="placeholder"),
-        node("mul", "operator.mul", {"ref": "logprobs"}, {"ref": "weights"}),
-        node("total", "sum", {"ref": "mul"}, op="call_method"),
-        node("loss", "operator.neg", {"ref": "total"}),
-        node("avg", "mean", {"ref": "logprobs"}, op="call_method"),
-    ]
-    metrics = {"dict": {"custom/nll:sum": {"ref": "loss"}, "custom/lp:mean": {"ref": "avg"}}}
-    nodes.append({"op": "output", "name": "output", "target": "output",
-                  "args": [{"tuple": [{"ref": "loss"}, metrics]}], "kwargs": {}})
-    inputs = [{"name": "logprobs", "rank": 1}, {"name": "weights", "rank": 1}]
-    return compile_graph({"format": 1, "nodes": nodes}, inputs, name="nll")
-
-
-def datum(rng: np.random.Generator, n: int, loss: str) -> DatumIn:
-    tokens = rng.integers(3, VOCAB, size=n + 1)
-    inputs: dict[str, np.ndarray] = {"target_tokens": tokens[1:]}
-    if loss in ("cross_entropy", "custom"):
-        inputs["weights"] = rng.uniform(0, 1, n).astype(np.float32)
-    else:
-        inputs["logprobs"] = rng.uniform(-9, -7, n).astype(np.float32)
-        inputs["advantages"] = rng.normal(size=n).astype(np.float32)
-        if loss == "gspo":
-            inputs["sequence_ratio_mask"] = (rng.uniform(size=n) < 0.7).astype(np.float32)
-    return DatumIn(tokens=tokens[:-1], loss_fn_inputs=inputs)
-
-
 def magnitude(group: list[DatumIn], outputs: list[dict[str, np.ndarray]]) -> float:
     """A bound on the summed size of a loss's terms before they cancel (RL losses add terms of
     both signs): a float32 sum is exact only to a small multiple of eps times that, whatever

@@ -13,7 +13,20 @@ import pytest
 
 from server.config import Settings
 from server.kinds import Lane, OpKind
-from server.queue.pick import BARRIERS, NO_SEQ, Batch, Board, Call, NoThrottle, Op, OpResult, Throttle, Wait, pick
+from server.queue.pick import (
+    BARRIERS,
+    NO_SEQ,
+    Batch,
+    Board,
+    Call,
+    NoThrottle,
+    Op,
+    OpResult,
+    Pack,
+    Throttle,
+    Wait,
+    pick,
+)
 from server.tenancy.quotas import Quotas
 
 TWO_LANES = {Lane.TRAINING: 1, Lane.SAMPLING: 1}
@@ -191,6 +204,75 @@ def test_a_merge_respects_the_budget_and_leaves_a_busy_queue_alone() -> None:
     board.add("sample:C:ck", sample("C1", batch="ck", budget=3, size=1), tenant="C", ordered=False)
     second = step(board)
     assert isinstance(second, Call) and names(second) == ["B0"]  # C's queue has a call under way
+
+
+# --------------------------------------------------------------------------------------------
+# Packing: several models' forward(_backward) in one call
+
+
+async def _never_packed(parts: list) -> list:
+    raise AssertionError("pick ran a packed call")
+
+
+def packable(name: str, seq: int, *, loss: str = "ce", size: int = 1, budget: int = 10, queues: int = 8,
+             base: str = "base", cost: int = 0) -> Op:
+    pack = Pack(key=base, budget=budget, max_queues=queues, item=name.split("#")[0], run=_never_packed)
+    group = Batch(key=loss, size=size, budget=4, payload=name, run=_never_many, pack=pack)
+    return Op(seq, name, OpKind.FORWARD_BACKWARD, _never, group, cost=cost)
+
+
+def add_packable(board: Board, key: str, seqs: list[int], tenant: str = "", **kw) -> None:
+    for seq in seqs:
+        board.add(key, packable(f"{key}#{seq}", seq, **kw), tenant=tenant, ordered=True)
+
+
+def test_due_heads_of_other_models_on_one_base_join_the_call_each_with_its_neighbours() -> None:
+    board = Board(lanes=TWO_LANES)
+    add_packable(board, "a", [1, 2], tenant="A")
+    add_packable(board, "b", [1], tenant="B", loss="ppo")  # another loss: its own part of the pass
+    add_packable(board, "c", [1], tenant="C", base="other")  # another base model: another engine
+    model_ops(board, "d", [1], tenant="D")  # no pack (packing off, or not a forward_backward)
+    call = step(board)
+    assert isinstance(call, Call) and call.packed
+    assert [t.key for t in call.takes] == ["a", "b"] and names(call) == ["a#1", "a#2", "b#1"]
+    start(board, call)
+    assert board.busy == {"a", "b"} and board.queues["b"].expected == 2  # b's order moved on
+    board.release(call)
+    assert drain(board) == [["c#1"], ["d#1"]]
+
+
+def test_a_head_that_waits_for_a_missing_seq_id_or_a_barrier_behind_is_not_packed() -> None:
+    board = Board(lanes=TWO_LANES)
+    add_packable(board, "a", [1], tenant="A")
+    add_packable(board, "b", [2], tenant="B")  # b#1 has not arrived: b waits, even past the grace
+    board.add("c", op("c#1", 1, kind=OpKind.OPTIM_STEP), tenant="C", ordered=True)
+    add_packable(board, "c", [2], tenant="C")  # behind c's optimizer step
+    call = step(board, now=GRACE * 2)
+    assert isinstance(call, Call) and names(call) == ["a#1"] and not call.packed
+
+
+def test_a_pack_stays_within_its_budget_and_queue_count_and_leaves_busy_models_alone() -> None:
+    board = Board(lanes={Lane.TRAINING: 2, Lane.SAMPLING: 1})
+    add_packable(board, "a", [1], tenant="A", size=4, budget=10, queues=3)
+    add_packable(board, "b", [1, 2], tenant="B", size=4, budget=10, queues=3)  # only b#1 fits: 8 of 10
+    add_packable(board, "c", [1], tenant="C", size=1, budget=10, queues=3)
+    add_packable(board, "d", [1], tenant="D", size=1, budget=10, queues=3)  # a fourth queue: over the count
+    call = step(board)
+    assert isinstance(call, Call) and names(call) == ["a#1", "b#1", "c#1"]
+    start(board, call)
+    add_packable(board, "a", [2], tenant="A", size=1)
+    second = step(board)
+    assert isinstance(second, Call) and names(second) == ["d#1"]  # a, b and c have a call under way
+
+
+def test_a_throttled_tenant_rides_along_in_a_pack_only_within_its_budget() -> None:
+    throttle = OneTokenBudget()  # "slow" may spend one token
+    board = Board(lanes=TWO_LANES)
+    add_packable(board, "fast", [1], tenant="fast", cost=1)
+    add_packable(board, "slow", [1], tenant="slow", cost=1)
+    add_packable(board, "slow2", [1], tenant="slow", cost=1)
+    call = step(board, throttle=throttle)
+    assert isinstance(call, Call) and names(call) == ["fast#1", "slow#1"]
 
 
 # --------------------------------------------------------------------------------------------

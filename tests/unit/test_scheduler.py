@@ -19,7 +19,7 @@ import pytest
 from server.errors import OperationFailed
 from server.kinds import FutureState, Lane, OpKind
 from server.queue.futures import FutureHub, FutureView
-from server.queue.scheduler import Batch, Scheduler
+from server.queue.scheduler import Batch, Pack, Scheduler
 from server.store.database import Database
 from server.store.tables import Tenant
 from tests.support.aio import arun
@@ -566,6 +566,45 @@ def test_samples_of_several_tenants_on_one_checkpoint_share_a_call(db: Database,
         assert calls == [["A0", "A1", "A2", "B0"]]  # one pass serves both tenants
 
     arun(scenario)
+
+
+def test_a_packed_call_runs_once_for_several_models_and_a_failing_model_fails_alone(db: Database, tenant: str) -> None:
+    async def scenario() -> None:
+        h = OrderedHarness(db, tenant)
+        calls: list[list[tuple[str, list[str]]]] = []
+
+        async def run_packed(parts: list) -> list:
+            calls.append(parts)
+            return [OperationFailed(f"{model} refused") if model == "bad" else [(p.encode(), "proto") for p in payloads]
+                    for model, payloads in parts]
+
+        async def submit(model: str, seq: int) -> None:
+            sub = await h.hub.submit(tenant_id=tenant, kind="forward_backward", scope=model, seq_id=seq,
+                                     fingerprint="fp")
+            pack = Pack(key="base", budget=100, max_queues=8, item=model, run=run_packed)
+            batch = Batch(key="ce", size=1, budget=8, payload=f"{model}#{seq}", run=_unused_batch, pack=pack)
+            h.scheduler.submit(model, seq_id=seq, request_id=sub.request_id, kind="forward_backward", run=_unused,
+                               tenant=model, batch=batch, ordered=True)
+            h.request_ids.append(sub.request_id)
+
+        for model, seq in [("a", 1), ("a", 2), ("bad", 1), ("c", 1)]:
+            await submit(model, seq)
+        h.scheduler.start()
+        views = await h.drain()
+        await h.scheduler.stop()
+        assert calls == [[("a", ["a#1", "a#2"]), ("bad", ["bad#1"]), ("c", ["c#1"])]]  # one engine call
+        assert [v.state for v in views] == ["done", "done", "failed", "done"]
+        assert "bad refused" in (views[2].error or "")
+
+    arun(scenario)
+
+
+async def _unused() -> tuple[bytes, str]:
+    raise AssertionError("a packed op ran alone")
+
+
+async def _unused_batch(payloads: list) -> list[tuple[bytes, str]]:
+    raise AssertionError("a packed op ran as a plain batch")
 
 
 class _OneTokenBudget:
