@@ -92,8 +92,15 @@ test-slow: $(STAMP) $(TWINKLE_REF_STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# The latency and throughput suite (docs/benchmarks.md): per-op latency, server overhead at three
+# sizes, packed vs one-by-one in-process, tenants stepping at once through the SDK, sampling.
 bench: $(STAMP)
-	$(BIN)/python bench/step_overhead.py $(ARGS)
+	$(BIN)/python bench/op_latency.py
+	for shape in "2 64" "8 128" "8 1024"; do set -- $$shape; \
+		$(BIN)/python bench/step_overhead.py --batch $$1 --seq $$2 || exit $$?; done
+	$(BIN)/python bench/packing.py
+	$(BIN)/python bench/tenant_scaling.py
+	$(BIN)/python bench/sampling.py
 
 bench-pool: $(STAMP)
 	$(BIN)/python bench/pool_paging.py $(ARGS)

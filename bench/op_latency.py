@@ -131,8 +131,7 @@ def main() -> None:
                                                   "warning"]) as server:
         times = measure(server.base_url, args.reps, args.warmup)
     rows = report(times, settings)
-    json_path, png_path = save(rows, settings)
-    print(f"wrote {json_path} and {png_path}")
+    save(rows, settings)
 
 
 if __name__ == "__main__":

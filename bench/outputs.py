@@ -21,7 +21,7 @@ def figure(rows: int = 1, height: float = 4.0) -> tuple[Any, Any]:
 
 
 def save(name: str, data: dict, fig: Any, folder: Path = RESULTS) -> tuple[Path, Path]:
-    """`<folder>/<name>.json` and `<folder>/<name>.png`; the figure is closed."""
+    """`<folder>/<name>.json` and `<folder>/<name>.png`, and says so; the figure is closed."""
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -30,4 +30,15 @@ def save(name: str, data: dict, fig: Any, folder: Path = RESULTS) -> tuple[Path,
     fig.tight_layout()
     fig.savefig(png_path, dpi=80)
     plt.close(fig)
+    print(f"wrote {json_path} and {png_path}")
     return json_path, png_path
+
+
+def label_axes(ax: Any, *, xlabel: str, ylabel: str, title: str, log2_x: bool = False) -> None:
+    """Labels, title and legend of a plot (x on a log-2 scale for counts that double)."""
+    if log2_x:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()

@@ -156,13 +156,9 @@ def report(rows: list[dict], setting: dict) -> None:
         mine = [r for r in rows if (r["batch"], r["seq"]) == (batch, seq)]
         ax.plot([r["tenants"] for r in mine], [r["speedup"] for r in mine], marker="o", label=f"{batch} x {seq}")
     ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("adapters in the call")
-    ax.set_ylabel("speedup of packing")
-    ax.set_title(f"packed vs one-by-one, {setting['base_model']} on {setting['device']}")
-    ax.legend()
-    paths = outputs.save("packing", {"setting": setting, "rows": rows}, fig)
-    console.print(f"wrote {paths[0]} and {paths[1]}")
+    outputs.label_axes(ax, xlabel="adapters in the call", ylabel="speedup of packing", log2_x=True,
+                       title=f"packed vs one-by-one, {setting['base_model']} on {setting['device']}")
+    outputs.save("packing", {"setting": setting, "rows": rows}, fig)
 
 
 if __name__ == "__main__":

@@ -242,8 +242,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="twinkle-soak-") as tmp:
         report = run(args.minutes, Path(tmp), args.database_url, args.every)
     show(report)
-    json_path, png_path = save(report, f"soak-{report.database}")
-    print(f"wrote {json_path} and {png_path}")
+    save(report, f"soak-{report.database}")
     raise SystemExit(0 if report.flat else 1)
 
 

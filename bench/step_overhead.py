@@ -4,7 +4,7 @@ Times one forward_backward + optim_step (default: tiny-qwen3, LoRA rank 8, batch
 two ways: through the unmodified tinker SDK over HTTP against a `twinkle serve` process, and the
 same work done in-process with the same trainer code. The two run in alternating blocks, never at
 the same time, each with 2 torch threads. Prints a table and the ratio of the medians (target:
-<= 1.25).
+<= 1.25); writes JSON and a PNG under bench/results/ (step_overhead-BxS.*).
 
     .venv/bin/python bench/step_overhead.py [--steps 30] [--block 5]
     # the GPU check: SmolLM2-135M at 8 x 1024 tokens in bfloat16 on CUDA
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import statistics
 import tempfile
 import time
@@ -25,6 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+import outputs  # noqa: E402 - bench/outputs.py, beside this script
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -158,6 +160,14 @@ def report(results: dict[str, list[float]], model: str) -> None:
     ratio = statistics.median(sdk) / statistics.median(local)
     console.print(f"ratio of medians (SDK / in-process): {ratio:.3f}   ratio of mins: {min(sdk) / min(local):.3f}"
                   f"   (target <= 1.25; load average {os.getloadavg()[0]:.2f})")
+    setting = {"base_model": model, "batch": BATCH, "seq": SEQ, "rank": RANK, "torch": torch.__version__,
+               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
+    fig, ax = outputs.figure()
+    ax.boxplot([[t * 1e3 for t in times] for times in results.values()], tick_labels=list(results), vert=False)
+    ax.set_xlabel("step ms (forward_backward + optim_step)")
+    ax.set_title(f"server overhead, {model}, {BATCH} x {SEQ}: ratio of medians {ratio:.2f}")
+    data = {"setting": setting, "ratio_of_medians": ratio, "steps_ms": {k: [t * 1e3 for t in v] for k, v in results.items()}}
+    outputs.save(f"step_overhead-{BATCH}x{SEQ}", data, fig)
 
 
 if __name__ == "__main__":

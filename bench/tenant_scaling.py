@@ -167,13 +167,9 @@ def report(rows: list[dict], setting: dict) -> None:
         for key, style in (("packed_tokens_per_s", "-"), ("one_by_one_tokens_per_s", "--")):
             ax.plot([r["tenants"] for r in mine], [r[key] for r in mine], style, marker="o",
                     label=f"{batch} x {seq}, {'packed' if key.startswith('packed') else 'one by one'}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("tenants stepping at once")
-    ax.set_ylabel("aggregate tokens/s")
-    ax.set_title(f"multi-tenant scaling, {setting['base_model']}")
-    ax.legend()
-    paths = outputs.save("tenant_scaling", {"setting": setting, "rows": rows}, fig)
-    console.print(f"wrote {paths[0]} and {paths[1]}")
+    outputs.label_axes(ax, xlabel="tenants stepping at once", ylabel="aggregate tokens/s", log2_x=True,
+                       title=f"multi-tenant scaling, {setting['base_model']}")
+    outputs.save("tenant_scaling", {"setting": setting, "rows": rows}, fig)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -64,23 +65,29 @@ def tenant_data(rank_index: int, rows: list[list[int]]) -> tuple[str, list[types
     return "importance_sampling", data
 
 
-def interleaved_losses(server: ServerProcess, rows: list[list[int]], prefix: str) -> list[list[float]]:
-    """Five tenants (ranks 1..32, CE and IS, own Adam settings) take 10 steps each in turns."""
+@contextmanager
+def five_tenants(server: ServerProcess, rows: list[list[int]], prefix: str) -> Iterator[list[tuple]]:
+    """Five tenants (ranks 1..32, CE and IS, own Adam settings): (client, loss_fn, data, adam) each."""
     services = [tinker.ServiceClient(base_url=server.base_url, api_key=f"tml-{prefix}-{i}") for i in range(5)]
     try:
         clients = [sc.create_lora_training_client(BASE, rank=r, seed=10 + i).result()
                    for i, (sc, r) in enumerate(zip(services, RANKS))]
-        work = [tenant_data(i, rows) for i in range(5)]
-        losses: list[list[float]] = [[] for _ in range(5)]
-        for _ in range(10):
-            for i, (tc, (loss_fn, data)) in enumerate(zip(clients, work)):
-                fb = tc.forward_backward(data, loss_fn)
-                tc.optim_step(ADAM[i]).result()
-                losses[i].append(fb.result().metrics["loss:sum"])
-        return losses
+        yield [(tc, *tenant_data(i, rows), ADAM[i]) for i, tc in enumerate(clients)]
     finally:
         for sc in services:
             sc.close("success").result()
+
+
+def interleaved_losses(server: ServerProcess, rows: list[list[int]], prefix: str) -> list[list[float]]:
+    """The five tenants take 10 steps each in turns."""
+    with five_tenants(server, rows, prefix) as tenants:
+        losses: list[list[float]] = [[] for _ in tenants]
+        for _ in range(10):
+            for i, (tc, loss_fn, data, adam) in enumerate(tenants):
+                fb = tc.forward_backward(data, loss_fn)
+                tc.optim_step(adam).result()
+                losses[i].append(fb.result().metrics["loss:sum"])
+        return losses
 
 
 def test_five_tenants_on_two_slots_train_exactly_as_with_unlimited_slots(server, pool_server, token_rows) -> None:
@@ -107,24 +114,17 @@ def packed_servers(tmp_path_factory, tiny_model_dir) -> Iterator[tuple[ServerPro
 
 
 def concurrent_losses(server: ServerProcess, rows: list[list[int]], prefix: str, steps: int = 4) -> list[list[float]]:
-    """Five tenants (ranks 1..32, CE and IS, own Adam settings) step at once: every step, all send
-    their forward_backward before anyone waits, then their optim_step."""
-    services = [tinker.ServiceClient(base_url=server.base_url, api_key=f"tml-{prefix}-{i}") for i in range(5)]
-    try:
-        clients = [sc.create_lora_training_client(BASE, rank=r, seed=10 + i).result()
-                   for i, (sc, r) in enumerate(zip(services, RANKS))]
-        work = [tenant_data(i, rows) for i in range(5)]
-        losses: list[list[float]] = [[] for _ in range(5)]
+    """The five tenants step at once: every step, all send their forward_backward before anyone
+    waits, then their optim_step."""
+    with five_tenants(server, rows, prefix) as tenants:
+        losses: list[list[float]] = [[] for _ in tenants]
         for _ in range(steps):
-            fbs = [tc.forward_backward(data, loss_fn) for tc, (loss_fn, data) in zip(clients, work)]
-            steps_ = [tc.optim_step(ADAM[i]) for i, tc in enumerate(clients)]
-            for i, (fb, step) in enumerate(zip(fbs, steps_)):
+            fbs = [tc.forward_backward(data, loss_fn) for tc, loss_fn, data, _ in tenants]
+            opts = [tc.optim_step(adam) for tc, _, _, adam in tenants]
+            for i, (fb, opt) in enumerate(zip(fbs, opts)):
                 losses[i].append(fb.result().metrics["loss:sum"])
-                step.result()
+                opt.result()
         return losses
-    finally:
-        for sc in services:
-            sc.close("success").result()
 
 
 def test_tenants_stepping_at_once_in_packed_passes_train_exactly_as_one_model_per_call(packed_servers,
