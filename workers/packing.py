@@ -49,11 +49,11 @@ class PackLimits:
     pass_tokens: int
 
 
-# Measured with bench/packing.py on the 2-core CPU (docs/packing.md): 8-16 adapters of 16-256
-# tokens each gain 1.3-2.2x packed, a 1024-token segment loses (a pass past a few thousand
-# tokens is slower per token there). The GPU's are not measured yet: a guess that bigger passes
-# pay on a GPU, to be replaced by its bench/packing.py table.
-LIMITS = {"cpu": PackLimits(segment_tokens=512, pass_tokens=4096),
+# Measured with bench/packing.py on the 2-core CPU (docs/packing.md): 4-16 adapters of 16-128
+# tokens each gain 1.25-1.96x packed; at 256 tokens a segment packing no longer pays, at 1024 it
+# loses (a pass past a few thousand tokens is slower per token there). The GPU's are not measured
+# yet: a guess that bigger passes pay on a GPU, to be replaced by its bench/packing.py table.
+LIMITS = {"cpu": PackLimits(segment_tokens=128, pass_tokens=2048),
           "cuda": PackLimits(segment_tokens=4096, pass_tokens=32768)}
 
 

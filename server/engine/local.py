@@ -58,7 +58,7 @@ from workers.types import (
 
 log = logging.getLogger(__name__)
 CUSTOM_LOSS_CACHE = 256  # compiled custom losses kept per engine
-SMALL_PASS_TOKENS = 256  # forward/backward work up to this runs on one torch thread (CPU)
+SMALL_PASS_TOKENS = 32  # forward/backward work up to this runs on one torch thread (CPU)
 T = TypeVar("T")
 Fetch = Callable[[], AdapterWeights]
 
