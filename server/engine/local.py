@@ -275,7 +275,16 @@ class LocalEngine:
         return compiled
 
     async def optim_step(self, model_id: str, adam: AdamConfig) -> dict[str, float]:
-        return await self._call(lambda: self.trainer.optim_step(self._require(model_id), adam))
+        return await self._call(self._optim_step, model_id, adam)
+
+    async def optim_steps(self, steps: list[tuple[str, AdamConfig]]) -> list[dict[str, float] | Failure]:
+        return await self._call(self._optim_steps, steps)
+
+    def _optim_steps(self, steps: list[tuple[str, AdamConfig]]) -> list[dict[str, float] | Failure]:
+        return [guarded(self._optim_step, model_id, adam) for model_id, adam in steps]
+
+    def _optim_step(self, model_id: str, adam: AdamConfig) -> dict[str, float]:
+        return self.trainer.optim_step(self._require(model_id), adam)
 
     async def save(self, model_id: str, ref: str, *, with_optimizer: bool, encrypt_to: list[str] | None = None) -> int:
         return await self._call(self._save, model_id, ref, with_optimizer, encrypt_to)

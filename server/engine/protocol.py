@@ -62,6 +62,11 @@ class Engine(Protocol):
 
     async def optim_step(self, model_id: str, adam: AdamConfig) -> dict[str, float]: ...
 
+    async def optim_steps(self, steps: list[tuple[str, AdamConfig]]) -> list[dict[str, float] | Failure]:
+        """Several models' optimizer steps in one engine call, in order; one outcome per step:
+        its metrics, or the Failure it alone ended in."""
+        ...
+
     async def save(self, model_id: str, ref: str, *, with_optimizer: bool, encrypt_to: list[str] | None = None) -> int:
         """Write the adapter (and optionally its optimizer state) as checkpoint `ref`, atomically;
         bytes written. `encrypt_to`: age recipients every file is encrypted to before it is published."""

@@ -202,6 +202,9 @@ class RayEngine:
     async def optim_step(self, model_id: str, adam: AdamConfig) -> dict[str, float]:
         return await self._call(TRAINER, "optim_step", model_id, adam)
 
+    async def optim_steps(self, steps: list[tuple[str, AdamConfig]]) -> list[dict[str, float] | Failure]:
+        return await self._call(TRAINER, "optim_steps", steps)
+
     async def save(self, model_id: str, ref: str, *, with_optimizer: bool, encrypt_to: list[str] | None = None) -> int:
         return await self._call(TRAINER, "save", model_id, ref, with_optimizer=with_optimizer, encrypt_to=encrypt_to)
 

@@ -40,8 +40,8 @@ LOGGING = {"enable_access_log": False, "log_level": "WARNING"}
 # The engine methods a gateway may call on a replica ("snapshot" and "sample_batch" are adapted
 # to the object store by the replica: see EngineReplica).
 TRAINER_CALLS = frozenset({
-    "create_adapter", "forward_backward", "forward_backward_packed", "optim_step", "save", "load", "unload",
-    "page_out", "snapshot", "native",
+    "create_adapter", "forward_backward", "forward_backward_packed", "optim_step", "optim_steps", "save", "load",
+    "unload", "page_out", "snapshot", "native",
 })
 SAMPLER_CALLS = frozenset({"sample_batch", "release"})
 

@@ -9,7 +9,7 @@ import logging
 import random
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any, TypeVar
 
@@ -267,12 +267,16 @@ async def forward_backward(
 def _pack(rt: Runtime, model: Model, custom: CustomLossSpec | None, forward_only: bool) -> Pack | None:
     """How the model's forward(_backward) may share an engine call with other models' on its base
     model (server/queue/scheduler.py, "Packing"); None when packing is off."""
-    settings = rt.settings
-    if settings.packing == "never":
+    if rt.settings.packing == "never":
         return None
-    most = min(settings.pack_max_models, settings.max_resident_adapters or settings.pack_max_models)
-    return Pack(key=("forward_backward", model.base_model, forward_only), budget=settings.pack_max_tokens,
-                max_queues=most, item=(model, custom), run=functools.partial(_run_packed, rt))
+    return Pack(key=("forward_backward", model.base_model, forward_only), budget=rt.settings.pack_max_tokens,
+                max_queues=_pack_models(rt), item=(model, custom), run=functools.partial(_run_packed, rt))
+
+
+def _pack_models(rt: Runtime) -> int:
+    """How many models one packed call may hold: never more than the pool keeps resident."""
+    settings = rt.settings
+    return min(settings.pack_max_models, settings.max_resident_adapters or settings.pack_max_models)
 
 
 async def _run_packed(
@@ -300,7 +304,31 @@ async def optim_step(rt: Runtime, tenant_id: str, req: api.OptimStepRequest, fin
         metrics = await engine_of(rt, model).optim_step(model.id, adam)
         return json_result(api.OptimStepResponse(metrics=metrics))
 
-    return await _model_op(rt, tenant_id, model, kind=OpKind.OPTIM_STEP, seq_id=req.seq_id, fingerprint=fingerprint, run=run)
+    batch = None
+    if rt.settings.packing != "never":
+        # Due optimizer steps of other models on the base ride in one engine call (size 1 each,
+        # budget 1: never two steps of one model in a call; the pack budget counts models).
+        most = _pack_models(rt)
+        pack = Pack(key=("optim_step", model.base_model), budget=most, max_queues=most, item=model,
+                    run=functools.partial(_run_optim_steps, rt))
+        batch = Batch(key="optim_step", size=1, budget=1, payload=adam, run=_one_at_a_time(run), pack=pack)
+    return await _model_op(rt, tenant_id, model, kind=OpKind.OPTIM_STEP, seq_id=req.seq_id, fingerprint=fingerprint,
+                           run=run, batch=batch)
+
+
+def _one_at_a_time(run: OpRunner) -> Callable[[list[Any]], Awaitable[list[OpResult]]]:
+    async def run_all(payloads: list[Any]) -> list[OpResult]:  # a batch of one: its budget is 1
+        return [await run() for _ in payloads]
+
+    return run_all
+
+
+async def _run_optim_steps(rt: Runtime, parts: list[tuple[Model, list[AdamConfig]]]) -> list[list[OpResult] | OperationFailed]:
+    """The optimizer steps of several models in one engine call; one that fails fails alone."""
+    engine = engine_of(rt, parts[0][0])
+    outcomes = await engine.optim_steps([(model.id, adam) for model, steps in parts for adam in steps])
+    return [OperationFailed(o.message, o.category, o.field) if isinstance(o, Failure)
+            else [json_result(api.OptimStepResponse(metrics=o))] for o in outcomes]
 
 
 # ----- checkpoints -----------------------------------------------------------------------------

@@ -30,7 +30,7 @@ computes exactly what the unchunked call would); idle unordered queues with the 
 Packing. An ordered queue's head with a `Batch.pack` takes along the due heads (and their
 neighbours) of other idle ordered queues with the same pack key, within the pack's budget: the
 forward(_backward) calls of several models on one base model become one engine call, which the
-trainer may run as one pass (workers/packing.py). Each queue's order is kept (only its due ops go,
+trainer may run as one pass (workers/packing.py); so do the due optimizer steps of several models. Each queue's order is kept (only its due ops go,
 and never past a missing seq_id or a barrier), and a queue whose part fails fails alone.
 
 Fairness. Per lane, tenants take turns round-robin, one engine call per turn, and within a tenant

@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import numpy as np
 import pyrage
 import pytest
 
+from schemas.wire import DatumIn, ForwardBackwardCall
 from server.engine.local import LocalEngine
 from server.errors import OperationFailed
 from workers.adapter_files import CheckpointFormatError
 from workers.guard import Failure, guarded
 from workers.storage import FolderStore
-from workers.types import AdamConfig, ComputeOptions, LoraSpec
+from workers.types import AdamConfig, ComputeOptions, LoraSpec, ModelCalls
 
 
 def test_a_folder_store_resolves_references_under_its_root_only(tmp_path: Path) -> None:
@@ -64,6 +66,19 @@ def test_the_local_engine_raises_failures_with_their_category(tiny_model_dir: Pa
             with pytest.raises(OperationFailed) as crash:
                 await engine.save("m1", "../outside", with_optimizer=False)  # never made by the server
             assert crash.value.category == "server" and "ValueError" in crash.value.message
+            # Packed calls: each model's outcome on its own, a failing one as its Failure.
+            steps = await engine.optim_steps([("m1", AdamConfig()), ("nobody", AdamConfig()), ("m2", AdamConfig())])
+            assert isinstance(steps[1], Failure) and steps[1].category == "user"
+            assert all(isinstance(s, dict) and "grad_norm:mean" in s for s in (steps[0], steps[2]))
+            data = [DatumIn(tokens=np.array([5, 6, 7]), loss_fn_inputs={"target_tokens": np.array([6, 7, 8]),
+                                                                        "weights": np.ones(3, np.float32)})]
+            calls = [ForwardBackwardCall("x", 1, loss, {}, False, data) for loss in
+                     ("cross_entropy", "no_such_loss")]
+            packed = await engine.forward_backward_packed(
+                [ModelCalls("m1", calls[:1]), ModelCalls("m2", calls[1:]), ModelCalls("nobody", calls[:1])])
+            assert packed[0][0].metrics["loss:sum"] > 0
+            assert isinstance(packed[1], Failure) and "no_such_loss" in packed[1].message
+            assert isinstance(packed[2], Failure) and packed[2].category == "user"
         finally:
             await engine.stop()
 
