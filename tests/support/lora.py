@@ -53,3 +53,14 @@ def datum(rng: np.random.Generator, n: int, loss: str) -> DatumIn:
         if loss == "gspo":
             inputs["sequence_ratio_mask"] = (rng.uniform(size=n) < 0.7).astype(np.float32)
     return DatumIn(tokens=tokens[:-1], loss_fn_inputs=inputs)
+
+
+def magnitude(group: list[DatumIn], outputs: list[dict[str, np.ndarray]]) -> float:
+    """A bound on the summed size of a loss's terms before they cancel (RL losses add terms of
+    both signs): a float32 sum is exact only to a small multiple of eps times that, whatever
+    the order of its additions."""
+    total = 0.0
+    for d, out in zip(group, outputs):
+        inputs = sum(np.abs(v) for k, v in d.loss_fn_inputs.items() if k != "target_tokens")
+        total += float(np.sum(np.abs(out["logprobs"]) * (1 + inputs)))
+    return total

@@ -18,7 +18,8 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from tests.support.lora import VOCAB, custom_loss, datum, perturb_b
+from schemas.wire import DatumIn
+from tests.support.lora import VOCAB, custom_loss, datum, magnitude, perturb_b
 from workers.custom_loss import CustomLossError
 from workers.losses import LOSSES
 from workers.packing import PackLimits, PackRule, Segment, plan_packs
@@ -60,29 +61,34 @@ def grads(trainer: LoraTrainer, name: str) -> dict[str, torch.Tensor | None]:
     return {k: None if p.grad is None else p.grad.clone() for k, p in trainer._adapter(name).params.items()}
 
 
-def assert_close(got: object, want: object, what: str) -> None:
-    """Equal to 1e-5 of the values' scale: |got - want| <= 1e-5 * max(1, max |want|). A float32 sum
-    of many terms is exact only to its eps times its terms' size whatever the order of its
-    additions, and a packed pass adds in another order (gradients reach 50 here)."""
+def assert_close(got: object, want: object, what: str, scale: float | None = None) -> None:
+    """Equal to 1e-5 of the values' scale: |got - want| <= 1e-5 * max(1, scale), the scale being
+    max |want| unless given. A float32 sum of many terms is exact only to its eps times its terms'
+    size whatever the order of its additions, and a packed pass adds in another order (gradients
+    reach 50 here; a loss that sums terms of both signs is given the size of its terms)."""
     got_a, want_a = np.asarray(torch.as_tensor(got), np.float64), np.asarray(torch.as_tensor(want), np.float64)
     assert got_a.shape == want_a.shape, what
-    scale = max(1.0, float(np.abs(want_a).max(initial=0.0)))
+    scale = max(1.0, float(np.abs(want_a).max(initial=0.0)) if scale is None else scale)
     error = float(np.abs(got_a - want_a).max(initial=0.0))
     assert error <= TOL * scale, f"{what}: off by {error:.3g}, scale {scale:.3g}"
 
 
-def assert_same(got: list[ForwardBackwardResult], want: list[ForwardBackwardResult]) -> None:
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
+def assert_same(got: list[ForwardBackwardResult], want: list[ForwardBackwardResult],
+                groups: list[list[DatumIn]]) -> None:
+    assert len(got) == len(want) == len(groups)
+    for g, w, group in zip(got, want, groups):
         assert g.metrics.keys() == w.metrics.keys()
         for key, value in w.metrics.items():
-            assert_close(g.metrics[key], value, key)
+            assert_close(g.metrics[key], value, key, scale=max(abs(value), magnitude(group, w.outputs)))
         for go, wo in zip(g.outputs, w.outputs):
             assert_close(go["logprobs"], wo["logprobs"], "logprobs")
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
-          phases=[Phase.explicit, Phase.reuse, Phase.generate])  # a shrink reruns passes for minutes
+# Derandomized, as the wire fuzzing is: CI runs the same 25 cases every time. Explore further by
+# hand with derandomize=False and more examples (300 random cases passed on 2026-12-04). No
+# shrinking: each case runs passes, and a shrink ran for minutes.
+@settings(max_examples=25, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture], phases=[Phase.explicit, Phase.generate])
 @given(shapes=st.lists(segment_shapes, min_size=2, max_size=5), forward_only=st.booleans(), seed=st.integers(0, 2**16))
 def test_packed_segments_get_what_each_would_alone(trainer: LoraTrainer, shapes, forward_only: bool, seed: int) -> None:
     rng = np.random.default_rng(seed)
@@ -101,7 +107,7 @@ def test_packed_segments_get_what_each_would_alone(trainer: LoraTrainer, shapes,
         for seg, outcome in zip(alone, got):
             want = trainer.forward_backward_groups(seg.name, seg.groups, seg.loss, seg.config, forward_only)
             assert not isinstance(outcome, Exception), outcome
-            assert_same(outcome, want)
+            assert_same(outcome, want, seg.groups)
         for p, a in pairs:
             got_grads, want_grads = grads(trainer, p), grads(trainer, a)
             for key, want in want_grads.items():
@@ -126,7 +132,7 @@ def test_a_segment_whose_loss_refuses_its_data_fails_alone_and_leaves_no_gradien
         outcome = trainer.forward_backward_packed(
             [Segment(good_p, data, LOSSES["cross_entropy"], {}), Segment(bad, [[broken]], custom_loss(), {})])
         want = trainer.forward_backward_groups(good_a, data, LOSSES["cross_entropy"], {})
-        assert_same(outcome[0], want)
+        assert_same(outcome[0], want, data)
         assert isinstance(outcome[1], CustomLossError) and "weights" in str(outcome[1])
         assert all(v is None for v in grads(trainer, bad).values())
         for key, grad in grads(trainer, good_a).items():

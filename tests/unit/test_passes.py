@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from schemas.wire import DatumIn
-from tests.support.lora import custom_loss, datum, perturb_b
+from tests.support.lora import custom_loss, datum, magnitude, perturb_b
 from workers.custom_loss import CustomLossError
 from workers.losses import LOSSES
 from workers.passes import ActivationCost, activation_cost, plan_passes, target_logprobs, tokens_per_pass
@@ -76,17 +75,6 @@ def test_chunked_target_logprobs_and_gradients_equal_the_full_log_softmax(logit_
 
 
 # ----- the property ----------------------------------------------------------------------------
-def magnitude(group: list[DatumIn], outputs: list[dict[str, np.ndarray]]) -> float:
-    """A bound on the summed size of a loss's terms before they cancel (RL losses add terms of
-    both signs): a float32 sum is exact only to a small multiple of eps times that, whatever
-    the order of its additions."""
-    total = 0.0
-    for d, out in zip(group, outputs):
-        inputs = sum(np.abs(v) for k, v in d.loss_fn_inputs.items() if k != "target_tokens")
-        total += float(np.sum(np.abs(out["logprobs"]) * (1 + inputs)))
-    return total
-
-
 @pytest.fixture(scope="module")
 def trainer(tiny_model_dir: Path) -> LoraTrainer:
     # logit_elements small enough that the logprobs of most passes are computed in several chunks
