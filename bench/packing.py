@@ -2,11 +2,13 @@
 
 In-process, with the trainer the engine uses (no server): N adapters (LoRA rank 8) each with one
 forward_backward of B x S tokens (cross_entropy), run as one packed pass and as N passes one after
-another, in alternating order, the torch threads chosen as the local engine chooses them (one for
-a pass of at most 256 tokens on a CPU). Prints a table of the median milliseconds of both and
-their ratio per shape; writes JSON and a PNG under bench/results/ (packing.*).
+another, and -- the ceiling of any packing -- as one pass of every row on one adapter, in
+alternating order, the torch threads chosen as the local engine chooses them (one for a pass of at
+most SMALL_PASS_TOKENS tokens on a CPU). Prints a table of the median milliseconds and the ratios
+per shape; writes JSON and a PNG under bench/results/ (packing.*).
 
-    .venv/bin/python bench/packing.py [--reps 7] [--device cuda --dtype bfloat16 --base-model ...]
+    .venv/bin/python bench/packing.py [--reps 7] [--tenants 2,4,8,16] [--shapes 1x16,2x64,4x64,8x128]
+                                      [--device cuda --dtype bfloat16 --base-model ...]
 """
 
 from __future__ import annotations
@@ -78,7 +80,14 @@ def runners(trainer: LoraTrainer, segs: list[Segment], most: int) -> dict[str, C
             with threads_for(sum(seg.rows), device, most):
                 trainer.forward_backward_groups(seg.name, seg.groups, seg.loss, seg.config)
 
-    return {"packed": packed, "one_by_one": one_by_one}
+    # The ceiling of any packing: every row in one pass on one adapter, no routing at all.
+    everything = [[datum for seg in segs for group in seg.groups for datum in group]]
+
+    def one_adapter() -> None:
+        with threads_for(sum(sum(s.rows) for s in segs), device, most):
+            trainer.forward_backward_groups(segs[0].name, everything, segs[0].loss, segs[0].config)
+
+    return {"packed": packed, "one_by_one": one_by_one, "one_adapter": one_adapter}
 
 
 def timed(fn: Callable[[], None], device: torch.device) -> float:
@@ -89,10 +98,11 @@ def timed(fn: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def measure(trainer: LoraTrainer, reps: int, most: int, tenants: tuple[int, ...]) -> list[dict]:
+def measure(trainer: LoraTrainer, reps: int, most: int, tenants: tuple[int, ...],
+            shapes: tuple[tuple[int, int], ...]) -> list[dict]:
     rows = []
     for n in tenants:
-        for batch, seq in SHAPES:
+        for batch, seq in shapes:
             segs = segments(n, batch, seq, trainer.info.vocab_size)
             fns = runners(trainer, segs, most)
             times: dict[str, list[float]] = {name: [] for name in fns}
@@ -105,11 +115,12 @@ def measure(trainer: LoraTrainer, reps: int, most: int, tenants: tuple[int, ...]
             for seg in segs:  # gradients would only grow; keep each rep's work the same
                 for p in trainer._adapter(seg.name).params.values():
                     p.grad = None
-            packed, alone = statistics.median(times["packed"]), statistics.median(times["one_by_one"])
+            packed, alone, single = (statistics.median(times[k]) for k in ("packed", "one_by_one", "one_adapter"))
             rows.append({"tenants": n, "batch": batch, "seq": seq, "segment_tokens": batch * seq,
-                         "packed_ms": packed * 1e3, "one_by_one_ms": alone * 1e3, "speedup": alone / packed})
-            print(f"{n} x ({batch} x {seq}): packed {packed * 1e3:.1f} ms, one by one {alone * 1e3:.1f} ms",
-                  flush=True)
+                         "packed_ms": packed * 1e3, "one_by_one_ms": alone * 1e3, "speedup": alone / packed,
+                         "one_adapter_ms": single * 1e3, "ceiling": alone / single})
+            print(f"{n} x ({batch} x {seq}): packed {packed * 1e3:.1f} ms, one by one {alone * 1e3:.1f} ms, "
+                  f"one adapter with every row {single * 1e3:.1f} ms", flush=True)
     return rows
 
 
@@ -118,6 +129,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2, help="torch threads for a pass over 256 tokens")
     parser.add_argument("--tenants", default=",".join(map(str, TENANTS)))
+    parser.add_argument("--shapes", default=",".join(f"{b}x{s}" for b, s in SHAPES), help="B x S, comma-separated")
     parser.add_argument("--base-model", default=TINY_QWEN3)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
@@ -134,7 +146,8 @@ def run(args: argparse.Namespace, model_dir: Path) -> None:
     tenants = tuple(int(n) for n in args.tenants.split(","))
     for i in range(max(tenants)):
         trainer.create_adapter(f"t{i}", LoraSpec(rank=8, seed=i))
-    rows = measure(trainer, args.reps, args.threads, tenants)
+    shapes = tuple(tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(","))
+    rows = measure(trainer, args.reps, args.threads, tenants, shapes)
     setting = {"base_model": args.base_model, "device": str(trainer.device), "dtype": str(base.dtype),
                "torch": torch.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                "reps": args.reps, "threads": args.threads}
@@ -142,17 +155,20 @@ def run(args: argparse.Namespace, model_dir: Path) -> None:
 
 
 def report(rows: list[dict], setting: dict) -> None:
-    table = Table(title="packed vs one adapter after another (median ms per call; speedup = one-by-one / packed)")
-    for column in ("tenants", "B x S", "tokens/segment", "packed ms", "one-by-one ms", "speedup"):
+    table = Table(title="packed vs one adapter after another (median ms per call; speedup = one-by-one / packed; "
+                        "ceiling = one-by-one / every row on one adapter in one pass)")
+    for column in ("tenants", "B x S", "tokens/segment", "packed ms", "one-by-one ms", "one adapter ms",
+                   "speedup", "ceiling"):
         table.add_column(column, justify="right")
     for r in rows:
         table.add_row(str(r["tenants"]), f"{r['batch']} x {r['seq']}", str(r["segment_tokens"]),
-                      f"{r['packed_ms']:.1f}", f"{r['one_by_one_ms']:.1f}", f"{r['speedup']:.2f}")
+                      f"{r['packed_ms']:.1f}", f"{r['one_by_one_ms']:.1f}", f"{r['one_adapter_ms']:.1f}",
+                      f"{r['speedup']:.2f}", f"{r['ceiling']:.2f}")
     console = Console()
     console.print(table)
     console.print(", ".join(f"{k}: {v}" for k, v in setting.items()))
     fig, ax = outputs.figure()
-    for batch, seq in SHAPES:
+    for batch, seq in sorted({(r["batch"], r["seq"]) for r in rows}):
         mine = [r for r in rows if (r["batch"], r["seq"]) == (batch, seq)]
         ax.plot([r["tenants"] for r in mine], [r["speedup"] for r in mine], marker="o", label=f"{batch} x {seq}")
     ax.axhline(1.0, color="grey", linewidth=0.8)
