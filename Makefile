@@ -10,6 +10,7 @@ VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 TWINKLE_REF_VENV := .venv-twinkle-ref
 TWINKLE_REF_STAMP := $(TWINKLE_REF_VENV)/.installed
+BROWSER := /usr/bin/chromedriver
 
 .PHONY: install serve test test-fast test-slow test-ray install-vllm test-vllm install-twinkle-ref lint bench bench-pool bench-memory bench-ray bench-soak proto clean
 
@@ -30,6 +31,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# Debian's Chromium and its chromedriver, for the dashboard's browser test
+# (tests/integration/test_dashboard_browser.py); Selenium drives them, nothing is downloaded.
+$(BROWSER):
+	apt-get install -y -q chromium chromium-driver || \
+		(apt-get update -q && apt-get install -y -q chromium chromium-driver)
+
 # Options: any `twinkle serve` flag via ARGS, or the env vars TWINKLE_HOST, TWINKLE_PORT,
 # TWINKLE_BASE_MODEL, TWINKLE_DATA_DIR, ... e.g. `make serve ARGS="--base-model tiny-qwen3"`.
 # TWINKLE_SAMPLER=vllm: the server runs from .venv-vllm (installed on first use; docs/vllm.md).
@@ -44,7 +51,7 @@ endif
 # The whole suite on tinker 0.38.0, then the sdk-marked tests on each older SDK, one at a time
 # (exit status 5, nothing selected by ARGS, is not a failure there), then the SDK suite again on
 # the Ray engine with PostgreSQL and Redis (test-ray).
-test: $(STAMP) $(TWINKLE_REF_STAMP)
+test: $(STAMP) $(TWINKLE_REF_STAMP) $(BROWSER)
 	$(PYTEST) -q -m "not ray" $(ARGS)
 	for v in $(OLD_SDKS); do $(PYTEST) -q -m "sdk and not ray" --sdk $$v $(ARGS); rc=$$?; \
 		[ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc; done
@@ -86,7 +93,7 @@ install-twinkle-ref: $(TWINKLE_REF_STAMP)
 test-fast: $(STAMP)
 	$(PYTEST) -q -n 2 -m "not slow" tests/unit $(ARGS)
 
-test-slow: $(STAMP) $(TWINKLE_REF_STAMP)
+test-slow: $(STAMP) $(TWINKLE_REF_STAMP) $(BROWSER)
 	$(PYTEST) -q -m "slow and not ray" $(ARGS)
 
 lint: $(STAMP)

@@ -12,9 +12,12 @@ from gateway.forwarding import Forwarder
 from gateway.guard import AuthFailures, BodyGuard
 from gateway.routes import (
     admin,
+    dashboard,
     export,
     files,
     futures,
+    hf_files,
+    metrics,
     native,
     native_model,
     native_processor,
@@ -25,6 +28,7 @@ from gateway.routes import (
     training,
     twinkle,
 )
+from gateway.telemetry import Telemetry
 from server import boot
 from server.config import bind_problem, settings_from_env
 from server.logs import setup_logging
@@ -57,10 +61,14 @@ def create_app(runtime: Runtime) -> FastAPI:
         raise ValueError(problem)
     app.state.auth_failures = AuthFailures(settings.auth_failures_per_minute)
     app.add_middleware(BodyGuard, default_limit=settings.max_request_mb << 20, open_mode=settings.auth == "open")
+    app.add_middleware(Telemetry, metrics=runtime.metrics, tracing=runtime.tracing)  # outermost: sees BodyGuard's refusals
     for router in (service.router, training.router, sampling.router, futures.router, rest.router):
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(admin.router)
+    app.include_router(metrics.router)  # GET /metrics (Prometheus)
     app.include_router(twinkle.router, prefix=TWINKLE_PREFIX)
+    app.include_router(dashboard.router, prefix=TWINKLE_PREFIX + "/dashboard")
+    app.include_router(dashboard.page)
     app.include_router(export.router, prefix=TWINKLE_PREFIX)
     app.include_router(native.router, prefix=API_PREFIX)
     app.include_router(openai_compat.router, prefix=API_PREFIX)  # the native API's OpenAI bridge
@@ -70,6 +78,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(openai_compat.unknown, prefix=OPENAI_PREFIX)
     app.include_router(native_model.router, prefix=API_PREFIX)  # the native Twinkle API (twinkle_client)
     app.include_router(native_processor.router, prefix=API_PREFIX)  # its processor app (server-side data)
+    app.include_router(hf_files.router, prefix="/hf")  # tokenizer files for HF_ENDPOINT=<server>/hf (open)
     return app
 
 

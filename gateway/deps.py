@@ -121,13 +121,31 @@ async def admin_of(request: Request) -> None:
     request.state.admin = True
 
 
-async def _check_admin(request: Request, x_admin_key: str | None) -> None:
+async def require_metrics_reader(
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+    x_admin_key: Annotated[str | None, Header(alias="X-Admin-Key")] = None,
+) -> None:
+    """GET /metrics shows every tenant's counters, so it is not for tenants: with --auth open (loopback
+    callers only) it is open; with --auth keys it wants the admin key, as `Authorization: Bearer <admin
+    key>` (a Prometheus scrape config's bearer auth) or in X-Admin-Key."""
+    if runtime_of(request).settings.auth == "open" or getattr(request.state, "admin", False):
+        return
+    key = _bearer(request.headers.get("authorization")) or request.headers.get("x-admin-key")
+    await _counting_failures(request, lambda: _check_admin(
+        request, key, api="GET /metrics under --auth keys",
+        send="send it as 'Authorization: Bearer <admin key>' (or in the X-Admin-Key header)"))
+    request.state.admin = True
+
+
+async def _check_admin(request: Request, x_admin_key: str | None, *, api: str = "admin API",
+                       send: str = "send it in the X-Admin-Key header") -> None:
     expected = runtime_of(request).settings.admin_key
     if expected is None:
-        raise NotFound("admin API disabled: start the server with an admin key (TWINKLE_ADMIN_KEY, --admin-key, "
+        raise NotFound(f"{api} disabled: start the server with an admin key (TWINKLE_ADMIN_KEY, --admin-key, "
                        "or admin_key in the config file) to enable it")
     if not x_admin_key:
-        raise Unauthorized("missing admin key: send it in the X-Admin-Key header")
+        raise Unauthorized(f"missing admin key: {send}")
     given = "sha256:" + hashlib.sha256(x_admin_key.encode()).hexdigest()
     if not hmac.compare_digest(given, expected):
         raise Unauthorized("wrong admin key")

@@ -27,7 +27,7 @@ from server.kinds import ErrorCategory
 log = logging.getLogger(__name__)
 
 STATUS = {"invalid": 400, "not_found": 404, "conflict": 409, "unauthorized": 401, "gone": 410, "busy": 429,
-          "unavailable": 503, "not_implemented": 501, "too_large": 413}
+          "unavailable": 503, "not_implemented": 501, "too_large": 413, "forbidden": 403}
 
 
 def error_body(message: str, *, category: str = "user", field: str | None = None, **extra: object) -> dict:

@@ -13,6 +13,7 @@ from server.engine.local import LocalEngine
 from server.engine.protocol import Engine
 from server.engine.versions import Versions
 from server.kinds import Lane
+from server.metrics import Metrics
 from server.ops.lifecycle import run_session_reaper
 from server.ops.reaper import run_reaper
 from server.queue.admission import Admission, tenant_places
@@ -23,7 +24,9 @@ from server.queue.scheduler import Scheduler
 from server.runtime import Runtime
 from server.store.database import Database
 from server.tenancy.quotas import Quotas
+from server.tenancy.run_metrics import RunMetrics
 from server.tenancy.shared import SharedQuotas
+from server.tracing import Tracing
 
 
 def build_engines(settings: Settings) -> dict[str, Engine]:
@@ -59,8 +62,9 @@ def build_runtime(settings: Settings, engine: Engine | None = None) -> Runtime:
         **{name: LocalEngine.from_settings(settings, name) for name in settings.base_models[1:]},
     }
     lanes, max_calls = scheduler_lanes(engines)
+    metrics, tracing = Metrics(), Tracing.from_settings(settings, instances.id)
     scheduler = Scheduler(hub, lanes=lanes, max_calls=max_calls, gap_grace=settings.seq_gap_grace_seconds,
-                          throttle=quotas)
+                          throttle=quotas, metrics=metrics, tracing=tracing)
     return Runtime(
         settings=settings,
         db=db,
@@ -72,8 +76,11 @@ def build_runtime(settings: Settings, engine: Engine | None = None) -> Runtime:
                                    tenant_places(settings.sample_queue_limit, settings.sample_queue_tenant_share)),
         instances=instances,
         versions=Versions(settings.sampler_versions_per_model, settings.sampler_version_idle_seconds),
+        run_metrics=RunMetrics(db, settings.run_metrics_per_run),
         bus=bus,
         shared=SharedQuotas(settings.redis_url, settings.redis_prefix) if settings.redis_url else None,
+        metrics=metrics,
+        tracing=tracing,
     )
 
 

@@ -1,9 +1,12 @@
-"""`twinkle` command line.
+"""`twinkle` command line: the parser and the dispatch; the newer commands' bodies are in
+`server/commands/` (doctor, status, runs, checkpoints).
 
-`twinkle tenants ...` and `twinkle keys ...` work on the database directly (the one `serve` would
-use with the same --data-dir / --database-url / --config), also while a server runs on it. Their
-output is for scripts: one JSON object per answer, tables for lists (or JSON with --json), and
-`keys create` prints the new key alone on stdout."""
+`twinkle tenants ...`, `keys ...`, `runs` and `checkpoints list` work on the database directly (the
+one `serve` would use with the same --data-dir / --database-url / --config), also while a server
+runs on it. `status` and `checkpoints download` ask a running server over HTTP (--url, --api-key).
+Output is for scripts: one JSON object per answer, tables for lists (or JSON with --json), and
+`keys create` prints the new key alone on stdout. `doctor` and `status` print for people (--json
+for scripts); progress bars go to stderr, and only on a terminal (or with --progress)."""
 
 from __future__ import annotations
 
@@ -12,10 +15,14 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from server.commands.output import print_json as _print_json
+from server.commands.output import print_table as _print_table
+from server.commands.output import progress_wanted, steps
+from server.commands.output import when as _when
 from server.config import RESOLVED_ENV, ConfigError, Settings, bind_problem, load_settings
 
 APP_FACTORY = "gateway.app:create_app_from_env"
@@ -75,11 +82,70 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                    "which keeps it out of the process list; or 'sha256:<hex>' of it)")
 
 
-def _store_options(p: argparse.ArgumentParser) -> None:
+def _store_options(p: argparse.ArgumentParser, redis_help: str | None = None) -> None:
     p.add_argument("--config", type=Path, help="YAML file with data_dir / database_url")
     p.add_argument("--data-dir", type=Path, help="the server's data dir (env TWINKLE_DATA_DIR)")
     p.add_argument("--database-url", help="the server's database (env TWINKLE_DATABASE_URL)")
-    p.add_argument("--redis-url", help="the servers' Redis, to tell them of a revoked key at once (env TWINKLE_REDIS_URL)")
+    p.add_argument("--redis-url", help=redis_help or "the servers' Redis, to tell them of a revoked key at once "
+                                                     "(env TWINKLE_REDIS_URL)")
+
+
+def _server_options(p: argparse.ArgumentParser) -> None:
+    """For the commands that ask a running server over HTTP."""
+    p.add_argument("--url", help="the server (default http://127.0.0.1:8000; env TWINKLE_URL, else TINKER_BASE_URL)")
+    p.add_argument("--api-key", help="an API key of the server (env TWINKLE_API_KEY, else TINKER_API_KEY)")
+
+
+def _progress_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="a progress bar on stderr (default: only when stderr is a terminal)")
+
+
+def _doctor_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("doctor", help="check this install (torch, database, Redis, Ray, vLLM, base models, disk, "
+                                      "port) and say what to fix; exit 1 if serving would fail")
+    _store_options(p, "the servers' Redis, checked with a PING (env TWINKLE_REDIS_URL)")
+    p.add_argument("--base-model", action="append", help="base model(s) to look for, as serve takes them "
+                                                         "(env TWINKLE_BASE_MODEL)")
+    p.add_argument("--host", help="the address serve would bind (env TWINKLE_HOST)")
+    p.add_argument("--port", type=int, help="the port serve would bind (env TWINKLE_PORT)")
+    p.add_argument("--engine", choices=("local", "ray"), help="as serve's; with ray, Ray is required")
+    p.add_argument("--sampler", choices=("hf", "vllm"), help="as serve's; with vllm, vLLM is required")
+    p.add_argument("--db-upgrade", action="store_true", default=None,
+                   help="as serve's: an older schema is then no failure (env TWINKLE_DB_UPGRADE)")
+    p.add_argument("--min-free-gb", type=float, default=5.0, help="warn below this much free disk in the data dir "
+                                                                  "(default 5)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of lines")
+
+
+def _status_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="a running server's state: base models, adapters resident and paged, queues, "
+                                      "your tenant's usage")
+    _server_options(p)
+    p.add_argument("--json", action="store_true", help="the server's answer as JSON instead of tables")
+
+
+def _runs_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("runs", help="list training runs (from the database)")
+    p.add_argument("--tenant", help="only this tenant's (a name, or an id such as open-…)")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    _store_options(p)
+
+
+def _checkpoints_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("checkpoints", help="list checkpoints, or download one from a running server")
+    cmds = p.add_subparsers(dest="action", required=True)
+    ls = cmds.add_parser("list", help="list named checkpoints that have not expired (from the database)")
+    ls.add_argument("--tenant", help="only this tenant's (a name, or an id such as open-…)")
+    ls.add_argument("--run", help="only this training run's")
+    ls.add_argument("--json", action="store_true", help="JSON instead of a table")
+    _store_options(ls)
+    dl = cmds.add_parser("download", help="download a checkpoint's archive (a tar of its files) from the server")
+    dl.add_argument("path", help="the checkpoint, tinker://<run>/<weights|sampler_weights>/<name>")
+    dl.add_argument("-o", "--output", type=Path, help="the file to write (default ./<run>_<kind>_<name>.tar)")
+    dl.add_argument("--extract", type=Path, metavar="DIR", help="also unpack the files into DIR")
+    _server_options(dl)
+    _progress_option(dl)
 
 
 def _limit(text: str) -> tuple[str, int | float]:
@@ -138,13 +204,24 @@ def main(argv: list[str] | None = None) -> int:
     mp = sub.add_parser("model-path", help="print the local folder (weights + tokenizer) of a base model")
     mp.add_argument("name")
     mp.add_argument("--data-dir", type=Path, help="data dir the model is materialised in (env TWINKLE_DATA_DIR)")
+    _progress_option(mp)
     _tenants_parser(sub)
     _keys_parser(sub)
     db = sub.add_parser("db", help="the database schema: upgrade it, or show its revision")
     db.add_argument("action", choices=("upgrade", "status"))
     _store_options(db)
+    _progress_option(db)
+    _doctor_parser(sub)
+    _status_parser(sub)
+    _runs_parser(sub)
+    _checkpoints_parser(sub)
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.command == "model-path":
+        # transformers' own tqdm bars: replaced by ours on a terminal, and none in a pipe or a log.
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    if args.command == "status" or (args.command == "checkpoints" and args.action == "download"):
+        return _remote_command(args)
     options = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
     try:
         settings = load_settings(cli=options, config_file=getattr(args, "config", None))
@@ -152,7 +229,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"twinkle: {exc}", file=sys.stderr)
         return 2
     if args.command == "model-path":
-        return _model_path(args.name, settings)
+        return _model_path(args.name, settings, progress_wanted(args.progress))
+    if args.command == "doctor":
+        from server.commands import doctor
+
+        return doctor.run(settings, min_free_gb=args.min_free_gb, as_json=args.json)
+    if args.command == "runs":
+        from server.commands.listings import runs_action
+
+        return _store_command(settings, runs_action(args.tenant, args.json))
+    if args.command == "checkpoints":  # list
+        from server.commands.listings import checkpoints_action
+
+        return _store_command(settings, checkpoints_action(args.tenant, args.run, args.json))
     if args.command == "tenants":
         return _store_command(settings, _tenants_action(args))
     if args.command == "keys":
@@ -161,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             _announce_revocation(settings, args.key_id)
         return code
     if args.command == "db":
-        return _db_command(settings, args.action)
+        return _db_command(settings, args.action, progress_wanted(args.progress))
     if getattr(args, "print_serve_config", False):
         return _print_serve_config(settings)
     if problem := bind_problem(settings):
@@ -171,6 +260,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"twinkle: {problem}", file=sys.stderr)
         return 2
     return _serve(settings)
+
+
+def _remote_command(args: argparse.Namespace) -> int:
+    from server.commands import remote
+
+    url, key = remote.server_url(args.url), remote.api_key(args.api_key)
+    try:
+        if args.command == "status":
+            return remote.status(url, key, as_json=args.json)
+        return remote.download(url, key, args.path, args.output, args.extract, progress=progress_wanted(args.progress))
+    except remote.CommandFailed as exc:
+        print(f"twinkle: {exc}", file=sys.stderr)
+        return 1
 
 
 def _print_serve_config(settings: Settings) -> int:
@@ -221,14 +323,23 @@ def _store_command(settings: Settings, action: Callable[[Any], None]) -> int:
     return 0
 
 
-def _db_command(settings: Settings, action: str) -> int:
+def _db_command(settings: Settings, action: str, progress: bool = False) -> int:
     """`twinkle db upgrade`: the schema to the newest revision; `twinkle db status`: where it is."""
-    from server.store.database import Database, schema_revisions
+    from server.store.database import Database, pending_revisions, schema_revisions
 
     db = Database(settings.resolved_database_url, threads=1)
     try:
         if action == "upgrade":
-            db.migrate()
+            pending = pending_revisions(db.engine) if progress else []
+            with steps(bool(pending)) as report:
+                done = 0
+
+                def applied(revision: str, title: str) -> None:
+                    nonlocal done
+                    done += 1
+                    report(f"schema {revision}: {title}", done, len(pending))
+
+                db.migrate(applied if pending else None)
         current, head = schema_revisions(db.engine)
     finally:
         db.close()
@@ -299,28 +410,14 @@ def _keys_action(args: argparse.Namespace) -> Callable[[Any], None]:
     return run
 
 
-def _print_json(value: Any) -> None:
-    from pydantic_core import to_json
-
-    print(to_json(value).decode())
-
-
-def _print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[str(c) for c in row] for row in [header, *rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    for row in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-
-
-def _when(at: Any) -> str:
-    return at.strftime("%Y-%m-%d %H:%M:%SZ") if at is not None else "-"
-
-
-def _model_path(name: str, settings: Settings) -> int:
+def _model_path(name: str, settings: Settings, progress: bool = False) -> int:
     from workers.base_models import BaseModelUnavailable, resolve_base_model
 
     try:
-        print(resolve_base_model(name, settings.data_dir.resolve(), allow_download=settings.allow_download))
+        with steps(progress) as report:  # a conversion or a download shows its steps on a terminal
+            path = resolve_base_model(name, settings.data_dir.resolve(), allow_download=settings.allow_download,
+                                      progress=report)
+        print(path)
     except (BaseModelUnavailable, ValueError) as exc:
         print(f"twinkle: {exc}", file=sys.stderr)
         return 1

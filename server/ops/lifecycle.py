@@ -35,6 +35,7 @@ from server.queue.scopes import model_scope, session_scopes
 from server.runtime import Runtime
 from server.store.tables import Checkpoint, CustomLossRow, Future, Model, SamplingSession, utcnow
 from server.store.tables import Session as SessionRow
+from server.tenancy import run_metrics
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ def forget_ended_sessions(s: Session, ended_before: datetime) -> int:
         return 0
     s.execute(delete(SamplingSession).where(SamplingSession.session_id.in_(sessions)))
     s.execute(delete(CustomLossRow).where(CustomLossRow.session_id.in_(sessions)))
+    run_metrics.delete_runs(s, select(Model.id).where(Model.session_id.in_(sessions), ~has_checkpoint))
     s.execute(delete(Model).where(Model.session_id.in_(sessions), ~has_checkpoint))
     s.execute(delete(SessionRow).where(SessionRow.id.in_(sessions), ~with_runs))
     return len(sessions)

@@ -171,8 +171,8 @@ async def sample(rt: Runtime, tenant_id: str, req: api.SampleRequest, fingerprin
     info = rt.base_for(target.base)
     prompt = _prompt_tokens(info, req)
     job, target_ids = _job(rt, info, req, prompt)
-    sub = await _submit(rt, tenant_id, target, _Payload(job, target_ids), sampler_id=req.sampling_session_id,
-                        seq_id=req.seq_id, fingerprint=fingerprint)
+    sub = await _submit(rt, tenant_id, target, _Payload(job, target_ids, None, tenant_id),
+                        sampler_id=req.sampling_session_id, seq_id=req.seq_id, fingerprint=fingerprint)
     return api.UntypedAPIFuture(
         request_id=sub.request_id, sample_sequence_ids=[f"{sub.request_id}:{i}" for i in range(req.num_samples)]
     )
@@ -193,7 +193,8 @@ async def submit_generate(rt: Runtime, tenant_id: str, target: Target, job: Samp
     if job.num_samples > MAX_NUM_SAMPLES:
         raise InvalidRequest(f"num_samples is limited to {MAX_NUM_SAMPLES}", field="n")
     waiter: asyncio.Future[SampleOutput] = asyncio.get_running_loop().create_future()
-    await _submit(rt, tenant_id, target, _Payload(job, None, waiter), sampler_id=None, seq_id=None, fingerprint="")
+    await _submit(rt, tenant_id, target, _Payload(job, None, waiter, tenant_id), sampler_id=None, seq_id=None,
+                  fingerprint="")
     return waiter
 
 
@@ -202,6 +203,7 @@ class _Payload:
     job: SampleJob
     target_ids: TargetIds | None
     waiter: asyncio.Future[SampleOutput] | None = None  # a caller waiting in-process for the output
+    tenant: str = ""  # whose request it is (a batch may hold several tenants'): for metrics
 
 
 async def _submit(
@@ -230,6 +232,7 @@ async def _submit(
             raise
         for p, out in zip(payloads, outputs):
             _settle(p.waiter, out)
+            rt.metrics.sample_done(p.tenant, len(p.job.prompt), sum(len(s.tokens) for s in out.sequences))
         return [_encode(out, p.target_ids) for out, p in zip(outputs, payloads)]
 
     async def run() -> OpResult:

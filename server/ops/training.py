@@ -244,6 +244,7 @@ async def forward_backward(
 
     async def run_calls(calls: list[ForwardBackwardCall]) -> list[OpResult]:
         results = await engine_of(rt, model).forward_backward(model.id, calls, custom)
+        _record_passes(rt, model, calls, results)
         return [(encode_forward_backward_output(r.outputs, r.metrics), ResultFormat.PROTO) for r in results]
 
     async def run() -> OpResult:
@@ -285,11 +286,21 @@ async def _run_packed(
     engine = engine_of(rt, parts[0][0][0])
     items = [ModelCalls(model.id, calls, custom) for (model, custom), calls in parts]
     outcomes = await engine.forward_backward_packed(items)
+    for ((model, _), calls), outcome in zip(parts, outcomes, strict=True):
+        if not isinstance(outcome, Failure):
+            _record_passes(rt, model, calls, outcome)
     return [
         OperationFailed(o.message, o.category, o.field) if isinstance(o, Failure)
         else [(encode_forward_backward_output(r.outputs, r.metrics), ResultFormat.PROTO) for r in o]
         for o in outcomes
     ]
+
+
+def _record_passes(rt: Runtime, model: Model, calls: list[ForwardBackwardCall], results: list[Any]) -> None:
+    """Each call's metrics onto its run's curve (the dashboard's)."""
+    for call, result in zip(calls, results, strict=True):
+        kind = OpKind.FORWARD if call.forward_only else OpKind.FORWARD_BACKWARD
+        rt.run_metrics.record(model.tenant_id, model.id, kind, sum(len(d.tokens) for d in call.data), result.metrics)
 
 
 async def optim_step(rt: Runtime, tenant_id: str, req: api.OptimStepRequest, fingerprint: str) -> api.UntypedAPIFuture:
@@ -302,6 +313,7 @@ async def optim_step(rt: Runtime, tenant_id: str, req: api.OptimStepRequest, fin
 
     async def run() -> OpResult:
         metrics = await engine_of(rt, model).optim_step(model.id, adam)
+        rt.run_metrics.record(model.tenant_id, model.id, OpKind.OPTIM_STEP, 0, metrics or {})
         return json_result(api.OptimStepResponse(metrics=metrics))
 
     batch = None
@@ -327,6 +339,9 @@ async def _run_optim_steps(rt: Runtime, parts: list[tuple[Model, list[AdamConfig
     """The optimizer steps of several models in one engine call; one that fails fails alone."""
     engine = engine_of(rt, parts[0][0])
     outcomes = await engine.optim_steps([(model.id, adam) for model, steps in parts for adam in steps])
+    for (model, _), outcome in zip(parts, outcomes, strict=True):
+        if not isinstance(outcome, Failure):
+            rt.run_metrics.record(model.tenant_id, model.id, OpKind.OPTIM_STEP, 0, outcome or {})
     return [OperationFailed(o.message, o.category, o.field) if isinstance(o, Failure)
             else [json_result(api.OptimStepResponse(metrics=o))] for o in outcomes]
 

@@ -153,6 +153,11 @@ class FutureHub:
         """Results the store dropped (past their retention) are not answered from memory either."""
         self._recent.drop(request_ids)
 
+    @property
+    def pending(self) -> int:
+        """How many futures submitted here have not ended."""
+        return len(self._pending)
+
     def _pending_here(self, tenant_id: str, request_id: str) -> FutureView | None:
         pending = self._pending.get(request_id)
         if pending is None or pending[0] != tenant_id:

@@ -57,6 +57,7 @@ from pydantic import BaseModel
 
 from server.errors import OperationFailed
 from server.kinds import ErrorCategory, FutureState, Lane, ResultFormat
+from server.metrics import LaneLoad, Metrics
 from server.queue.futures import FutureHub
 from server.queue.pick import (
     NO_SEQ,
@@ -73,6 +74,7 @@ from server.queue.pick import (
     oldest_ready,
     pick,
 )
+from server.tracing import Tracing
 
 __all__ = ["Batch", "Notify", "Op", "OpResult", "OpRunner", "Pack", "Scheduler", "Throttle", "json_result"]
 
@@ -95,12 +97,16 @@ class Scheduler:
         max_calls: int | None = None,
         gap_grace: float = 3.0,
         throttle: Throttle | None = None,
+        metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         if missing := [lane for lane in Lane if lanes.get(lane, 0) < 1]:
             raise ValueError(f"the engine must run at least one call in every lane; none in {missing}")
         self._hub = hub
         self._gap_grace = gap_grace
         self._throttle = throttle or NoThrottle()
+        self._metrics = metrics or Metrics(process=False)
+        self._tracing = tracing or Tracing()
         self._board = Board(lanes=dict(lanes), max_calls=max_calls)
         self._running: dict[str, Lane] = {}  # request id -> lane, of the calls under way
         self._calls: set[asyncio.Task[None]] = set()
@@ -124,8 +130,10 @@ class Scheduler:
     ) -> None:
         """Queue an operation under `key`; its lane follows from its kind (pick.lane_of)."""
         seq = NO_SEQ if seq_id is None else seq_id
-        op = Op(seq, request_id, kind, run, batch, notify, cost, queued_at=time.monotonic())
+        op = Op(seq, request_id, kind, run, batch, notify, cost, queued_at=time.monotonic(), tenant=tenant,
+                span=self._tracing.op_submitted(kind, request_id, tenant))
         self._board.add(key, op, tenant=tenant, ordered=ordered)
+        self._metrics.submitted(tenant, kind)
         self._wakeup.set()
 
     def skip(self, key: str, seq_id: int, tenant: str) -> None:
@@ -137,6 +145,7 @@ class Scheduler:
         """Take a queued (not yet running) operation out of its queue; None if it is not queued."""
         op = self._board.remove(request_id)
         if op is not None:
+            self._tracing.op_ended(op.span, False, "cancelled")
             self._wakeup.set()  # its seq_id no longer holds up the ops behind it
         return op
 
@@ -151,6 +160,24 @@ class Scheduler:
 
     def tenant_depth(self, tenant: str) -> int:
         return sum(len(q.ops) for q in self._board.queues.values() if q.tenant == tenant)
+
+    def load(self) -> dict[str, LaneLoad]:
+        """Each lane's queued operations, running calls and capacity, now (read at scrape time)."""
+        board, queued = self._board, dict.fromkeys(self._board.lanes, 0)
+        for queue in board.queues.values():
+            queued[queue.lane] = queued.get(queue.lane, 0) + len(queue.ops)
+        return {lane: LaneLoad(queued[lane], board.running[lane], board.lanes.get(lane, 0)) for lane in queued}
+
+    def queued_by_tenant(self) -> dict[str, int]:
+        depths: dict[str, int] = {}
+        for queue in self._board.queues.values():
+            if queue.ops:
+                depths[queue.tenant] = depths.get(queue.tenant, 0) + len(queue.ops)
+        return depths
+
+    @property
+    def max_calls(self) -> int | None:
+        return self._board.max_calls
 
     def state_of(self, request_id: str, tenant: str, now: float | None = None) -> tuple[str, str | None]:
         """(queue_state, reason) of a pending operation, as retrieve_future reports it to the SDK."""
@@ -207,15 +234,20 @@ class Scheduler:
             log.warning("seq_gap_skipped", extra={"request_id": call.ops[0].request_id, "expected": call.gap[0],
                                                   "seq_id": call.gap[1]})
         self._running.update((op.request_id, call.lane) for op in call.ops)
-        task = asyncio.create_task(self._execute(call), name=f"call-{call.lane}")
+        waits = [(op.kind, now - op.queued_at) for op in call.ops]
+        self._metrics.call_started(call.lane, waits)
+        span = self._tracing.call_started(call.lane, call.ops, waits)
+        task = asyncio.create_task(self._execute(call, span), name=f"call-{call.lane}")
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
 
-    async def _execute(self, call: Call) -> None:
+    async def _execute(self, call: Call, span: object = None) -> None:
         started = time.perf_counter()
         ops = call.ops
         try:
             outcomes = await self._run(call)
+            self._metrics.call_ended(call.lane, ops[0].kind, time.perf_counter() - started)
+            self._tracing.call_ended(span, not any(isinstance(o, OperationFailed) for o in outcomes))
             for op, outcome in zip(ops, outcomes):
                 await self._finish(op, outcome)
         finally:
@@ -248,6 +280,8 @@ class Scheduler:
                     "the server log has details",
                     ErrorCategory.SERVER,
                 )
+        self._metrics.op_ended(op.tenant, op.kind, not failed, time.monotonic() - op.queued_at, op.cost)
+        self._tracing.op_ended(op.span, not failed, outcome.category if isinstance(outcome, OperationFailed) else None)
         if op.notify is not None:
             try:
                 op.notify(op.request_id, FutureState.FAILED if failed else FutureState.DONE,

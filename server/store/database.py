@@ -44,8 +44,9 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest revision (creates it on an empty database).
+def migrate(engine: Engine, on_step: Callable[[str, str], None] | None = None) -> None:
+    """Bring the schema to the newest revision (creates it on an empty database). `on_step` hears
+    of each revision applied, (its id, its title), as `twinkle db upgrade` shows them.
 
     On SQLite, altering a table means copying it into a new one and dropping the old, which
     foreign keys to it forbid: they are off while the migration runs (SQLite only takes that
@@ -60,6 +61,9 @@ def migrate(engine: Engine) -> None:
         try:
             with conn.begin():
                 cfg.attributes["connection"] = conn
+                if on_step is not None:
+                    cfg.attributes["on_version_apply"] = lambda *, step, **_: on_step(
+                        step.up_revision_id or "", (step.up_revision.doc or "") if step.up_revision else "")
                 command.upgrade(cfg, "head")
                 if sqlite and (broken := conn.exec_driver_sql("PRAGMA foreign_key_check").all()):
                     raise RuntimeError(f"migration left rows with dangling foreign keys: {broken[:5]}")
@@ -85,6 +89,15 @@ def schema_revisions(engine: Engine) -> tuple[str | None, str]:
     return current, head
 
 
+def pending_revisions(engine: Engine) -> list[str]:
+    """The revisions an upgrade would apply, oldest first ([] when up to date)."""
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    current, head = schema_revisions(engine)
+    scripts = ScriptDirectory.from_config(cfg)
+    return [r.revision for r in reversed(list(scripts.iterate_revisions(head, current)))]
+
+
 class Database:
     def __init__(self, url: str, *, threads: int = 4) -> None:
         self.url = url
@@ -92,8 +105,8 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="db")
 
-    def migrate(self) -> None:
-        migrate(self.engine)
+    def migrate(self, on_step: Callable[[str, str], None] | None = None) -> None:
+        migrate(self.engine, on_step)
 
     def ensure_schema(self, *, upgrade: bool) -> None:
         """Upgrade the schema to the newest revision, or (without `upgrade`) check that it is

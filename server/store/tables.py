@@ -223,3 +223,19 @@ class UploadedFile(Base):
     storage_path: Mapped[str] = mapped_column(String(500))
     expires_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RunMetric(Base):
+    """One training step of a run as the dashboard draws it: a forward(_backward)'s or an
+    optim_step's metrics, numbered per run (`idx`). Written in batches (server/tenancy/run_metrics.py);
+    a run keeps its newest `run_metrics_per_run` points."""
+
+    __tablename__ = "run_metrics"
+    model_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    idx: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(40))  # an OpKind
+    step: Mapped[int] = mapped_column(BigInteger)  # optimizer steps of the run so far (an optim_step: its own)
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -118,6 +118,10 @@ PROBES = [
           lambda o: f"/export/{o['model']}/weights/kept", prefix="/twinkle/v1"),
     Probe("export (merged)", "GET", "/twinkle/v1/export/{model_id}/{checkpoint_id:path}",
           lambda o: f"/export/{o['model']}/sampler_weights/sw?format=merged", prefix="/twinkle/v1"),
+    Probe("dashboard curve", "GET", "/twinkle/v1/dashboard/runs/{model_id}/curve",
+          lambda o: f"/dashboard/runs/{o['model']}/curve", prefix="/twinkle/v1"),
+    Probe("dashboard checkpoint link", "GET", "/twinkle/v1/dashboard/checkpoint_link",
+          lambda o: f"/dashboard/checkpoint_link?path={o['weights']}", prefix="/twinkle/v1"),
     Probe("openai model", "GET", "/v1/models/{model:path}", lambda o: f"/models/{o['sampler']}", prefix="/v1"),
     Probe("openai completion", "POST", "/v1/completions", lambda o: "/completions",
           lambda o: {"model": o["sampler"], "prompt": "x", "max_tokens": 1}, prefix="/v1"),
@@ -182,6 +186,15 @@ NOT_OBJECT_SCOPED = {
     "/api/v1/twinkle/training_runs": "lists the caller's own runs",
     "/v1/files": "uploads or lists the caller's own files (tests/unit/test_files_api.py)",
     "/api/v1/files": "uploads or lists the caller's own files (tests/unit/test_files_api.py)",
+    "/dashboard": "the page, no data", "/dashboard/{asset}": "the page's script and style",
+    "/twinkle/v1/dashboard/overview": "the caller's own objects, every tenant's for the admin (tests/unit/test_dashboard.py)",
+    "/metrics": "counters by tenant id; the admin key in keys mode (tests/unit/test_metrics.py)",
+    # Open: the served base models' tokenizer and config files, the same for all (docs/hf-files.md)
+    "/hf/api/models/{repo_id:path}/tree/{revision}": "base models' tokenizer files (tests/unit/test_hf_files.py)",
+    "/hf/api/models/{repo_id:path}/tree/{revision}/{path:path}": "base models' tokenizer files",
+    "/hf/api/models/{repo_id:path}/revision/{revision}": "base models' tokenizer files",
+    "/hf/api/models/{repo_id:path}": "base models' tokenizer files",
+    "/hf/{repo_id:path}/resolve/{revision}/{filename:path}": "base models' tokenizer files",
 }
 ADMIN_PREFIX = "/twinkle/v1/admin"  # admin-key guarded, tested in tests/unit/test_admin.py
 

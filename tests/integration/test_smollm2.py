@@ -6,13 +6,11 @@ Slow (about 30-60 s and 1.6 GB RSS on 2 cores): the conversion dequantises 135 M
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
 import tinker
 import torch
-from huggingface_hub import constants as hf_constants
 from tinker import types
 
 from server.process import running_server
@@ -23,38 +21,11 @@ pytestmark = pytest.mark.slow
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[str], Path]:
-    """Convert into a fresh data dir with no HF cache and no network, so the bundled GGUF is the
-    only possible source. Returns (data dir, model folder, conversion log lines, empty HF home)."""
-    data_dir, hf_home = tmp_path_factory.mktemp("smollm2-data"), tmp_path_factory.mktemp("hf-home")
-    records = _Records()
-    logger = logging.getLogger("workers.base_models")
-    previous_level = logger.level
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HOME", str(hf_home))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.delenv("HF_HUB_CACHE", raising=False)
-        # huggingface_hub derives these at import time; the env vars alone come too late.
-        mp.setattr(hf_constants, "HF_HUB_CACHE", str(hf_home / "hub"))
-        mp.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-        logger.addHandler(records)
-        logger.setLevel(logging.INFO)
-        try:
-            path = resolve_base_model(DEFAULT_BASE_MODEL, data_dir)
-        finally:
-            logger.removeHandler(records)
-            logger.setLevel(previous_level)
-    return data_dir, path, records.messages, hf_home
+def converted(smollm2: tuple[Path, Path, list[str], Path]) -> tuple[Path, Path, list[str], Path]:
+    """The session's one conversion (tests/integration/conftest.py): (data dir, model folder,
+    conversion log lines, empty HF home)."""
+    return smollm2
 
 
 def test_smollm2_converted_from_bundled_gguf_answers(converted, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from server.kinds import Lane
-from workers.types import BaseModelInfo
+from workers.types import BaseModelInfo, PoolStatus
 
 
 class IdleEngine:
@@ -17,3 +17,6 @@ class IdleEngine:
 
     async def stop(self) -> None:
         pass
+
+    def pool_status(self) -> PoolStatus | None:
+        return None  # no compute call yet, ever

@@ -12,13 +12,14 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("schemas", "workers", "server", "gateway")  # each may import only those before it
 # Within server/, a module may import only its own layer and those below it.
 SERVER_LAYERS = (
-    ("server.errors", "server.ids", "server.config", "server.logs", "server.kinds"),
+    ("server.errors", "server.ids", "server.config", "server.logs", "server.kinds", "server.metrics",
+     "server.tracing"),
     ("server.store",),
     ("server.queue", "server.tenancy", "server.engine"),
     ("server.runtime",),
     ("server.ops",),
     ("server.boot",),
-    ("server.cli", "server.process"),
+    ("server.cli", "server.commands", "server.process"),
 )
 
 
