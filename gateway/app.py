@@ -39,10 +39,15 @@ TWINKLE_PREFIX = "/twinkle/v1"  # Twinkle's own extensions
 OPENAI_PREFIX = "/v1"  # the OpenAI-compatible API, where OpenAI clients look for it
 
 
-def create_app(runtime: Runtime) -> FastAPI:
+def create_app(runtime: Runtime, *, freeze_startup_objects: bool = False) -> FastAPI:
+    """`freeze_startup_objects`: for a server process of its own (not for apps built in a test
+    process, whose frozen objects would never be freed)."""
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await boot.start(runtime)
+        if freeze_startup_objects:
+            boot.freeze_startup_objects()
         try:
             yield
         finally:
@@ -86,4 +91,4 @@ def create_app_from_env() -> FastAPI:
     """uvicorn factory (`twinkle serve` names it as a string, so nothing imports the gateway)."""
     settings = settings_from_env()
     setup_logging(settings.log_level)
-    return create_app(boot.build_runtime(settings))
+    return create_app(boot.build_runtime(settings), freeze_startup_objects=True)

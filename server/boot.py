@@ -6,6 +6,8 @@ operations (server/ops) know the Runtime but not how it is built."""
 
 from __future__ import annotations
 
+import gc
+import logging
 from collections.abc import Mapping
 
 from server.config import Settings
@@ -27,6 +29,8 @@ from server.tenancy.quotas import Quotas
 from server.tenancy.run_metrics import RunMetrics
 from server.tenancy.shared import SharedQuotas
 from server.tracing import Tracing
+
+log = logging.getLogger(__name__)
 
 
 def build_engines(settings: Settings) -> dict[str, Engine]:
@@ -89,6 +93,16 @@ async def start(rt: Runtime) -> None:
     rt.spawn(run_reaper(rt), name="reaper")
     rt.spawn(run_session_reaper(rt), name="session-reaper")
     rt.log_started()
+
+
+def freeze_startup_objects() -> None:
+    """Take what the start made (modules, the base model, the app: ~550k objects with tiny-qwen3)
+    out of the garbage collector's full collections. One such collection walked them all in 300-390 ms
+    holding the GIL, so every request of the moment waited that long (a 64 MiB-body test saw a
+    200 ms healthz); they live as long as the process anyway."""
+    gc.collect()
+    gc.freeze()
+    log.info("startup_objects_frozen", extra={"objects": gc.get_freeze_count()})
 
 
 async def stop(rt: Runtime) -> None:

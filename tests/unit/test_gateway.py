@@ -228,3 +228,21 @@ def test_a_run_admitted_from_memory_is_gone_the_moment_its_session_finishes(clie
     assert finished.status_code == 200, finished.text
     gone = client.post("/api/v1/optim_step", json={**step, "seq_id": 2}, headers=KEY)
     assert gone.status_code == 410, gone.text
+
+
+def test_a_server_process_freezes_what_its_start_made(tmp_path: Path) -> None:
+    """`twinkle serve` (create_app_from_env) takes its startup objects out of full collections,
+    which otherwise stall every request for hundreds of ms (server/boot.py freeze_startup_objects)."""
+    import gc
+
+    from tests.support.engines import IdleEngine
+
+    config = Settings(data_dir=tmp_path, base_model="tiny-qwen3")
+    assert gc.get_freeze_count() == 0
+    try:
+        with local_client(create_app(build_runtime(config, engine=IdleEngine()), freeze_startup_objects=True)):
+            assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()
+    with local_client(create_app(build_runtime(config, engine=IdleEngine()))):  # an app of a test process
+        assert gc.get_freeze_count() == 0
