@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import secrets
 from collections.abc import Awaitable, Callable
@@ -63,7 +64,9 @@ async def call(rt: Runtime, tenant_id: str, session_id: str | None, base: str, o
         native_sampling.template_choice(nt.SetTemplateRequest(**body))
         return None
     if op in CLIENT_OPS:
-        return await queued(rt, tenant_id, model, lambda: rt.engine_for(base).native(model.id, op, body))
+        result = await queued(rt, tenant_id, model, lambda: rt.engine_for(base).native(model.id, op, body))
+        _on_curve(rt, model, op, result)
+        return result
     if op == "save":
         return await queued(rt, tenant_id, model, lambda: save(rt, tenant_id, model, body))
     if op == "load":
@@ -73,6 +76,20 @@ async def call(rt: Runtime, tenant_id: str, session_id: str | None, base: str, o
     allowed = sorted({"create", "add_adapter_to_model", "save", "load", "resume_from_checkpoint", "set_template",
                       *CLIENT_OPS})
     raise NotFound(f"unknown model operation {op!r}; this server runs: {', '.join(allowed)}", field="op")
+
+
+# The native ops that draw a run's curve on the dashboard (server/tenancy/run_metrics.py).
+CURVE_KINDS = {"forward_backward": OpKind.FORWARD_BACKWARD, "step": OpKind.OPTIM_STEP}
+
+
+def _on_curve(rt: Runtime, model: Model, op: str, result: Any) -> None:
+    """A native forward_backward's loss and metrics (its finite floats), or a step, onto the run's curve."""
+    if (kind := CURVE_KINDS.get(op)) is None:
+        return
+    answer = result if isinstance(result, dict) else {}
+    metrics = {k: v for k, v in answer.items() if isinstance(v, float) and math.isfinite(v)}
+    tokens = answer.get("num_tokens")
+    rt.run_metrics.record(model.tenant_id, model.id, kind, tokens if isinstance(tokens, int) else 0, metrics)
 
 
 async def queued(rt: Runtime, tenant_id: str, model: Model, work: Callable[[], Awaitable[Any]]) -> Any:

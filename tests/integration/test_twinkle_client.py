@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import tinker
@@ -143,6 +145,11 @@ def test_the_model_flow_trains_saves_and_samples_an_adapter(server, token_rows, 
     # 5 + 2 forward_backward + 1 split backward: eight backward passes before the save.
     assert p["resumed"] == {"cur_step": 8, "consumed_train_samples": 8, "gradient_accumulation_steps": 1}
     assert p["upload"].startswith("HTTPError: 501") and "no model hub" in p["upload"]
+    # The dashboard draws the native run's curve: its forward_backward losses, in order, and its steps.
+    curve = dashboard_curve(server, m["run_id"], passes=len(losses))
+    drawn = [point["metrics"]["loss"] for point in curve if point["kind"] == "forward_backward"]
+    np.testing.assert_allclose(drawn[:5], losses, rtol=1e-6)
+    assert any(point["kind"] == "optim_step" for point in curve)
     # Interop: the adapter trained natively, read through the Tinker SDK, gives the logprobs the
     # native sampler reported for its own sampled tokens (one implementation, one set of weights).
     sc = tinker.ServiceClient(base_url=server.base_url, api_key=KEY)
@@ -155,6 +162,19 @@ def test_the_model_flow_trains_saves_and_samples_an_adapter(server, token_rows, 
             np.testing.assert_allclose([pairs[0][1] for pairs in seq["logprobs"]], scored, atol=1e-5, rtol=0)
     finally:
         close(sc)
+
+
+def dashboard_curve(server, run_id: str, passes: int) -> list[dict]:
+    """The run's points on the dashboard once it has `passes` forward_backwards (written once a second)."""
+    deadline = time.monotonic() + 10
+    while True:
+        answer = httpx.get(f"{server.base_url}/twinkle/v1/dashboard/runs/{run_id}/curve",
+                           headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+        assert answer.status_code == 200, answer.text
+        points = answer.json()["points"]
+        if sum(p["kind"] == "forward_backward" for p in points) >= passes or time.monotonic() > deadline:
+            return points
+        time.sleep(0.3)
 
 
 def test_server_side_data_feeds_training_until_stop_iteration(server, tiny_model_dir, tmp_path_factory) -> None:
