@@ -91,6 +91,37 @@ def assert_same(got: list[ForwardBackwardResult], want: list[ForwardBackwardResu
           suppress_health_check=[HealthCheck.function_scoped_fixture], phases=[Phase.explicit, Phase.generate])
 @given(shapes=st.lists(segment_shapes, min_size=2, max_size=5), forward_only=st.booleans(), seed=st.integers(0, 2**16))
 def test_packed_segments_get_what_each_would_alone(trainer: LoraTrainer, shapes, forward_only: bool, seed: int) -> None:
+    check_packed(trainer, shapes, forward_only, seed)
+
+
+# Segments of one shape (same rank and target modules, as many rows each): every LoRA layer takes
+# the batched products (workers/peft_host.py _grouped_delta), checked to have run.
+same_shape = st.tuples(
+    st.integers(2, 6), st.sampled_from([1, 4, 8]), st.booleans(), st.booleans(), st.integers(1, 3),
+    st.lists(st.sampled_from(LOSS_NAMES), min_size=6, max_size=6),
+)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture], phases=[Phase.explicit, Phase.generate])
+@given(shape=same_shape, forward_only=st.booleans(), seed=st.integers(0, 2**16))
+def test_segments_of_one_shape_get_what_each_would_alone(trainer: LoraTrainer, shape, forward_only: bool, seed: int,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers import peft_host
+
+    count, rank, mlp, unembed, rows, losses = shape
+    rng = np.random.default_rng(seed)
+    shapes = [(LoraSpec(rank=rank, seed=i, train_mlp=mlp, train_unembed=unembed), losses[i],
+               [[int(n) for n in rng.integers(1, 40, rows)]]) for i in range(count)]
+    batched, grouped = [], peft_host._grouped_delta
+    monkeypatch.setattr(peft_host, "_grouped_delta", lambda *a: batched.append(d := grouped(*a)) or d)
+    check_packed(trainer, shapes, forward_only, seed)
+    assert any(d is not None for d in batched), "no layer took the batched products"
+
+
+def check_packed(trainer: LoraTrainer, shapes: list, forward_only: bool, seed: int) -> None:
+    """Each (spec, loss, groups of lengths) as a segment on twin adapters: packed on one, alone on
+    the other; outputs and gradients the same."""
     rng = np.random.default_rng(seed)
     packed, alone, pairs = [], [], []
     for i, (spec, loss_name, lengths) in enumerate(shapes):
