@@ -58,7 +58,7 @@ from pydantic import BaseModel
 from server.errors import OperationFailed
 from server.kinds import ErrorCategory, FutureState, Lane, ResultFormat
 from server.metrics import LaneLoad, Metrics
-from server.queue.futures import FutureHub
+from server.queue.futures import FutureHub, Outcome
 from server.queue.pick import (
     NO_SEQ,
     Batch,
@@ -248,8 +248,7 @@ class Scheduler:
             outcomes = await self._run(call)
             self._metrics.call_ended(call.lane, ops[0].kind, time.perf_counter() - started)
             self._tracing.call_ended(span, not any(isinstance(o, OperationFailed) for o in outcomes))
-            for op, outcome in zip(ops, outcomes):
-                await self._finish(op, outcome)
+            await self._finish_all(ops, outcomes)
         finally:
             # Before anything else runs on the loop: whoever the results woke finds the queue free.
             self._board.release(call)
@@ -262,14 +261,24 @@ class Scheduler:
                    "packed": len(call.takes) if call.packed else 1, "ms": round((time.perf_counter() - started) * 1e3, 1)},
         )
 
+    async def _finish_all(self, ops: tuple[Op, ...], outcomes: list[OpResult | OperationFailed]) -> None:
+        """Store a call's outcomes in one transaction and tell whoever waits on them; if that
+        fails, each is stored on its own (a future whose outcome cannot be stored fails)."""
+        try:
+            await self._hub.finish_many([_outcome(op, o) for op, o in zip(ops, outcomes)])
+        except Exception:
+            log.exception("call_outcomes_unrecorded", extra={"request_id": ops[0].request_id, "ops": len(ops)})
+            for op, outcome in zip(ops, outcomes):
+                await self._finish(op, outcome)
+            return
+        for op, outcome in zip(ops, outcomes):
+            self._ended(op, outcome, failed=isinstance(outcome, OperationFailed))
+
     async def _finish(self, op: Op, outcome: OpResult | OperationFailed) -> None:
         """Store the outcome and tell whoever waits on it; if storing fails, the future fails."""
         failed = isinstance(outcome, OperationFailed)
         try:
-            if isinstance(outcome, OperationFailed):
-                await self._hub.fail(op.request_id, outcome.message, outcome.category)
-            else:
-                await self._hub.resolve(op.request_id, *outcome)
+            await self._hub.finish_many([_outcome(op, outcome)])
         except Exception:  # the scheduler must keep serving every key
             log.exception("op_unrecorded", extra={"request_id": op.request_id, "kind": op.kind})
             failed = True
@@ -280,6 +289,10 @@ class Scheduler:
                     "the server log has details",
                     ErrorCategory.SERVER,
                 )
+        self._ended(op, outcome, failed=failed)
+
+    def _ended(self, op: Op, outcome: OpResult | OperationFailed, *, failed: bool) -> None:
+        """The op's outcome is stored (or its failure is): count it, end its span, notify."""
         self._metrics.op_ended(op.tenant, op.kind, not failed, time.monotonic() - op.queued_at, op.cost)
         self._tracing.op_ended(op.span, not failed, outcome.category if isinstance(outcome, OperationFailed) else None)
         if op.notify is not None:
@@ -331,3 +344,10 @@ async def _run_packed(call: Call) -> list[OpResult | OperationFailed]:
             assert len(outcome) == len(take.ops)
             flat += outcome
     return flat
+
+
+def _outcome(op: Op, outcome: OpResult | OperationFailed) -> Outcome:
+    if isinstance(outcome, OperationFailed):
+        return Outcome(op.request_id, FutureState.FAILED, error=outcome.message, error_category=outcome.category)
+    result, result_format = outcome
+    return Outcome(op.request_id, FutureState.DONE, result=result, result_format=result_format)

@@ -282,18 +282,16 @@ def test_crash_is_a_server_error_without_internals_and_the_scheduler_goes_on(
 def test_scheduler_survives_a_store_failure_while_recording_a_result(db: Database, tenant: str) -> None:
     async def scenario() -> None:
         h = Harness(db, tenant)
-        original_resolve = h.hub.resolve
-        broken_once = True
+        original = h.hub.finish_many
+        first_id = None
 
-        async def flaky_resolve(request_id: str, result: bytes, result_format: str) -> None:
-            nonlocal broken_once
-            if broken_once:
-                broken_once = False
-                raise RuntimeError("database connection lost")
-            await original_resolve(request_id, result, result_format)
+        async def flaky_finish(outcomes) -> None:  # noqa: ANN001 - a list of futures.Outcome
+            if any(o.request_id == first_id and o.state == "done" for o in outcomes):
+                raise RuntimeError("database connection lost")  # this result can never be stored
+            await original(outcomes)
 
-        h.hub.resolve = flaky_resolve  # type: ignore[method-assign]
-        first = await h.submit("A", 1)
+        h.hub.finish_many = flaky_finish  # type: ignore[method-assign]
+        first = first_id = await h.submit("A", 1)
         second = await h.submit("A", 2)
         h.scheduler.start()
         second_view = await h.result(second)
@@ -589,10 +587,18 @@ def test_a_packed_call_runs_once_for_several_models_and_a_failing_model_fails_al
 
         for model, seq in [("a", 1), ("a", 2), ("bad", 1), ("c", 1)]:
             await submit(model, seq)
+        recorded, finish_many = [], h.hub.finish_many
+
+        async def counted(outcomes: list) -> None:
+            recorded.append(len(outcomes))
+            await finish_many(outcomes)
+
+        h.hub.finish_many = counted  # type: ignore[method-assign]
         h.scheduler.start()
         views = await h.drain()
         await h.scheduler.stop()
         assert calls == [[("a", ["a#1", "a#2"]), ("bad", ["bad#1"]), ("c", ["c#1"])]]  # one engine call
+        assert recorded == [4]  # and one store transaction for its four outcomes
         assert [v.state for v in views] == ["done", "done", "failed", "done"]
         assert "bad refused" in (views[2].error or "")
 
