@@ -478,6 +478,8 @@ def _print_ready(settings: Settings, port: int) -> None:
         "print(tc.get_info())\"",
         flush=True,
     )
+    print(f"  dashboard: {base_url}/dashboard#key={key if settings.auth == 'open' else '<your key>'}   "
+          f"tokenizers offline: HF_ENDPOINT={base_url}/hf", flush=True)
 
 
 if __name__ == "__main__":
