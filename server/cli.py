@@ -11,9 +11,9 @@ for scripts); progress bars go to stderr, and only on a terminal (or with --prog
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
-import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +23,7 @@ from server.commands.output import print_json as _print_json
 from server.commands.output import print_table as _print_table
 from server.commands.output import progress_wanted, steps
 from server.commands.output import when as _when
-from server.config import RESOLVED_ENV, ConfigError, Settings, bind_problem, load_settings
+from server.config import RESOLVED_ENV, ConfigError, Settings, bind_problem, bind_socket, load_settings
 
 APP_FACTORY = "gateway.app:create_app_from_env"
 
@@ -217,9 +217,6 @@ def main(argv: list[str] | None = None) -> int:
     _checkpoints_parser(sub)
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.command == "model-path":
-        # transformers' own tqdm bars: replaced by ours on a terminal, and none in a pipe or a log.
-        os.environ.setdefault("TQDM_DISABLE", "1")
     if args.command == "status" or (args.command == "checkpoints" and args.action == "download"):
         return _remote_command(args)
     options = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
@@ -237,11 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "runs":
         from server.commands.listings import runs_action
 
-        return _store_command(settings, runs_action(args.tenant, args.json))
+        return _store_command(settings, runs_action(args.tenant, args.json), read_only=True)
     if args.command == "checkpoints":  # list
         from server.commands.listings import checkpoints_action
 
-        return _store_command(settings, checkpoints_action(args.tenant, args.run, args.json))
+        return _store_command(settings, checkpoints_action(args.tenant, args.run, args.json), read_only=True)
     if args.command == "tenants":
         return _store_command(settings, _tenants_action(args))
     if args.command == "keys":
@@ -304,13 +301,20 @@ def _schema_problem(settings: Settings) -> str | None:
 
 
 # ----- tenants and keys --------------------------------------------------------------------------
-def _store_command(settings: Settings, action: Callable[[Any], None]) -> int:
+def _store_command(settings: Settings, action: Callable[[Any], None], *, read_only: bool = False) -> int:
+    """`action` in one transaction on the server's database. A command that only reads (`read_only`)
+    creates and upgrades nothing: a SQLite file that is not there is an error (a mistyped --data-dir)."""
     from server.errors import TwinkleError
-    from server.store.database import Database, SchemaOutOfDate
+    from server.store.database import Database, SchemaOutOfDate, sqlite_file
 
-    db = Database(settings.resolved_database_url, threads=1)
+    url = settings.resolved_database_url
+    if read_only and (file := sqlite_file(url)) is not None and not file.is_file():
+        print(f"twinkle: no database at {file}: check --data-dir / --database-url (a server creates it at "
+              "its first start)", file=sys.stderr)
+        return 1
+    db = Database(url, threads=1)
     try:
-        db.ensure_schema(upgrade=settings.upgrades_schema)
+        db.ensure_schema(upgrade=settings.upgrades_schema and not read_only)
         db.call(action)
     except TwinkleError as exc:
         print(f"twinkle: {exc.message}", file=sys.stderr)
@@ -331,15 +335,9 @@ def _db_command(settings: Settings, action: str, progress: bool = False) -> int:
     try:
         if action == "upgrade":
             pending = pending_revisions(db.engine) if progress else []
-            with steps(bool(pending)) as report:
-                done = 0
-
-                def applied(revision: str, title: str) -> None:
-                    nonlocal done
-                    done += 1
-                    report(f"schema {revision}: {title}", done, len(pending))
-
-                db.migrate(applied if pending else None)
+            with steps(bool(pending)) as report:  # inert when there is nothing to show
+                done = itertools.count(1)
+                db.migrate(lambda revision, title: report(f"schema {revision}: {title}", next(done), len(pending)))
         current, head = schema_revisions(db.engine)
     finally:
         db.close()
@@ -411,10 +409,18 @@ def _keys_action(args: argparse.Namespace) -> Callable[[Any], None]:
 
 
 def _model_path(name: str, settings: Settings, progress: bool = False) -> int:
-    from workers.base_models import BaseModelUnavailable, resolve_base_model
+    from workers.base_models import BaseModelUnavailable, builds_locally, resolve_base_model
 
+    if progress and not builds_locally(name):
+        # The slow part, if any, is a hub download: huggingface_hub's own bars show its bytes, and
+        # ours (a step of 0/1) would only draw over them.
+        progress = False
+    else:
+        # tqdm bars (transformers' during a conversion): ours replace them, and none in a pipe or a
+        # log. Set before huggingface_hub (and with it tqdm) is first imported, which reads it then.
+        os.environ.setdefault("TQDM_DISABLE", "1")
     try:
-        with steps(progress) as report:  # a conversion or a download shows its steps on a terminal
+        with steps(progress) as report:  # a build or a conversion shows its steps on a terminal
             path = resolve_base_model(name, settings.data_dir.resolve(), allow_download=settings.allow_download,
                                       progress=report)
         print(path)
@@ -434,7 +440,7 @@ def _serve(settings: Settings) -> int:
     if settings.port == 0:
         # Bound here, so the port is known before the app starts: it is part of the URL the other
         # server processes reach this one at (Settings.instance_url).
-        sock = _bind_free_port(settings.host)
+        sock = bind_socket(settings.host, 0)
         settings = settings.model_copy(update={"port": sock.getsockname()[1]})
         sockets = [sock]
     os.environ[RESOLVED_ENV] = settings.to_env()
@@ -457,14 +463,6 @@ def _serve(settings: Settings) -> int:
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after a clean shutdown
         pass
     return 0 if server.started else 1
-
-
-def _bind_free_port(host: str) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host.strip("[]"), 0))
-    return sock
 
 
 def _print_ready(settings: Settings, port: int) -> None:

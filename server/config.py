@@ -245,6 +245,19 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (0: a free port) as uvicorn binds: SO_REUSEADDR, IPv6 for a
+    host with ':' (with or without its [brackets]). OSError if it cannot be bound."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def bind_problem(settings: Settings) -> str | None:
     """Why these settings must not be served, or None. Open auth lets any caller in (every key is
     a new tenant), so it is only allowed where no one else can connect."""

@@ -57,7 +57,7 @@ _TMP_SEP = "@"  # cannot occur in a safe name, so a temp folder's owner is unamb
 
 # A Hugging Face repo id ("org/name" or "name"). Leading alphanumerics keep safe names
 # distinct from our dot-prefixed temp folders and lock files.
-_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 
 
@@ -89,8 +89,8 @@ class BaseModelProbe:
     """Where a base model would come from, found without building or downloading anything."""
 
     available: bool  # on this machine, or buildable from what is on it (no network)
-    source: str  # "built in", "local folder", "data dir", "HF cache", "bundled GGUF", or "" when none
-    detail: str  # the folder, what the first use will do, or (when unavailable) what was tried and the fixes
+    source: str = ""  # "built in", "local folder", "data dir", "HF cache", "bundled GGUF"; "" when not available
+    detail: str = ""  # when available: the folder, or what the first use will do
     downloadable: bool = False  # not here, but the server would try the hub (allow_download, not offline)
     tried: tuple[tuple[str, str], ...] = ()  # (source, why not), for the sources that could not serve it
 
@@ -158,29 +158,43 @@ def probe_base_model(name: str, data_dir: Path, *, allow_download: bool = True) 
     if isinstance(local, Path):
         return BaseModelProbe(True, "local folder", str(local))
     tried.append(("local folder", local))
-    try:
-        safe = safe_model_dirname(name, tried)
-    except InvalidBaseModelName as exc:
-        return BaseModelProbe(False, "", str(exc), tried=(*tried, ("model id", "not a valid model id such as 'org/name'")))
+    if (invalid := _invalid_model_id(name)) is not None:
+        return BaseModelProbe(False, tried=(*tried, ("model id", invalid)))
+    safe = safe_model_dirname(name)
     for label, found in (("data dir", _from_data_dir(models_dir / safe)), ("HF cache", _from_hf_cache(name))):
         if isinstance(found, Path):
             return BaseModelProbe(True, label, str(found))
         tried.append((label, found))
-    if (bundle := BUNDLED_GGUF.get(name)) is not None:
-        gguf = _find_package_file(bundle.package, bundle.filename)
-        if isinstance(gguf, Path):
-            return BaseModelProbe(
-                True, "bundled GGUF", f"converted from {gguf} into {models_dir / safe} at first use (~30 s, 1.6 GB RAM)"
-            )
-        tried.append(("bundled GGUF", f"{gguf}; install it with `{bundle.pip_install}`"))
-    else:
-        tried.append(("bundled GGUF", f"no bundled copy (available only for: {', '.join(sorted(BUNDLED_GGUF))})"))
-    if allow_download and not _hub_offline():
-        return BaseModelProbe(False, "", "not on this machine: the server will try to download it from the hub at "
-                              "first use", downloadable=True, tried=tuple(tried))
-    tried.append(("hub download", "skipped (allow_download=False)" if not allow_download
-                  else "skipped (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)"))
-    return BaseModelProbe(False, "", _unavailable_message(name, tried), tried=tuple(tried))
+    gguf = _bundled_gguf(name)
+    if isinstance(gguf, Path):
+        return BaseModelProbe(
+            True, "bundled GGUF", f"converted from {gguf} into {models_dir / safe} at first use (~30 s, 1.6 GB RAM)"
+        )
+    tried.append(("bundled GGUF", gguf))
+    if (skipped := _hub_skipped(allow_download)) is None:
+        return BaseModelProbe(False, downloadable=True, tried=tuple(tried))
+    tried.append(("hub download", skipped))
+    return BaseModelProbe(False, tried=tuple(tried))
+
+
+def builds_locally(name: str) -> bool:
+    """Whether resolving `name` may build it on this machine (a tiny model, a bundled GGUF's
+    conversion): slow steps a caller can show. Otherwise the only slow part is a hub download."""
+    return name in (TINY_QWEN3, TINY_LLAMA) or isinstance(_bundled_gguf(name), Path)
+
+
+def unavailable_fixes(name: str, *, offline_only: bool = False) -> list[str]:
+    """What makes `name` available, the ways without a network first (`offline_only`: those alone)."""
+    fixes = [
+        "pass the path of a local folder holding config.json, the weights and the tokenizer",
+        f"pre-populate the HF cache (e.g. `hf download {name}` where there is internet, then copy the cache here "
+        "or point HF_HOME at it)",
+        *(f"for {model}: `{bundle.pip_install}`" for model, bundle in BUNDLED_GGUF.items()),
+    ]
+    if not offline_only:
+        fixes += ["allow the hub download (allow_download=True, HF_HUB_OFFLINE unset, network access)",
+                  f"or use {TINY_QWEN3!r}, a small random model that needs nothing"]
+    return fixes
 
 
 def build_tiny_qwen3(dest: Path) -> None:
@@ -227,12 +241,16 @@ def _build_tiny(dest: Path, model_class: type, config: object) -> None:
 
 def safe_model_dirname(name: str, tried: list[tuple[str, str]] | None = None) -> str:
     """Folder name under data_dir/models/ for a model id; rejects anything that could escape it."""
-    if len(name) <= 200 and _REPO_ID.fullmatch(name) and ".." not in name and "--" not in name:
+    if (invalid := _invalid_model_id(name)) is None:
         return name.replace("/", "--")
-    tried = list(tried or [])
-    reason = f"{name!r} is not a valid model id such as 'org/name' ('..' and '--' are not allowed)"
-    tried.append(("model id", reason))
-    raise InvalidBaseModelName(_unavailable_message(name, tried))
+    raise InvalidBaseModelName(_unavailable_message(name, [*(tried or []), ("model id", invalid)]))
+
+
+def _invalid_model_id(name: str) -> str | None:
+    """Why `name` is no model id that can name a folder under data_dir/models/, or None if it is one."""
+    if len(name) <= 200 and REPO_ID.fullmatch(name) and ".." not in name and "--" not in name:
+        return None
+    return f"{name!r} is not a valid model id such as 'org/name' ('..' and '--' are not allowed)"
 
 
 # --------------------------------------------------------------------------- sources
@@ -265,13 +283,28 @@ def _from_hf_cache(name: str) -> Path | str:
     return path
 
 
-def _from_bundled_gguf(name: str, dest: Path, progress: Progress | None = None) -> Path | str:
+def _bundled_gguf(name: str) -> Path | str:
+    """The GGUF file bundled for `name`, or why there is none (and what to install)."""
     bundle = BUNDLED_GGUF.get(name)
     if bundle is None:
         return f"no bundled copy (available only for: {', '.join(sorted(BUNDLED_GGUF))})"
-    gguf_path = _find_package_file(bundle.package, bundle.filename)
+    found = _find_package_file(bundle.package, bundle.filename)
+    return found if isinstance(found, Path) else f"{found}; install it with `{bundle.pip_install}`"
+
+
+def _hub_skipped(allow_download: bool) -> str | None:
+    """Why no hub download is tried, or None when one would be."""
+    if not allow_download:
+        return "skipped (allow_download=False)"
+    if _hub_offline():
+        return "skipped (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)"
+    return None
+
+
+def _from_bundled_gguf(name: str, dest: Path, progress: Progress | None = None) -> Path | str:
+    gguf_path = _bundled_gguf(name)
     if isinstance(gguf_path, str):
-        return f"{gguf_path}; install it with `{bundle.pip_install}`"
+        return gguf_path
     try:
         return _materialise(dest, lambda tmp: _convert_gguf(name, gguf_path, tmp, progress), str(gguf_path), None)
     except Exception as exc:
@@ -280,10 +313,8 @@ def _from_bundled_gguf(name: str, dest: Path, progress: Progress | None = None) 
 
 
 def _from_hub(name: str, allow_download: bool, progress: Progress | None = None) -> Path | str:
-    if not allow_download:
-        return "skipped (allow_download=False)"
-    if _hub_offline():
-        return "skipped (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)"
+    if (skipped := _hub_skipped(allow_download)) is not None:
+        return skipped
     from huggingface_hub import snapshot_download
 
     if progress is not None:
@@ -529,15 +560,8 @@ def _describe(exc: BaseException) -> str:
 
 
 def _unavailable_message(name: str, tried: list[tuple[str, str]]) -> str:
+    fixes = unavailable_fixes(name)
     lines = [f"Base model {name!r} is not available. Tried:"]
     lines += [f"  - {label}: {reason}" for label, reason in tried]
-    lines += [
-        "To fix, do one of:",
-        "  - pass the path of a local folder holding config.json, the weights and the tokenizer;",
-        f"  - pre-populate the HF cache (e.g. `hf download {name}` where there is internet, then copy"
-        " the cache here or point HF_HOME at it);",
-        f"  - for {DEFAULT_BASE_MODEL}: `{BUNDLED_GGUF[DEFAULT_BASE_MODEL].pip_install}`;",
-        "  - allow the hub download (allow_download=True, HF_HUB_OFFLINE unset, network access);",
-        f"  - or use {TINY_QWEN3!r}, a small random model that needs nothing.",
-    ]
+    lines += ["To fix, do one of:", *(f"  - {fix};" for fix in fixes[:-1]), f"  - {fixes[-1]}."]
     return "\n".join(lines)

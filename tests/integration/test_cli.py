@@ -56,7 +56,7 @@ def test_status_shows_the_server_and_the_keys_usage(server, trained) -> None:
     assert state["capacity"]["tenant"]["live_models"] == 1 and state["training_runs"] == 1
 
     done = twinkle("status", "--url", server.base_url)  # no key: up, and how to see more
-    assert done.returncode == 0 and "up" in done.stdout and "--api-key" in done.stderr
+    assert done.returncode == 0 and done.stdout == f"Twinkle at {server.base_url}: up\n" and "--api-key" in done.stderr
 
 
 def test_a_checkpoint_downloads_as_an_archive_of_the_adapter(server, trained, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from datetime import timedelta
@@ -15,7 +16,7 @@ import pytest
 
 from server.cli import main
 from server.kinds import OpKind
-from server.store.database import Database
+from server.store.database import Database, pending_revisions
 from server.store.tables import Checkpoint, Model, RunMetric, Session, Tenant, utcnow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,6 +78,8 @@ def test_runs_lists_every_tenants_runs_with_steps_and_checkpoints(catalog: list[
         ("s1:train:0", "acme", 2, 1, True)
     assert main(["runs", *catalog, "--tenant", "open-abc", "--json"]) == 0
     assert [r["run_id"] for r in json.loads(capsys.readouterr().out)] == ["s2:train:0"]
+    assert main(["runs", *catalog, "--tenant", "t-acme", "--json"]) == 0  # a tenant's id, as well as its name
+    assert [r["run_id"] for r in json.loads(capsys.readouterr().out)] == ["s1:train:0"]
 
     assert main(["runs", *catalog, "--tenant", "nobody"]) == 1
     assert "no tenant named 'nobody'" in capsys.readouterr().err
@@ -92,6 +95,28 @@ def test_checkpoints_list_shows_kept_named_checkpoints(catalog: list[str], capsy
     assert (ckpt["path"], ckpt["size_bytes"], ckpt["has_optimizer"]) == ("tinker://s1:train:0/weights/step-2", 2048, True)
     assert main(["checkpoints", "list", *catalog, "--tenant", "open-abc", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
+    assert main(["checkpoints", "list", *catalog, "--tenant", "t-acme", "--json"]) == 0
+    assert [c["name"] for c in json.loads(capsys.readouterr().out)] == ["step-2"]
+
+
+@pytest.mark.parametrize("command", [["runs"], ["checkpoints", "list"]])
+def test_listings_create_and_upgrade_nothing(command: list[str], tmp_path: Path, capsys) -> None:
+    """A mistyped --data-dir is an error naming the database it looked for, not an empty table; a
+    database without the schema is not upgraded by a command that only reads."""
+    typo = tmp_path / "no-such-dir"
+    assert main([*command, "--data-dir", str(typo)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"twinkle: no database at {typo / 'twinkle.db'}: check --data-dir / --database-url " \
+                                "(a server creates it at its first start)\n"
+    assert not typo.exists()
+
+    file = tmp_path / "twinkle.db"
+    with sqlite3.connect(file) as conn:  # a database, without Twinkle's schema
+        conn.execute("CREATE TABLE other (x)")
+    assert main([*command, "--data-dir", str(tmp_path)]) == 2
+    assert "run `twinkle db upgrade`" in capsys.readouterr().err
+    with sqlite3.connect(file) as conn:
+        assert conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall() == [("other",)]
 
 
 def test_progress_goes_to_stderr_only_when_asked_or_on_a_terminal(tmp_path: Path, capsys) -> None:
@@ -99,10 +124,16 @@ def test_progress_goes_to_stderr_only_when_asked_or_on_a_terminal(tmp_path: Path
     assert main(["db", "upgrade", "--data-dir", str(tmp_path / "a")]) == 0
     out, err = capsys.readouterr()
     assert "up to date" in out and err == ""
+    fresh = Database(f"sqlite:///{tmp_path / 'empty.db'}", threads=1)
+    try:
+        revisions = pending_revisions(fresh.engine)
+    finally:
+        fresh.close()
     assert main(["db", "upgrade", "--data-dir", str(tmp_path / "b"), "--progress"]) == 0
     out, err = capsys.readouterr()
     assert out.startswith("schema revision") and "schema 0001" not in out
-    assert "schema" in err and "\x1b[" not in err  # the last step, drawn once, no terminal codes
+    n = len(revisions)  # the last step, drawn once, no terminal codes
+    assert f"schema {revisions[-1]}:" in err and f" {n}/{n} " in err and "\x1b[" not in err
 
     assert main(["model-path", "tiny-qwen3", "--data-dir", str(tmp_path / "c"), "--progress"]) == 0
     out, err = capsys.readouterr()

@@ -94,6 +94,7 @@ def test_optional_parts_missing_are_notes_not_failures(tmp_path: Path, capsys) -
     assert code == 0, out
     assert line_of(out, "redis")[0].startswith("·") and "not configured" in out
     assert line_of(out, "database")[0].startswith("✓") and "created (with the newest schema) at first serve" in out
+    assert not line_of(out, "vllm")[0].startswith("✗")
     if line_of(out, "vllm")[0].startswith("·"):
         assert "make install-vllm" in line_of(out, "vllm")[1] or ".venv-vllm" in line_of(out, "vllm")[0]
     assert out.splitlines()[-1].startswith("ready to serve")
@@ -113,8 +114,16 @@ def test_a_postgresql_schema_behind_fails_unless_serving_upgrades_it(tmp_path: P
     url = make_pg_database()
     behind = doctor.check_database(settings(tmp_path, database_url=url))
     assert behind.status == "fail" and "empty" in behind.detail
-    assert behind.fix is not None and f"twinkle db upgrade --database-url {url}" in behind.fix
+    assert behind.fix is not None and "`twinkle db upgrade` with the same --database-url" in behind.fix
+    assert url not in behind.fix and "***" not in behind.fix  # nothing to paste with a masked password
     assert doctor.check_database(settings(tmp_path, database_url=url, db_upgrade=True)).status == "ok"
+
+
+def test_a_missing_sqlite_database_fails_when_serving_would_not_create_its_schema(tmp_path: Path) -> None:
+    assert doctor.check_database(settings(tmp_path)).status == "ok"
+    check = doctor.check_database(settings(tmp_path, db_upgrade=False))
+    assert check.status == "fail" and "does not exist" in check.detail and "twinkle db upgrade" in (check.fix or "")
+    assert not (tmp_path / "twinkle.db").exists()
 
 
 def test_a_schema_newer_than_this_code_fails(tmp_path: Path) -> None:
