@@ -114,32 +114,31 @@ async def require_admin(
     await admin_of(request)
 
 
-async def admin_of(request: Request) -> None:
+ADMIN_API = ("admin API", "send it in the X-Admin-Key header")
+
+
+async def admin_of(request: Request, key: str | None = None, how: tuple[str, str] = ADMIN_API) -> None:
+    """Whether the caller holds the admin key (`key`, else its X-Admin-Key header); `how`: the
+    API's name and how to send the key, for the refusals."""
     if getattr(request.state, "admin", False):
         return
-    await _counting_failures(request, lambda: _check_admin(request, request.headers.get("x-admin-key")))
+    given = key if key is not None else request.headers.get("x-admin-key")
+    await _counting_failures(request, lambda: _check_admin(request, given, *how))
     request.state.admin = True
 
 
-async def require_metrics_reader(
-    request: Request,
-    authorization: Annotated[str | None, Header()] = None,
-    x_admin_key: Annotated[str | None, Header(alias="X-Admin-Key")] = None,
-) -> None:
+async def require_metrics_reader(request: Request) -> None:
     """GET /metrics shows every tenant's counters, so it is not for tenants: with --auth open (loopback
     callers only) it is open; with --auth keys it wants the admin key, as `Authorization: Bearer <admin
     key>` (a Prometheus scrape config's bearer auth) or in X-Admin-Key."""
-    if runtime_of(request).settings.auth == "open" or getattr(request.state, "admin", False):
+    if runtime_of(request).settings.auth == "open":
         return
     key = _bearer(request.headers.get("authorization")) or request.headers.get("x-admin-key")
-    await _counting_failures(request, lambda: _check_admin(
-        request, key, api="GET /metrics under --auth keys",
-        send="send it as 'Authorization: Bearer <admin key>' (or in the X-Admin-Key header)"))
-    request.state.admin = True
+    await admin_of(request, key or "", ("GET /metrics under --auth keys",
+                                        "send it as 'Authorization: Bearer <admin key>' (or in the X-Admin-Key header)"))
 
 
-async def _check_admin(request: Request, x_admin_key: str | None, *, api: str = "admin API",
-                       send: str = "send it in the X-Admin-Key header") -> None:
+async def _check_admin(request: Request, x_admin_key: str | None, api: str, send: str) -> None:
     expected = runtime_of(request).settings.admin_key
     if expected is None:
         raise NotFound(f"{api} disabled: start the server with an admin key (TWINKLE_ADMIN_KEY, --admin-key, "

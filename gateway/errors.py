@@ -143,8 +143,10 @@ def native_error(exc: Exception, path: str) -> JSONResponse:
     return JSONResponse(native_body("internal server error; the server log has details"), 500)
 
 
-def shaped_route(render: Callable[[Exception, str], Response], doc: str) -> type[APIRoute]:
-    """A route class whose errors (its dependencies' too) leave as `render` shapes them."""
+def shaped_route(render: Callable[[Exception, Request], Response], doc: str,
+                 catch: type[Exception] = Exception) -> type[APIRoute]:
+    """A route class whose errors of type `catch` (its dependencies' too) leave as `render` shapes
+    them; other errors go to the app's handlers."""
 
     class ShapedRoute(GuardedRoute):
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
@@ -155,8 +157,8 @@ def shaped_route(render: Callable[[Exception, str], Response], doc: str) -> type
                     return await handler(request)
                 except Elsewhere:
                     raise  # forwarded to the process that runs the model (gateway/forwarding.py)
-                except Exception as exc:
-                    return render(exc, request.url.path)
+                except catch as exc:
+                    return render(exc, request)
 
             return guarded
 
@@ -164,5 +166,7 @@ def shaped_route(render: Callable[[Exception, str], Response], doc: str) -> type
     return ShapedRoute
 
 
-OpenAIRoute = shaped_route(openai_error, "A route whose errors leave in OpenAI's shape.")
-NativeRoute = shaped_route(native_error, "A route whose errors leave as the native Twinkle API's {detail}.")
+OpenAIRoute = shaped_route(lambda exc, request: openai_error(exc, request.url.path),
+                           "A route whose errors leave in OpenAI's shape.")
+NativeRoute = shaped_route(lambda exc, request: native_error(exc, request.url.path),
+                           "A route whose errors leave as the native Twinkle API's {detail}.")

@@ -1,7 +1,7 @@
 """Telemetry: an ASGI middleware that counts and times every HTTP request by method, route template
 (never the raw path: no ids in labels) and status, into the Runtime's metrics (server/metrics.py
 `Metrics.request`), and, when tracing is on, makes its server span (server/tracing.py). A request
-no route matched counts under route "unmatched". No header is ever recorded but `traceparent`."""
+no route matched (or refused before routing) counts under route "unmatched". No header is ever recorded but `traceparent`."""
 
 from __future__ import annotations
 

@@ -81,10 +81,10 @@ def build_runtime(settings: Settings, engine: Engine | None = None) -> Runtime:
         instances=instances,
         versions=Versions(settings.sampler_versions_per_model, settings.sampler_version_idle_seconds),
         run_metrics=RunMetrics(db, settings.run_metrics_per_run),
-        bus=bus,
-        shared=SharedQuotas(settings.redis_url, settings.redis_prefix) if settings.redis_url else None,
         metrics=metrics,
         tracing=tracing,
+        bus=bus,
+        shared=SharedQuotas(settings.redis_url, settings.redis_prefix) if settings.redis_url else None,
     )
 
 

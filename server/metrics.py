@@ -29,7 +29,7 @@ FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 SLOW_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 COMPUTED = frozenset({OpKind.FORWARD, OpKind.FORWARD_BACKWARD})  # their cost is their tokens
-UNMATCHED = "unmatched"  # the route label of a request no route matched (a 404): never its raw path
+UNMATCHED = "unmatched"  # the route label of a request no route matched or refused before routing: never its raw path
 
 
 @dataclass(frozen=True)

@@ -51,14 +51,14 @@ class Runtime:
     instances: Instances  # this process among those sharing the database
     versions: Versions  # in-memory adapter versions this process holds (the checkpoint engine)
     run_metrics: RunMetrics  # each run's curve for the dashboard, written in batches
+    metrics: Metrics  # this process's Prometheus registry (GET /metrics)
+    tracing: Tracing  # OpenTelemetry spans of operations (off by default)
     bus: RedisBus | None = None  # with --redis-url: messages from and to the other server processes
     shared: SharedQuotas | None = None  # with --redis-url: the limits that hold over every server process
     feeds: CompletionFeeds = field(default_factory=CompletionFeeds)
     keys: KeyCache = field(default_factory=KeyCache)  # key hash -> tenant, for a few seconds
     runs: RunCache = field(default_factory=RunCache)  # runs admitted here lately, for a few seconds
     retention: Retention = field(default_factory=Retention)  # expired sessions' adapters, freed later
-    metrics: Metrics = field(default_factory=Metrics)  # this process's Prometheus registry (GET /metrics)
-    tracing: Tracing = field(default_factory=Tracing)  # OpenTelemetry spans of operations (off by default)
     _bases: dict[str, BaseModelInfo] = field(default_factory=dict)
     _background: list[asyncio.Task] = field(default_factory=list)
     _started_at: float = field(default_factory=time.monotonic)
@@ -271,10 +271,13 @@ class Runtime:
         """The runs' recorded points into the store, every second, forever (cancel the task to stop)."""
         while True:
             await asyncio.sleep(1.0)
-            try:
-                await self.run_metrics.flush()
-            except Exception:
-                log.exception("run_metrics_flush_failed")
+            await self._flush_run_metrics()
+
+    async def _flush_run_metrics(self) -> None:
+        try:
+            await self.run_metrics.flush()
+        except Exception:  # kept for the next flush; logged, never raised
+            log.exception("run_metrics_flush_failed")
 
     async def forget_key(self, key_id: str) -> None:
         """A key was revoked: out of this process's key cache now, and every other's."""
@@ -299,10 +302,7 @@ class Runtime:
         await self.scheduler.stop()
         for engine in self.engines.values():
             await engine.stop()
-        try:
-            await self.run_metrics.flush()
-        except Exception:
-            log.exception("run_metrics_flush_failed")
+        await self._flush_run_metrics()
         try:  # what was queued here can no longer finish: say so now rather than at the next start
             if failed := await asyncio.to_thread(self.instances.retire, STOP_MESSAGE):
                 log.warning("futures_failed_on_stop", extra={"count": len(failed)})

@@ -94,14 +94,14 @@ class Tracing:
         return self._tracer.start_span(f"op {kind}", attributes={
             "twinkle.op.kind": kind, "twinkle.request_id": request_id, "twinkle.tenant": tenant})
 
-    def call_started(self, lane: str, ops: Sequence[Any], waits: Sequence[tuple[str, float]]) -> Any:
-        """The engine call's span, from its operations (server/queue/pick.py Op: their `span` and
-        `kind`) and their (kind, seconds queued): the child of the first one's, linking the
+    def call_started(self, lane: str, ops: Sequence[Any], now: float) -> Any:
+        """The engine call's span, from its operations (server/queue/pick.py Op: their `span`,
+        `kind` and `queued_at`; `now` on the same clock): the child of the first one's, linking the
         others'; None when off."""
         if not self.on or ops[0].span is None:
             return None
-        for op, (_, waited) in zip(ops, waits):
-            op.span.add_event("engine_call_started", {"twinkle.queue_wait_seconds": waited})
+        for op in ops:
+            op.span.add_event("engine_call_started", {"twinkle.queue_wait_seconds": now - op.queued_at})
         kind = ops[0].kind
         links = [Link(op.span.get_span_context()) for op in ops[1:]]
         return self._tracer.start_span(f"engine {kind}", context=trace.set_span_in_context(ops[0].span), links=links,

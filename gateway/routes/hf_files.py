@@ -16,15 +16,12 @@ exceptions (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Coroutine
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from gateway.deps import Rt
-from gateway.errors import STATUS, error_body
-from gateway.guard import GuardedRoute
+from gateway.errors import STATUS, error_body, shaped_route
 from server.errors import TwinkleError
 from server.ops import hf_files
 from server.runtime import Runtime
@@ -56,19 +53,7 @@ def _header_safe(text: str) -> str:
     return "".join(c if " " <= c <= "~" else "?" for c in text)[:500]
 
 
-class HubRoute(GuardedRoute):
-    """A GuardedRoute whose refusals carry the hub's error headers (other errors go to the app's handlers)."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def answer(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except TwinkleError as exc:
-                return hub_error(exc, request)
-
-        return answer
+HubRoute = shaped_route(hub_error, "A GuardedRoute whose refusals carry the hub's error headers.", catch=TwinkleError)
 
 
 router = APIRouter(route_class=HubRoute, tags=["hf files"])

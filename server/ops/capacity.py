@@ -7,6 +7,7 @@ from dataclasses import asdict
 
 from schemas import twinkle as tw
 from server.runtime import Runtime
+from server.tenancy.quotas import Limits
 from workers.types import PoolStatus
 
 
@@ -23,15 +24,15 @@ def pools(rt: Runtime) -> dict[str, tw.PoolView]:
     return {name: pool_view(pool) for name, engine in rt.engines.items() if (pool := engine.pool_status())}
 
 
-async def limits_of(rt: Runtime, tenant: str) -> dict[str, float]:
-    return {k: float(v) for k, v in asdict(await rt.refresh_limits(tenant)).items()}
+def limits_view(limits: Limits) -> dict[str, float]:
+    return {k: float(v) for k, v in asdict(limits).items()}
 
 
 async def capacity(rt: Runtime, tenant: str) -> tw.CapacityResponse:
     held = [v for v in rt.versions.held() if v.tenant_id == tenant]
     usage = tw.TenantUsage(
         queue_depth=rt.scheduler.tenant_depth(tenant), inflight_requests=rt.quotas.inflight(tenant),
-        live_models=await rt.live_models(tenant), limits=await limits_of(rt, tenant),
+        live_models=await rt.live_models(tenant), limits=limits_view(await rt.refresh_limits(tenant)),
         adapter_versions=len(held), adapter_version_bytes=sum(v.nbytes for v in held),
     )
     by_base = pools(rt)

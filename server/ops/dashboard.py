@@ -5,6 +5,7 @@ Read-only and bounded: every list is the newest `LIST_LIMIT` rows, read in one t
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from sqlalchemy import Select, and_, func, select
@@ -15,7 +16,7 @@ from server import ids
 from server.errors import NotFound
 from server.kinds import OpKind
 from server.ops import checkpoints
-from server.ops.capacity import limits_of, pools
+from server.ops.capacity import limits_view, pools
 from server.queue.scopes import model_scope
 from server.runtime import Runtime
 from server.store.tables import Checkpoint, Model, RunMetric, SamplingSession, Tenant
@@ -32,8 +33,9 @@ def _mine(query: Select, column: object, tenant_id: str | None) -> Select:
 
 
 async def overview(rt: Runtime, tenant_id: str | None) -> db_api.Overview:
+    read_at = time.monotonic()
     rows = await rt.db.run(lambda s: _rows(s, tenant_id))
-    tenants = [await _tenant_row(rt, t.id, t.name) for t in rows["tenants"]]
+    tenants = [await _tenant_row(rt, t, read_at) for t in rows["tenants"]]
     depth = rt.scheduler.depth
     versions = [v for v in rt.versions.held() if tenant_id in (None, v.tenant_id)]
     return db_api.Overview(
@@ -97,10 +99,12 @@ def _run_row(m: Model, curve: tuple[int, int] | None, last: dict[str, float],
                          steps=steps or 0, points=points, last_metrics=last, queue_depth=depth(model_scope(m.id)))
 
 
-async def _tenant_row(rt: Runtime, tenant_id: str, name: str) -> db_api.TenantRow:
-    return db_api.TenantRow(tenant=tenant_id, name=name, queue_depth=rt.scheduler.tenant_depth(tenant_id),
-                            inflight_requests=rt.quotas.inflight(tenant_id), live_models=await rt.live_models(tenant_id),
-                            limits=await limits_of(rt, tenant_id))
+async def _tenant_row(rt: Runtime, tenant: Tenant, read_at: float) -> db_api.TenantRow:
+    # Its limits from the row just read (no transaction per tenant; the quotas keep the fresher read).
+    limits = rt.quotas.set_limits(tenant.id, tenant.limits, now=read_at)
+    return db_api.TenantRow(tenant=tenant.id, name=tenant.name, queue_depth=rt.scheduler.tenant_depth(tenant.id),
+                            inflight_requests=rt.quotas.inflight(tenant.id), live_models=await rt.live_models(tenant.id),
+                            limits=limits_view(limits))
 
 
 async def curve(rt: Runtime, tenant_id: str | None, model_id: str, after: int) -> db_api.RunCurve:

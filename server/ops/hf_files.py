@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from server.errors import Forbidden, InvalidRequest, NotFound
+from server.ops.text import model_folder
 from server.runtime import Runtime
-from workers.base_models import resolve_base_model
+from workers.base_models import REPO_ID
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,6 @@ ALLOWED = frozenset({
     "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
     "tekken.json", "chat_template.jinja", "chat_template.json",
 })
-# A hub-style name ("name" or "org/name"): a base model served from a folder path ("/models/x") is
-# not a repo here (huggingface_hub would refuse its name anyway), and its path is not shown to callers.
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # one path segment: no '..', no separator
 _TIKTOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.tiktoken")  # tiktoken vocabularies (top level)
 # Refused with a 403 saying so (everything else that is not allowlisted is simply not in the repo).
@@ -67,12 +65,15 @@ class Snapshot:
 
 async def snapshot(rt: Runtime, repo_id: str) -> Snapshot:
     """The repo of a served base model, or NotFound (field repo_id) for any other name."""
-    repos = [name for name in rt.engines if _HUB_ID.fullmatch(name)]
+    # A base model served from a folder path ("/models/x") is no repo here (huggingface_hub would
+    # refuse its name anyway), and its path is not shown to callers.
+    repos = [name for name in rt.engines if REPO_ID.fullmatch(name)]
     if repo_id not in repos:
         raise NotFound(f"repository {repo_id!r} is not a base model this server serves; it serves "
                        f"{', '.join(map(repr, repos)) or 'none by a hub-style name'} (and only their tokenizer "
                        "and config files)", field="repo_id")
-    return await asyncio.to_thread(_snapshot, repo_id, rt.data_dir)
+    # Served base models are on disk already (the engine loaded them): never a download here.
+    return await asyncio.to_thread(lambda: _snapshot(repo_id, model_folder(rt, repo_id)))
 
 
 def check_revision(snap: Snapshot, revision: str) -> None:
@@ -149,8 +150,7 @@ def allowed(path: str) -> bool:
 
 
 # ----- building a snapshot (off the event loop) ---------------------------------------------------
-def _snapshot(repo_id: str, data_dir: Path) -> Snapshot:
-    folder = _folder(repo_id, data_dir)
+def _snapshot(repo_id: str, folder: Path) -> Snapshot:
     files = {}
     for path in _candidates(folder):
         disk = folder.joinpath(*path.split("/"))
@@ -176,12 +176,6 @@ def _candidates(folder: Path) -> list[str]:
     except OSError:
         pass
     return [path for path in found if allowed(path)]
-
-
-@functools.lru_cache(maxsize=16)
-def _folder(repo_id: str, data_dir: Path) -> Path:
-    # Served base models are on disk already (the engine loaded them): never a download here.
-    return resolve_base_model(repo_id, data_dir, allow_download=False)
 
 
 @functools.lru_cache(maxsize=256)

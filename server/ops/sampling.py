@@ -171,7 +171,7 @@ async def sample(rt: Runtime, tenant_id: str, req: api.SampleRequest, fingerprin
     info = rt.base_for(target.base)
     prompt = _prompt_tokens(info, req)
     job, target_ids = _job(rt, info, req, prompt)
-    sub = await _submit(rt, tenant_id, target, _Payload(job, target_ids, None, tenant_id),
+    sub = await _submit(rt, tenant_id, target, _Payload(job, target_ids, tenant=tenant_id),
                         sampler_id=req.sampling_session_id, seq_id=req.seq_id, fingerprint=fingerprint)
     return api.UntypedAPIFuture(
         request_id=sub.request_id, sample_sequence_ids=[f"{sub.request_id}:{i}" for i in range(req.num_samples)]
@@ -193,7 +193,7 @@ async def submit_generate(rt: Runtime, tenant_id: str, target: Target, job: Samp
     if job.num_samples > MAX_NUM_SAMPLES:
         raise InvalidRequest(f"num_samples is limited to {MAX_NUM_SAMPLES}", field="n")
     waiter: asyncio.Future[SampleOutput] = asyncio.get_running_loop().create_future()
-    await _submit(rt, tenant_id, target, _Payload(job, None, waiter, tenant_id), sampler_id=None, seq_id=None,
+    await _submit(rt, tenant_id, target, _Payload(job, None, waiter, tenant=tenant_id), sampler_id=None, seq_id=None,
                   fingerprint="")
     return waiter
 

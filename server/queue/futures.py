@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from server import ids
+from server.errors import OperationFailed
 from server.kinds import ErrorCategory, FutureState, OpKind, ResultFormat
 from server.store.database import Database
 from server.store.tables import Future, utcnow
@@ -74,6 +75,14 @@ class Outcome:
     result_format: str | None = None  # a ResultFormat
     error: str | None = None
     error_category: str | None = None  # an ErrorCategory
+
+    @classmethod
+    def of(cls, request_id: str, outcome: tuple[bytes, str] | OperationFailed) -> Outcome:
+        """From what an operation's runner returned: its (result, format), or how it failed."""
+        if isinstance(outcome, OperationFailed):
+            return cls(request_id, FutureState.FAILED, error=outcome.message, error_category=outcome.category)
+        result, result_format = outcome
+        return cls(request_id, FutureState.DONE, result=result, result_format=result_format)
 
     def values(self) -> dict[str, Any]:
         return {"state": self.state, "result": self.result, "result_format": self.result_format,

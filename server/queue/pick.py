@@ -103,7 +103,6 @@ class Op:
     cost: int = field(compare=False, default=0)  # tokens, for the tenant's tokens/s budget
     queued_at: float = field(compare=False, default_factory=time.monotonic)
     arrival: int = 0  # set by Board.add; orders ops of one seq_id (NO_SEQ) by arrival
-    tenant: str = field(compare=False, default="")  # whose it is (for metrics; Queue.tenant chooses)
     span: Any = field(compare=False, default=None)  # its tracing span (server/tracing.py), None when off
 
 

@@ -51,6 +51,7 @@ import contextlib
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Mapping
 
 from pydantic import BaseModel
@@ -130,7 +131,7 @@ class Scheduler:
     ) -> None:
         """Queue an operation under `key`; its lane follows from its kind (pick.lane_of)."""
         seq = NO_SEQ if seq_id is None else seq_id
-        op = Op(seq, request_id, kind, run, batch, notify, cost, queued_at=time.monotonic(), tenant=tenant,
+        op = Op(seq, request_id, kind, run, batch, notify, cost, queued_at=time.monotonic(),
                 span=self._tracing.op_submitted(kind, request_id, tenant))
         self._board.add(key, op, tenant=tenant, ordered=ordered)
         self._metrics.submitted(tenant, kind)
@@ -159,21 +160,21 @@ class Scheduler:
         return len(queue.ops) if queue else 0
 
     def tenant_depth(self, tenant: str) -> int:
-        return sum(len(q.ops) for q in self._board.queues.values() if q.tenant == tenant)
+        return self.queued_by_tenant().get(tenant, 0)
+
+    def queued_by_tenant(self) -> dict[str, int]:
+        depths: Counter[str] = Counter()
+        for queue in self._board.queues.values():
+            if queue.ops:
+                depths[queue.tenant] += len(queue.ops)
+        return depths
 
     def load(self) -> dict[str, LaneLoad]:
         """Each lane's queued operations, running calls and capacity, now (read at scrape time)."""
         board, queued = self._board, dict.fromkeys(self._board.lanes, 0)
         for queue in board.queues.values():
-            queued[queue.lane] = queued.get(queue.lane, 0) + len(queue.ops)
-        return {lane: LaneLoad(queued[lane], board.running[lane], board.lanes.get(lane, 0)) for lane in queued}
-
-    def queued_by_tenant(self) -> dict[str, int]:
-        depths: dict[str, int] = {}
-        for queue in self._board.queues.values():
-            if queue.ops:
-                depths[queue.tenant] = depths.get(queue.tenant, 0) + len(queue.ops)
-        return depths
+            queued[queue.lane] += len(queue.ops)
+        return {lane: LaneLoad(queued[lane], board.running[lane], board.lanes[lane]) for lane in queued}
 
     @property
     def max_calls(self) -> int | None:
@@ -233,10 +234,10 @@ class Scheduler:
         if call.gap is not None:
             log.warning("seq_gap_skipped", extra={"request_id": call.ops[0].request_id, "expected": call.gap[0],
                                                   "seq_id": call.gap[1]})
-        self._running.update((op.request_id, call.lane) for op in call.ops)
-        waits = [(op.kind, now - op.queued_at) for op in call.ops]
-        self._metrics.call_started(call.lane, waits)
-        span = self._tracing.call_started(call.lane, call.ops, waits)
+        ops = call.ops
+        self._running.update((op.request_id, call.lane) for op in ops)
+        self._metrics.call_started(call.lane, [(op.kind, now - op.queued_at) for op in ops])
+        span = self._tracing.call_started(call.lane, ops, now)
         task = asyncio.create_task(self._execute(call, span), name=f"call-{call.lane}")
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
@@ -248,7 +249,7 @@ class Scheduler:
             outcomes = await self._run(call)
             self._metrics.call_ended(call.lane, ops[0].kind, time.perf_counter() - started)
             self._tracing.call_ended(span, not any(isinstance(o, OperationFailed) for o in outcomes))
-            await self._finish_all(ops, outcomes)
+            await self._finish_all(call, outcomes)
         finally:
             # Before anything else runs on the loop: whoever the results woke finds the queue free.
             self._board.release(call)
@@ -261,24 +262,25 @@ class Scheduler:
                    "packed": len(call.takes) if call.packed else 1, "ms": round((time.perf_counter() - started) * 1e3, 1)},
         )
 
-    async def _finish_all(self, ops: tuple[Op, ...], outcomes: list[OpResult | OperationFailed]) -> None:
+    async def _finish_all(self, call: Call, outcomes: list[OpResult | OperationFailed]) -> None:
         """Store a call's outcomes in one transaction and tell whoever waits on them; if that
         fails, each is stored on its own (a future whose outcome cannot be stored fails)."""
+        owned = [(take.tenant, op) for take in call.takes for op in take.ops]
         try:
-            await self._hub.finish_many([_outcome(op, o) for op, o in zip(ops, outcomes)])
+            await self._hub.finish_many([Outcome.of(op.request_id, o) for (_, op), o in zip(owned, outcomes)])
         except Exception:
-            log.exception("call_outcomes_unrecorded", extra={"request_id": ops[0].request_id, "ops": len(ops)})
-            for op, outcome in zip(ops, outcomes):
-                await self._finish(op, outcome)
+            log.exception("call_outcomes_unrecorded", extra={"request_id": owned[0][1].request_id, "ops": len(owned)})
+            for (tenant, op), outcome in zip(owned, outcomes):
+                await self._finish(op, tenant, outcome)
             return
-        for op, outcome in zip(ops, outcomes):
-            self._ended(op, outcome, failed=isinstance(outcome, OperationFailed))
+        for (tenant, op), outcome in zip(owned, outcomes):
+            self._ended(op, tenant, outcome, failed=isinstance(outcome, OperationFailed))
 
-    async def _finish(self, op: Op, outcome: OpResult | OperationFailed) -> None:
+    async def _finish(self, op: Op, tenant: str, outcome: OpResult | OperationFailed) -> None:
         """Store the outcome and tell whoever waits on it; if storing fails, the future fails."""
         failed = isinstance(outcome, OperationFailed)
         try:
-            await self._hub.finish_many([_outcome(op, outcome)])
+            await self._hub.finish_many([Outcome.of(op.request_id, outcome)])
         except Exception:  # the scheduler must keep serving every key
             log.exception("op_unrecorded", extra={"request_id": op.request_id, "kind": op.kind})
             failed = True
@@ -289,11 +291,11 @@ class Scheduler:
                     "the server log has details",
                     ErrorCategory.SERVER,
                 )
-        self._ended(op, outcome, failed=failed)
+        self._ended(op, tenant, outcome, failed=failed)
 
-    def _ended(self, op: Op, outcome: OpResult | OperationFailed, *, failed: bool) -> None:
+    def _ended(self, op: Op, tenant: str, outcome: OpResult | OperationFailed, *, failed: bool) -> None:
         """The op's outcome is stored (or its failure is): count it, end its span, notify."""
-        self._metrics.op_ended(op.tenant, op.kind, not failed, time.monotonic() - op.queued_at, op.cost)
+        self._metrics.op_ended(tenant, op.kind, not failed, time.monotonic() - op.queued_at, op.cost)
         self._tracing.op_ended(op.span, not failed, outcome.category if isinstance(outcome, OperationFailed) else None)
         if op.notify is not None:
             try:
@@ -345,9 +347,3 @@ async def _run_packed(call: Call) -> list[OpResult | OperationFailed]:
             flat += outcome
     return flat
 
-
-def _outcome(op: Op, outcome: OpResult | OperationFailed) -> Outcome:
-    if isinstance(outcome, OperationFailed):
-        return Outcome(op.request_id, FutureState.FAILED, error=outcome.message, error_category=outcome.category)
-    result, result_format = outcome
-    return Outcome(op.request_id, FutureState.DONE, result=result, result_format=result_format)

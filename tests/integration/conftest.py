@@ -15,19 +15,13 @@ from pathlib import Path
 import pytest
 
 from server.process import ServerProcess, running_server
+from tests.support.data import TEXTS
 from workers.base_models import DEFAULT_BASE_MODEL, resolve_base_model
 
 # The vLLM sampler's tests run where vLLM is: .venv-vllm (make test-vllm, which CI runs after make
 # test). In the main venv there is nothing for them to test, so they are not collected at all.
 if importlib.util.find_spec("vllm") is None:
     collect_ignore = ["test_vllm_sampler.py"]
-
-TEXTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "def add(a, b):\n    return a + b\n",
-    "import os\nprint(os.getcwd())",
-    "for i in range(10):\n    print(i)",
-]
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from server.process import ServerProcess, running_server
-from tests.integration.conftest import TEXTS
+from tests.support.data import TEXTS
 from workers.base_models import DEFAULT_BASE_MODEL
 
 pytestmark = pytest.mark.slow

@@ -18,32 +18,23 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from prometheus_client.parser import text_string_to_metric_families
 from tinker import types
 
 from server import ids
 from server.process import running_server
 from tests.support.data import make_data
+from tests.support.metrics import Samples, samples, value
 from tests.support.sdk import resolve, service
 
 pytestmark = [pytest.mark.slow]
 BASE = "tiny-qwen3"
 STEPS = 3
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
 def scrape(server) -> tuple[str, Samples]:
     r = httpx.get(f"{server.base_url}/metrics", timeout=30)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("text/plain")
-    found = {(s.name, frozenset(s.labels.items())): s.value
-             for family in text_string_to_metric_families(r.text) for s in family.samples}
-    return r.text, found
-
-
-def value(found: Samples, name: str, **labels: str) -> float:
-    return found.get((name, frozenset(labels.items())), 0.0)
+    return r.text, samples(r.text)
 
 
 def tenants(found: Samples) -> set[str]:

@@ -6,8 +6,6 @@ Slow (about 30-60 s and 1.6 GB RSS on 2 cores): the conversion dequantises 135 M
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import tinker
 import torch
@@ -21,15 +19,8 @@ pytestmark = pytest.mark.slow
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(scope="module")
-def converted(smollm2: tuple[Path, Path, list[str], Path]) -> tuple[Path, Path, list[str], Path]:
-    """The session's one conversion (tests/integration/conftest.py): (data dir, model folder,
-    conversion log lines, empty HF home)."""
-    return smollm2
-
-
-def test_smollm2_converted_from_bundled_gguf_answers(converted, monkeypatch: pytest.MonkeyPatch) -> None:
-    data_dir, path, messages, _ = converted
+def test_smollm2_converted_from_bundled_gguf_answers(smollm2, monkeypatch: pytest.MonkeyPatch) -> None:
+    data_dir, path, messages, _ = smollm2  # the session's one conversion (conftest.py)
     assert path == data_dir / "models" / "HuggingFaceTB--SmolLM2-135M-Instruct"
     assert any(m.startswith("converting ") for m in messages), messages
     assert any(m.startswith("converted ") and m.endswith(" s") for m in messages), messages
@@ -53,9 +44,9 @@ def test_smollm2_converted_from_bundled_gguf_answers(converted, monkeypatch: pyt
     assert resolve_base_model(DEFAULT_BASE_MODEL, data_dir) == path
 
 
-def test_default_server_trains_and_samples_smollm2(converted) -> None:
+def test_default_server_trains_and_samples_smollm2(smollm2) -> None:
     """What `make serve` runs: no --base-model, so the server serves SmolLM2."""
-    data_dir, path, _, hf_home = converted
+    data_dir, path, _, hf_home = smollm2
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)

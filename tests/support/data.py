@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def add(a, b):\n    return a + b\n",
+    "import os\nprint(os.getcwd())",
+    "for i in range(10):\n    print(i)",
+]
+
 
 def make_data(rows: list[list[int]]):
     """Next-token datums: model_input = seq[:-1], target_tokens = seq[1:], weight 1 per token."""

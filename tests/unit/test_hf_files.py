@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,7 +62,7 @@ def client(hf_dir: Path) -> Iterator[TestClient]:
 
 @pytest.fixture(scope="module")
 def snap(hf_dir: Path) -> hf_files.Snapshot:
-    return hf_files._snapshot(ORG_MODEL, hf_dir)
+    return hf_files._snapshot(ORG_MODEL, hf_dir / "models" / "test-org--chatty")
 
 
 def hub_error(response, status: int, field: str, code: str | None) -> dict:
@@ -88,14 +89,14 @@ def test_a_repo_shows_only_tokenizer_and_config_files(snap: hf_files.Snapshot) -
 
 def test_the_commit_is_40_hex_stable_and_follows_the_files(hf_dir: Path, snap: hf_files.Snapshot,
                                                            tmp_path: Path) -> None:
-    assert len(snap.commit) == 40 and int(snap.commit, 16) >= 0
-    assert hf_files._snapshot(ORG_MODEL, hf_dir).commit == snap.commit
+    assert re.fullmatch("[0-9a-f]{40}", snap.commit)
+    assert hf_files._snapshot(ORG_MODEL, hf_dir / "models" / "test-org--chatty").commit == snap.commit
     folder = tmp_path / "models" / "other"
     shutil.copytree(snap.files["config.json"].disk.parent, folder, symlinks=True)
-    first = hf_files._snapshot(str(folder), tmp_path).commit  # a local folder is a base model's name too
+    first = hf_files._snapshot("other", folder).commit
     assert first == snap.commit  # the same files make the same commit
     (folder / "config.json").write_text("{}")
-    assert hf_files._snapshot(str(folder), tmp_path).commit != first
+    assert hf_files._snapshot("other", folder).commit != first
 
 
 @pytest.mark.parametrize("path", ["tokenizer.json", "merges.txt", "vocab.json", "tokenizer.model", "o200k.tiktoken",

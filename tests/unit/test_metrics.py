@@ -16,7 +16,6 @@ from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
 from server.boot import build_runtime
@@ -33,19 +32,10 @@ from tests.support.admin import ADMIN, ADMIN_KEY, new_key, new_tenant
 from tests.support.aio import arun
 from tests.support.engines import IdleEngine
 from tests.support.http import error, local_client
+from tests.support.metrics import Samples, samples, value
 from workers.types import PoolStatus
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 SESSION = {"sdk_version": "0.38.0", "tags": [], "user_metadata": {}}
-
-
-def samples(text: str) -> Samples:
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(found: Samples, name: str, **labels: str) -> float:
-    return found.get((name, frozenset(labels.items())), 0.0)
 
 
 def scrape(metrics: Metrics) -> Samples:
